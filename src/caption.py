@@ -1,0 +1,379 @@
+"""Caption the ImageNet test images with BLIP and write the training pairs of SPEC 8.
+
+    python src/caption.py --imagenet-path ./data/ImageNet            # one GPU (or CPU)
+    torchrun --nproc-per-node 8 src/caption.py --imagenet-path ...   # one shard per GPU
+
+Captions are appended, one JSON line per image, to a progress file beside `--out`
+(`<out>.partial.jsonl`, or `<out>.partial.<i>-of-<n>.jsonl` per shard), so an interrupted run
+resumes where it stopped. When every selected image has a caption, whichever shard finishes last
+splits them (caption_split.py) and writes `--out`: the authors' JSON list of
+`{"img_id", "subject", "attribute"}`, sorted by id. `--split-only` redoes that split from the
+progress files without BLIP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, Tagger, build_pairs
+from datasets import ImageLoadError, load_image
+from transforms import build_transform
+from utils import atomic_write_json, resolve_device
+
+DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # HF port of BLIP ViT-B, CapFilt-L
+PROMPT = "a picture of "  # BLIP's captioning prompt; stripped from every caption
+IMAGE_RE = re.compile(r"^ILSVRC2012_test_(\d{8})\.JPEG$")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def image_name(img_id: str) -> str:
+    return f"ILSVRC2012_test_{img_id}.JPEG"
+
+
+# ----------------------------------------------------------------------------- image ids, shards
+
+def discover_ids(imagenet_path: Path, limit: int | None = None) -> list[str]:
+    """Sorted 8-digit ids of `<imagenet_path>/test/ILSVRC2012_test_XXXXXXXX.JPEG`, the first `limit`."""
+    folder = Path(imagenet_path) / "test"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} not found: --imagenet-path must hold test/ILSVRC2012_test_XXXXXXXX.JPEG "
+            "(the ILSVRC2012 test set, see the README's data layout)"
+        )
+    ids = sorted(m.group(1) for m in map(IMAGE_RE.match, os.listdir(folder)) if m)
+    if not ids:
+        raise FileNotFoundError(f"no ILSVRC2012_test_XXXXXXXX.JPEG files in {folder}")
+    return ids[:limit] if limit is not None else ids
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`--shard i/n`, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise SystemExit(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def progress_path(out: Path, shard: int, num_shards: int) -> Path:
+    suffix = ".partial.jsonl" if num_shards == 1 else f".partial.{shard}-of-{num_shards}.jsonl"
+    return out.with_name(out.name + suffix)
+
+
+# ----------------------------------------------------------------------------- progress files
+
+class Progress(NamedTuple):
+    captions: dict[str, str]  # img_id -> raw caption (prompt stripped)
+    errors: dict[str, str]  # img_id -> why the image could not be read (only with --skip-bad-images)
+
+
+def read_progress(out: Path) -> Progress:
+    """Every record in every progress file of `out` (all shard layouts), first caption per id kept.
+
+    A last line without its newline is an interrupted write and is ignored; it is captioned again.
+    """
+    captions: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for path in sorted(out.parent.glob(glob_escape(out.name) + ".partial*.jsonl")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines and lines[-1] != "":
+            lines = lines[:-1]  # interrupted mid-write: the id has no complete record
+        for n, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+                img_id = rec["img_id"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: not a caption record ({err}); fix or delete that line") from err
+            if "caption" in rec:
+                captions.setdefault(img_id, rec["caption"])
+            else:
+                errors[img_id] = rec.get("error", "unreadable image")
+    return Progress(captions, errors)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def open_progress_for_append(path: Path):
+    """Open this shard's progress file for appending, cutting an interrupted last line first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- images
+
+class BadImage(NamedTuple):
+    img_id: str
+    reason: str
+
+
+class TestImages(Dataset):
+    """`test/ILSVRC2012_test_<id>.JPEG` as (img_id, pixel tensor); a bad file raises, or with
+    `skip_bad` comes back as a `BadImage` that the collate function sets apart."""
+
+    def __init__(self, imagenet_path: Path, ids: list[str], transform, skip_bad: bool = False):
+        self.folder = Path(imagenet_path) / "test"
+        self.ids = ids
+        self.transform = transform
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        img_id = self.ids[index]
+        path = self.folder / image_name(img_id)
+        try:
+            image = load_image(path)
+        except ImageLoadError as err:
+            if not self.skip_bad:
+                raise ImageLoadError(f"{err}; or pass --skip-bad-images to caption the other images "
+                                     "and list the unreadable ones at the end") from err
+            return img_id, BadImage(img_id, str(err))
+        return img_id, self.transform(image.convert("RGB"))
+
+
+def collate(batch):
+    """-> (ids of good images, their stacked pixels or None, list of BadImage)."""
+    good = [(i, x) for i, x in batch if not isinstance(x, BadImage)]
+    bad = [x for _, x in batch if isinstance(x, BadImage)]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+# ----------------------------------------------------------------------------- BLIP
+
+def load_blip(name: str, device: torch.device, dtype: torch.dtype):
+    """BlipForConditionalGeneration + its tokenizer from a hub id or a save_pretrained folder."""
+    from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise SystemExit(
+            f"cannot load BLIP from {name!r} ({err}). Pass --blip-model a folder written by "
+            "save_pretrained (model + tokenizer) or a hub id this machine can download."
+        ) from err
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer
+
+
+class Captioner:
+    """Batched BLIP beam-search captioning with the authors' settings (SPEC 8)."""
+
+    def __init__(self, model, tokenizer, prompt: str = PROMPT, num_beams: int = 3,
+                 min_length: int = 10, max_length: int = 25):
+        self.model, self.tokenizer = model, tokenizer
+        self.num_beams, self.min_length, self.max_length = num_beams, min_length, max_length
+        # [CLS] prompt [SEP]: HF's BLIP generate swaps [CLS] for the decoder's BOS and drops the
+        # trailing [SEP], as the authors' BLIP does, so generation continues the prompt.
+        self.prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        # The decoded prompt (the tokenizer may normalise it) is what starts every output.
+        self.prompt_text = tokenizer.decode(self.prompt_ids[0, 1:-1], skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor) -> list[str]:
+        p = next(self.model.parameters())
+        pixel_values = pixel_values.to(device=p.device, dtype=p.dtype, non_blocking=True)
+        # generate() writes the BOS into column 0 in place, hence a fresh copy per batch.
+        input_ids = self.prompt_ids.to(p.device).expand(pixel_values.shape[0], -1).clone()
+        out = self.model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            num_beams=self.num_beams,
+            min_length=self.min_length,  # both lengths count the prompt tokens, as in BLIP
+            max_length=self.max_length,
+            do_sample=False,
+            repetition_penalty=1.0,
+            length_penalty=1.0,
+        )
+        # Column 0 is the decoder BOS (not always a special token of the tokenizer): leave it out.
+        texts = self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+        return [strip_prompt(t, self.prompt_text) for t in texts]
+
+
+def strip_prompt(text: str, prompt: str) -> str:
+    """The caption without its prompt ('a picture of a dog' -> 'a dog')."""
+    if text.startswith(prompt):
+        text = text[len(prompt):]
+    return text.strip()
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # fp16 keeps 3 more mantissa bits than bf16, so beam search stays closer to fp32.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge(out: Path, ids: list[str] | None, tagger: Tagger, skip_bad: bool) -> dict[str, int]:
+    """Split the captions of `ids` (all recorded ones when None) and write `out` atomically."""
+    progress = read_progress(out)
+    if ids is None:
+        ids = sorted(set(progress.captions) | set(progress.errors))
+    missing = [i for i in ids if i not in progress.captions and i not in progress.errors]
+    if missing:
+        raise SystemExit(
+            f"{len(missing)} of {len(ids)} images have no caption in {out}.partial*.jsonl "
+            f"(first: {image_name(missing[0])}); run src/caption.py without --split-only to caption them"
+        )
+    bad = [i for i in ids if i not in progress.captions]
+    if bad and not skip_bad:
+        raise SystemExit(
+            f"{len(bad)} images were recorded as unreadable (first: {progress.errors[bad[0]]}); "
+            "fix them and rerun, or pass --skip-bad-images to leave them out"
+        )
+    pairs, counts = build_pairs({i: progress.captions[i] for i in ids if i in progress.captions}, tagger)
+    atomic_write_json(pairs, out)
+    counts["bad_images"] = len(bad)
+    print(f"wrote {out}: {counts['pairs']} pairs from {counts['captions']} captions "
+          f"({counts['short']} under 4 words, {counts['no_noun']} without a noun, "
+          f"{counts['dropped_equal']} dropped as subject == attribute, {len(bad)} unreadable images)")
+    return counts
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " (SPEC 8)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--imagenet-path", "--imagenet_path", type=Path, default=Path("./data/ImageNet"),
+                   help="folder holding test/ILSVRC2012_test_XXXXXXXX.JPEG")
+    p.add_argument("--out", type=Path, default=None, help="merged pairs JSON (default <imagenet-path>/pairs.json)")
+    p.add_argument("--limit", type=int, default=None, help="caption only the first N ids (sorted)")
+    p.add_argument("--blip-model", default=DEFAULT_BLIP,
+                   help="hub id or save_pretrained folder of a BlipForConditionalGeneration")
+    p.add_argument("--image-size", type=int, default=384, help="BLIP input size (the model's own)")
+    p.add_argument("--num-beams", type=int, default=3, help="beam search width")
+    p.add_argument("--min-length", type=int, default=10, help="minimum tokens, prompt included")
+    p.add_argument("--max-length", type=int, default=25, help="maximum tokens, prompt included")
+    p.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model precision; auto = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--shard", default=None,
+                   help="i/n: caption every n-th id starting at i (default: torchrun's RANK/WORLD_SIZE)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="go on past missing/corrupt images and list them at the end")
+    p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL, help="spaCy pipeline name or path for POS tags")
+    p.add_argument("--split-only", action="store_true",
+                   help="no BLIP: split the captions already in the progress files and write --out")
+    p.add_argument("--caption-only", action="store_true",
+                   help="write the progress file only (no spaCy needed); split later with --split-only")
+    return p
+
+
+def main(argv=None, tagger: Tagger | None = None) -> dict:
+    """Run the caption step; `tagger` replaces spaCy (tests). Returns a summary dict."""
+    args = build_parser().parse_args(argv)
+    if args.split_only and args.caption_only:
+        raise SystemExit("--split-only and --caption-only exclude each other")
+    out = args.out if args.out is not None else args.imagenet_path / "pairs.json"
+    need_split = not args.caption_only
+    if need_split and tagger is None:
+        tagger = SpacyTagger(args.spacy_model)  # fails now, not after hours of captioning
+
+    if args.split_only:
+        has_images = (args.imagenet_path / "test").is_dir()
+        ids = discover_ids(args.imagenet_path, args.limit) if has_images else None
+        if ids is None:
+            print(f"{args.imagenet_path / 'test'} not found: splitting every recorded caption")
+        return {"merged": merge(out, ids, tagger, args.skip_bad_images)}
+
+    ids = discover_ids(args.imagenet_path, args.limit)
+    shard, num_shards = parse_shard(args.shard)
+    mine = ids[shard::num_shards]
+    done = read_progress(out)
+    accepted = done.captions.keys() | (done.errors.keys() if args.skip_bad_images else set())
+    todo = [i for i in mine if i not in accepted]
+    own_file = progress_path(out, shard, num_shards)
+    print(f"shard {shard}/{num_shards}: {len(mine)} images, {len(mine) - len(todo)} already captioned, "
+          f"{len(todo)} to go -> {own_file}")
+
+    summary = {"captioned": 0, "skipped": [], "seconds": 0.0}
+    if todo:
+        summary.update(caption_ids(args, todo, own_file, shard))
+
+    progress = read_progress(out)
+    skipped = [progress.errors[i] for i in mine if i not in progress.captions and i in progress.errors]
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images (recorded in {own_file}):")
+        for reason in skipped:
+            print(f"  {reason}")
+    summary["skipped"] = skipped
+    left = [i for i in ids if i not in progress.captions and i not in progress.errors]
+    if left:
+        print(f"{len(left)} images still have no caption (other shards); the last shard to finish "
+              "writes the pairs, or run --split-only once all are done")
+    elif need_split:
+        summary["merged"] = merge(out, ids, tagger, args.skip_bad_images)
+    return summary
+
+
+def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
+    """Caption `todo`, appending one JSON line per image to `own_file` batch by batch."""
+    from tqdm import tqdm
+
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, tokenizer = load_blip(args.blip_model, device, pick_dtype(args.dtype, device))
+    model_size = model.config.vision_config.image_size
+    if model_size != args.image_size:
+        raise SystemExit(f"--image-size {args.image_size} differs from the BLIP model's {model_size}; "
+                         f"pass --image-size {model_size}")
+    captioner = Captioner(model, tokenizer, num_beams=args.num_beams,
+                          min_length=args.min_length, max_length=args.max_length)
+    dataset = TestImages(args.imagenet_path, todo, build_transform("targetpad", args.image_size),
+                         skip_bad=args.skip_bad_images)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    count, start = 0, time.perf_counter()
+    with open_progress_for_append(own_file) as f, tqdm(total=len(todo), unit="img", dynamic_ncols=True,
+                                                        desc=own_file.name, position=shard) as bar:
+        for batch_ids, pixels, bad in loader:
+            lines = [json.dumps({"img_id": b.img_id, "error": b.reason}) for b in bad]
+            if batch_ids:
+                captions = generate_captions(captioner, pixels)
+                lines += [json.dumps({"img_id": i, "caption": c}) for i, c in zip(batch_ids, captions)]
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()  # a batch reaches the file before the next one starts: resume loses at most one
+            count += len(batch_ids)
+            bar.update(len(batch_ids) + len(bad))
+    seconds = time.perf_counter() - start
+    print(f"captioned {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
+    return {"captioned": count, "seconds": seconds}
+
+
+def generate_captions(captioner: Captioner, pixels: torch.Tensor) -> list[str]:
+    """One batch through BLIP (a seam for tests that interrupt a run)."""
+    return captioner(pixels)
+
+
+if __name__ == "__main__":
+    main()

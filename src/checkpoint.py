@@ -1,0 +1,214 @@
+"""FTI4CIR checkpoints: this repository's format, and the authors' released file.
+
+This repo's format is a plain dict, loadable with `torch.load(weights_only=True)`:
+`{"format": "fti4cir", "format_version": 1, "config": {...FTI4CIRConfig...}, "state_dict": {...}}`;
+training checkpoints add `optimizer`, `scaler`, `epoch`, `step`, `rng` and `hparams` beside them.
+
+The authors' file is a whole pickled module (class `i2t_model.IMG2TEXT`). It is read without their
+code by a restricted unpickler that maps exactly their classes to empty stand-ins, allows the handful
+of torch classes such a module is made of, and refuses anything else; its weights are then mapped to
+this repo's names explicitly, with shape checks.
+"""
+from __future__ import annotations
+
+import pickle
+import types
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models import FTI4CIR, FTI4CIRConfig
+from utils import atomic_torch_save
+
+FORMAT = "fti4cir"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# this repository's format
+
+def network_payload(net: FTI4CIR) -> dict:
+    net = getattr(net, "module", net)  # unwrap DDP
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": net.cfg.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+def save_network(net: FTI4CIR, path, **extra) -> None:
+    """Atomically writes the network (and any training state in `extra`)."""
+    atomic_torch_save({**network_payload(net), **extra}, path)
+
+
+def build_network(config: dict, state_dict: dict, source) -> FTI4CIR:
+    try:
+        cfg = FTI4CIRConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad FTI4CIR config: {e}") from e
+    net = FTI4CIR(cfg)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not fit the FTI4CIR network (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(state_dict[k].shape)}, expected {tuple(v.shape)} for config {cfg}")
+    net.load_state_dict(state_dict)
+    return net
+
+
+def load_checkpoint(path) -> dict:
+    """The raw dict of a checkpoint in this repo's format (training state included), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--model-path {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a checkpoint in this repo's format ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an FTI4CIR checkpoint (no 'format': 'fti4cir' entry)")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {obj.get('format_version')}, this code reads {FORMAT_VERSION}")
+    return obj
+
+
+def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dict]:
+    """Loads this repo's checkpoint or the authors' released one. Returns (network in eval mode, info).
+
+    info: `{"format": "fti4cir" | "authors", "config": {...}}` plus `epoch`/`step` when present.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--model-path {path}: no such file. Pass a checkpoint written by src/train.py "
+                              "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file.")
+    if _is_authors_pickle(path):
+        config, state_dict = read_authors_checkpoint(path)
+        net = build_network(config, state_dict, path)
+        info = {"format": "authors", "config": config}
+    else:
+        obj = load_checkpoint(path)
+        net = build_network(obj["config"], obj["state_dict"], path)
+        info = {"format": FORMAT, "config": obj["config"], **{k: obj[k] for k in ("epoch", "step") if k in obj}}
+    return net.to(device).eval(), info
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' released checkpoint
+
+class _StandIn(nn.Module):
+    """Empty module standing in for one of the authors' classes while unpickling."""
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - never called
+        raise RuntimeError("stand-in for the authors' class; only its weights are used")
+
+
+_AUTHOR_CLASSES = {
+    ("i2t_model", "IMG2TEXT"), ("i2t_model", "Phi"),
+    ("MHTransformer", "Transformer"), ("MHTransformer", "TransformerLayer"),
+    ("MHTransformer", "MultiHeadAttention"), ("MHTransformer", "MlpTransformer"),
+}
+_STAND_INS = {key: type(key[1], (_StandIn,), {"__module__": f"fti4cir_standin.{key[0]}"}) for key in _AUTHOR_CLASSES}
+_TORCH_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch.nn.modules.linear", "Linear"), ("torch.nn.modules.container", "Sequential"),
+    ("torch.nn.modules.container", "ModuleList"), ("torch.nn.modules.activation", "GELU"),
+    ("torch.nn.modules.activation", "Sigmoid"), ("torch.nn.modules.activation", "ReLU"),
+    ("torch.nn.modules.dropout", "Dropout"), ("torch.nn.modules.normalization", "LayerNorm"),
+    ("torch.nn.modules.loss", "CosineEmbeddingLoss"), ("torch.nn.modules.loss", "MSELoss"),
+    ("torch.nn.functional", "relu"), ("torch", "float32"), ("torch", "float16"), ("torch", "device"),
+    ("torch", "Size"), ("builtins", "set"), ("__builtin__", "set"),  # protocol-2 pickles name builtins so
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _STAND_INS:
+            return _STAND_INS[(module, name)]
+        if (module, name) in _TORCH_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of the authors' FTI4CIR checkpoint")
+
+
+_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="fti4cir_restricted_pickle")
+
+
+def _is_authors_pickle(path: Path) -> bool:
+    """True when the file's pickle names the authors' `i2t_model` module (read from the archive, not executed)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.endswith("data.pkl")]
+        return bool(names) and b"i2t_model" in z.read(names[0])
+
+
+def _authors_key_map(layers: int) -> dict[str, str]:
+    """authors' state-dict key -> this repo's key (templates handled separately: [1, K, W] -> [K, W])."""
+    m = {}
+    for phi in ("phi_s", "phi_a"):
+        for i in (0, 3, 6):
+            for p in ("weight", "bias"):
+                m[f"{phi}.layers.{i}.{p}"] = f"{phi}.layers.{i}.{p}"
+    for p in ("weight", "bias"):
+        m[f"local_atte_fc.0.{p}"] = f"attributes.head.{p}"
+    for i in range(layers):
+        a, b = f"transformer.layers.{i}", f"attributes.layers.{i}"
+        for p in ("weight", "bias"):
+            m[f"{a}.norm1.{p}"] = f"{b}.norm1.{p}"
+            m[f"{a}.norm2.{p}"] = f"{b}.norm2.{p}"
+            m[f"{a}.attn.project.{p}"] = f"{b}.attn.out_proj.{p}"
+            m[f"{a}.mlp.fc1.{p}"] = f"{b}.fc1.{p}"
+            m[f"{a}.mlp.fc2.{p}"] = f"{b}.fc2.{p}"
+        m[f"{a}.attn.to_queries.weight"] = f"{b}.attn.q_proj.weight"
+        m[f"{a}.attn.to_keys_values.weight"] = f"{b}.attn.kv_proj.weight"
+    return m
+
+
+def read_authors_checkpoint(path) -> tuple[dict, dict]:
+    """(config dict, state dict in this repo's names) from the authors' pickled `IMG2TEXT` module."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read the authors' checkpoint ({type(e).__name__}: {str(e)[:200]}). Is it truncated?") from e
+    if not isinstance(obj, _STAND_INS[("i2t_model", "IMG2TEXT")]):
+        raise CheckpointError(f"{path}: expected a pickled i2t_model.IMG2TEXT module, found {type(obj).__name__}")
+    sd = obj.state_dict()
+    try:
+        templates = sd["templates"]
+        layers = len(obj.transformer.layers)
+        attn = obj.transformer.layers[0].attn
+        heads = int(getattr(attn, "num_heads", getattr(attn, "n_heads", 1)))
+        fc1 = sd["transformer.layers.0.mlp.fc1.weight"]
+        phi_in = sd["phi_s.layers.0.weight"]
+        out = sd["local_atte_fc.0.weight"]
+        config = {
+            "embed_dim": int(phi_in.shape[1]), "vision_width": int(templates.shape[-1]), "text_width": int(out.shape[0]),
+            "num_k": int(templates.shape[-2]), "topk": int(obj.topk), "epsilon": float(obj.epsilon),
+            "temperature": float(obj.temperature), "reg_weight": float(obj.hy_regLoss),
+            "tf_layer": layers, "tf_head": heads, "mlp_ratio": fc1.shape[0] / fc1.shape[1],
+            "clip_model": "ViT-L-14" if templates.shape[-1] == 1024 else "ViT-B-32" if templates.shape[-1] == 768 else "custom",
+        }
+    except (KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: an IMG2TEXT module without the expected parts ({e})") from e
+    if int(obj.num_k) != config["num_k"]:
+        raise CheckpointError(f"{path}: num_k {obj.num_k} but templates hold {config['num_k']}")
+    key_map = _authors_key_map(layers)
+    unknown = sorted(set(sd) - set(key_map) - {"templates", "criterion_target"})
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected weights in the authors' checkpoint: {unknown[:5]}")
+    state_dict = {"attributes.templates": templates.reshape(templates.shape[-2], templates.shape[-1])}
+    for theirs, ours in key_map.items():
+        if theirs not in sd:
+            raise CheckpointError(f"{path}: the authors' checkpoint lacks {theirs}")
+        state_dict[ours] = sd[theirs]
+    return config, state_dict  # shapes are checked against the rebuilt network by build_network

@@ -1,0 +1,327 @@
+"""Loading the frozen CLIP that FTI4CIR works over, and the few entry points into it that the method
+needs (SPEC 1 and 5): one visual pass giving both the global feature `g` and the last block's tokens
+`P`, and a text pass that starts from token embeddings (so pseudo-words can be put in).
+
+Every script loads CLIP through `load_clip`; the network itself never holds CLIP, so CLIP is never
+inside DDP or the network's state dict.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import open_clip
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
+from open_clip.tokenizer import SimpleTokenizer
+
+# OpenAI spelling -> open_clip spelling. Anything else is taken as an open_clip name.
+_OPENAI_NAMES = {
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
+}
+CLIP_FORMATS = ("auto", "openai", "open_clip")
+STAR = "*"
+
+
+class ClipLoadError(RuntimeError):
+    """CLIP weights could not be found or read; the message says what to pass."""
+
+
+def canonical_model_name(name: str) -> str:
+    """'ViT-L/14' and 'ViT-L-14' both give open_clip's 'ViT-L-14'."""
+    name = _OPENAI_NAMES.get(name, name)
+    if name not in open_clip.list_models():
+        known = ", ".join(sorted(_OPENAI_NAMES) + ["ViT-L-14", "ViT-B-32", "ViT-B-16"])
+        raise ClipLoadError(f"--clip-model {name!r} is not a CLIP architecture open_clip knows; try one of: {known}")
+    return name
+
+
+class FrozenCLIP(nn.Module):
+    """A frozen, float32, eval-mode open_clip `CLIP` (ViT image tower) with the method's entry points."""
+
+    def __init__(self, model: CLIP, name: str = "custom", source: str = ""):
+        super().__init__()
+        visual = getattr(model, "visual", None)
+        if not isinstance(visual, open_clip.transformer.VisionTransformer):
+            raise ClipLoadError(f"FTI4CIR needs a ViT image tower (patch tokens); {name} has {type(visual).__name__}")
+        if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok":
+            raise ClipLoadError(f"{name}: only CLS-token ViTs in the OpenAI layout are supported")
+        if not hasattr(model, "token_embedding"):
+            raise ClipLoadError(f"{name}: only CLIP models with the OpenAI text tower are supported")
+        self.model = model
+        self.name = name  # architecture name (open_clip spelling), stored in FTI4CIR checkpoints
+        self.source = source or name  # where the weights came from, for logs and feature caches
+        model.float().eval().requires_grad_(False)  # frozen, float32 weights (code)
+        self.tokenizer = SimpleTokenizer(context_length=model.context_length)
+        self.sot_id = self.tokenizer.sot_token_id
+        self.eot_id = self.tokenizer.eot_token_id
+        star = self.tokenizer.encode(STAR)
+        if len(star) != 1:
+            raise ClipLoadError(f"the tokenizer splits {STAR!r} into {star}; the method needs one token")
+        self.star_id = star[0]
+
+    def train(self, mode: bool = True):  # CLIP stays in eval mode whatever its owner does
+        return super().train(False)
+
+    # sizes (SPEC symbols)
+    @property
+    def embed_dim(self) -> int:  # D
+        return self.model.text_projection.shape[1]
+
+    @property
+    def vision_width(self) -> int:  # W
+        return self.model.visual.conv1.out_channels
+
+    @property
+    def text_width(self) -> int:  # E
+        return self.model.token_embedding.weight.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    # image side
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the visual tower: `g` [B, D] (not normalised) and `P` [B, N+1, W].
+
+        `P` is the output of the last transformer block, before `ln_post` (code: the authors run every
+        block, the last one too); `g` is `ln_post(P[:, 0]) @ proj`, exactly what `encode_image` gives.
+        """
+        v = self.model.visual
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        x = v.ln_pre(x)
+        tokens = v.transformer(x)
+        g = v.ln_post(tokens[:, 0]) @ v.proj
+        return g, tokens
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_image_tokens(images)[0]
+
+    # text side
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, context_length=self.context_length)
+
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(ids)
+
+    def encode_token_embeddings(self, x: torch.Tensor, eot_pos: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """Text features from token embeddings `x` [B, L, E] whose end token sits at `eot_pos` [B].
+
+        With `trim`, positions after the longest end token of the batch are cut off first: the causal
+        mask makes every position's output independent of what follows it, so the end-token features
+        are unchanged (tests/test_models.py proves it) and the transformer runs on fewer positions.
+        """
+        m = self.model
+        if trim:
+            x = x[:, : int(eot_pos.max()) + 1]
+        length = x.shape[1]
+        x = x + m.positional_embedding[:length].to(x.dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_pos]
+        return x @ m.text_projection
+
+    def encode_text(self, ids: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """Plain CLIP text features of token ids [B, 77] (end token = the largest id)."""
+        return self.encode_token_embeddings(self.token_embedding(ids), ids.argmax(dim=-1), trim=trim)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _read_weights(path: Path):
+    """Returns (state_dict, kind) with kind 'jit', 'state_dict' or 'training_checkpoint'."""
+    if not path.is_file():
+        raise ClipLoadError(
+            f"--clip-weights {path}: no such file. Pass OpenAI's CLIP file (e.g. ~/.cache/clip/ViT-L-14.pt) "
+            "or an open_clip checkpoint."
+        )
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                is_jit = any(n.endswith("constants.pkl") for n in z.namelist())
+            if is_jit:
+                return torch.jit.load(str(path), map_location="cpu").state_dict(), "jit"
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise ClipLoadError(
+            f"--clip-weights {path}: cannot be read as a CLIP checkpoint (TorchScript archive, state dict or "
+            f"open_clip checkpoint): {type(e).__name__}: {e}. Is the file truncated?"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+        if next(iter(sd), "").startswith("module."):
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        return sd, "training_checkpoint"
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ClipLoadError(f"--clip-weights {path}: holds a {type(obj).__name__}, not a CLIP state dict")
+    return obj, "state_dict"
+
+
+def _is_openai_layout(sd: dict) -> bool:
+    return all(k in sd for k in ("visual.proj", "visual.conv1.weight", "token_embedding.weight", "text_projection"))
+
+
+def _load_weights_file(path: Path, model_name: str, clip_format: str) -> tuple[CLIP, str]:
+    sd, kind = _read_weights(path)
+    if clip_format == "auto":
+        clip_format = "openai" if (kind != "training_checkpoint" and _is_openai_layout(sd)) else "open_clip"
+    if clip_format == "openai":
+        if not _is_openai_layout(sd):
+            raise ClipLoadError(
+                f"--clip-weights {path}: not an OpenAI-format CLIP ViT (expected keys visual.proj, visual.conv1.weight, "
+                "token_embedding.weight, text_projection)"
+            )
+        sd = {k: v for k, v in sd.items()}
+        try:
+            # Architecture inferred from the weights, QuickGELU as OpenAI trained it. The OpenAI loader
+            # stores the weights in fp16 before .float(), as OpenAI's clip.load does; kept (code).
+            model = build_model_from_openai_state_dict(sd, quick_gelu=True, cast_dtype=None)
+        except Exception as e:  # noqa: BLE001
+            raise ClipLoadError(f"--clip-weights {path}: OpenAI-format weights that do not build a CLIP: {e}") from e
+        return model, f"openai:{path.resolve()}"
+    name = canonical_model_name(model_name)
+    model = open_clip.create_model(name, pretrained=None)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ClipLoadError(f"--clip-weights {path}: shapes do not fit --clip-model {name}: {e}") from e
+    missing = [k for k in missing if k not in ("logit_bias",)]
+    if missing or unexpected:
+        raise ClipLoadError(
+            f"--clip-weights {path}: not an open_clip {name} checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model, f"{name}:{path.resolve()}"
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_openai_file(name: str) -> Path | None:
+    """OpenAI weights already on disk: the `clip` package's cache or the hub cache."""
+    cfg = open_clip.pretrained.get_pretrained_cfg(name, "openai") or {}
+    url = cfg.get("url", "")
+    if url:
+        f = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if f.is_file():
+            return f
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        repo = hub.rstrip("/")
+        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            got = try_to_load_from_cache(repo, fname)
+            if isinstance(got, str):
+                return Path(got)
+    return None
+
+
+def load_clip(
+    model_name: str = "ViT-L/14",
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    clip_format: str = "auto",
+) -> FrozenCLIP:
+    """The frozen CLIP every script uses.
+
+    `weights`: a local OpenAI-format file (plain state dict or TorchScript archive; architecture read
+    from the weights, so any size works) or an open_clip checkpoint of `model_name`. Without it, open_clip's
+    `openai` weights for `model_name`: from a local cache, else downloaded; offline this fails at once
+    with a message saying what to pass, instead of retrying a hub.
+    """
+    if clip_format not in CLIP_FORMATS:
+        raise ClipLoadError(f"--clip-format {clip_format!r}: choose one of {CLIP_FORMATS}")
+    if weights is not None:
+        model, desc = _load_weights_file(Path(weights), model_name, clip_format)
+    else:
+        name = canonical_model_name(model_name)
+        if not open_clip.pretrained.get_pretrained_cfg(name, "openai"):
+            raise ClipLoadError(f"OpenAI released no weights for {name}; pass --clip-weights PATH")
+        cached = _cached_openai_file(name)
+        if cached is not None and cached.suffix == ".pt":
+            model, desc = _load_weights_file(cached, name, "openai")
+        elif cached is not None:
+            model = open_clip.create_model(name, pretrained=str(cached), force_quick_gelu=True)
+            desc = f"{name}:openai"
+        elif _hub_reachable():
+            model = open_clip.create_model(name, pretrained="openai")
+            desc = f"{name}:openai"
+        else:
+            raise ClipLoadError(
+                f"CLIP {name} 'openai' weights are not on this machine and the model hub cannot be reached. "
+                f"Pass --clip-weights /path/to/{name}.pt (OpenAI's file, as cached by the `clip` package in "
+                "~/.cache/clip/) or an open_clip checkpoint."
+            )
+    try:
+        name = canonical_model_name(model_name)
+    except ClipLoadError:
+        name = model_name
+    return FrozenCLIP(model, name, desc).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny CLIP for tests, the demo and CPU benchmarks
+
+TINY_CLIP = dict(embed_dim=64, vision_width=128, vision_layers=2, patch_size=8, image_size=32, text_width=64, text_layers=2)
+
+
+def build_tiny_clip(seed: int = 0, **overrides) -> CLIP:
+    """A small randomly initialised CLIP with OpenAI's layout (vocabulary 49408, context 77, QuickGELU).
+
+    Heads are width // 64, as OpenAI's loader infers them, so a state dict of this model loads back
+    through `load_clip(weights=...)` with the architecture inferred.
+    """
+    c = {**TINY_CLIP, **overrides}
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=c["vision_layers"], width=c["vision_width"], patch_size=c["patch_size"], image_size=c["image_size"])
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=c["text_width"], heads=max(1, c["text_width"] // 64), layers=c["text_layers"])
+    model = CLIP(c["embed_dim"], vision_cfg=vision, text_cfg=text, quick_gelu=True)
+    with torch.no_grad():  # open_clip's init leaves the projections small; make features less degenerate
+        model.text_projection.normal_(0, c["text_width"] ** -0.5)
+        model.visual.proj.normal_(0, c["vision_width"] ** -0.5)
+    return model.eval()
+
+
+def save_tiny_clip(path, seed: int = 0, **overrides) -> Path:
+    """Writes a tiny CLIP as an OpenAI-format state dict file (what `--clip-weights` takes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = build_tiny_clip(seed, **overrides).state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, path)  # as OpenAI ships: fp16
+    return path

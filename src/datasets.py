@@ -1,0 +1,356 @@
+"""Datasets of the four benchmarks used by FTI4CIR (SPEC 8, 11): dict samples, clear layout errors.
+
+Every class reads its annotation files once, at construction, and exposes the metadata without
+loading any image, so evaluation code never iterates a dataset to collect names:
+
+- `.names`    list[str], the split's gallery names (FashionIQ/CIRR names, CIRCO image ids as str,
+              ImageNet pair img_ids), in gallery order (the order of gallery samples);
+- `.queries`  (query mode only) list of dicts, the query samples without their image.
+
+`mode='gallery'` samples are `{"image", "name"}`; `mode='query'` samples are the `.queries` dict plus
+`"reference_image"`. Images are opened with PIL and passed as opened to `preprocess` (the targetpad
+transform converts to RGB itself after padding, SPEC 9). Folders and annotation files are checked at
+construction (`DatasetLayoutError`, with the expected layout); individual image files when loaded
+(`ImageLoadError`, naming the file).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+MODES = ("gallery", "query")
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+FASHIONIQ_LAYOUT = """\
+FashionIQ/
+├── captions/cap.<dress|shirt|toptee>.<train|val|test>.json
+├── image_splits/split.<dress|shirt|toptee>.<train|val|test>.json
+├── dress/<name>.jpg
+├── shirt/<name>.jpg
+└── toptee/<name>.jpg"""
+
+CIRR_LAYOUT = """\
+CIRR/
+├── train/<0|1|...>/train-*.png
+├── dev/dev-*.png
+├── test1/test1-*.png
+└── cirr/
+    ├── captions/cap.rc2.<train|val|test1>.json
+    └── image_splits/split.rc2.<train|val|test1>.json"""
+
+CIRCO_LAYOUT = """\
+CIRCO/
+├── annotations/<val|test>.json
+└── COCO2017_unlabeled/
+    ├── annotations/image_info_unlabeled2017.json
+    └── unlabeled2017/<000000243611.jpg|...>"""
+
+IMAGENET_LAYOUT = """\
+ImageNet/
+└── test/ILSVRC2012_test_<00000001|...|00100000>.JPEG
+(plus the pairs JSON: a list of {"img_id": "00000001", "subject": "...", "attribute": "..."})"""
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset root, annotation file or image folder is missing."""
+
+
+class AnnotationFormatError(ValueError):
+    """An annotation file exists but does not hold what the benchmark's format says."""
+
+
+class ImageLoadError(OSError):
+    """An image file is missing or cannot be decoded."""
+
+
+def load_image(path) -> Image.Image:
+    """Open and fully decode an image (mode as stored); ImageLoadError naming the file otherwise."""
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated/corrupt file fails here and not inside a transform
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{path}: image file not found; check that the dataset's images are "
+                             "downloaded and laid out as the README shows") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); the file is "
+                             "corrupt or truncated, re-download it") from e
+    return image
+
+
+def _require(path: Path, layout: str, root: Path, what: str, is_dir: bool) -> Path:
+    ok = path.is_dir() if is_dir else path.is_file()
+    if not ok:
+        raise DatasetLayoutError(f"{what} not found: {path}\nExpected layout (root = {root}):\n{layout}")
+    return path
+
+
+def _read_json(path: Path, layout: str, root: Path, what: str) -> Any:
+    _require(path, layout, root, what, is_dir=False)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationFormatError(f"{path}: not valid JSON ({e})") from e
+
+
+def _check_entries(entries: Any, keys: Sequence[str], path: Path) -> None:
+    """Every entry of a list annotation must be a dict holding `keys`."""
+    if not isinstance(entries, list):
+        raise AnnotationFormatError(f"{path}: expected a JSON list, got {type(entries).__name__}")
+    for i, e in enumerate(entries):
+        missing = [k for k in keys if not isinstance(e, dict) or k not in e]
+        if missing:
+            raise AnnotationFormatError(f"{path}: entry {i} lacks {missing}: {str(e)[:200]}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_preprocess(preprocess) -> None:
+    if not callable(preprocess):
+        raise TypeError(f"preprocess must be a callable PIL image -> tensor, got {type(preprocess).__name__}")
+
+
+class _Base(Dataset):
+    """Shared gallery/query plumbing: subclasses fill names, _gallery_paths, queries, _query_paths."""
+
+    mode: str
+    names: list[str]
+    _gallery_paths: list[Path]
+    _queries: list[dict]
+    _query_paths: list[Path]
+
+    @property
+    def queries(self) -> list[dict]:
+        """Query metadata (no images); only in query mode."""
+        if self.mode != "query":
+            raise AttributeError(f"{type(self).__name__} in mode {self.mode!r} has no queries; use mode='query'")
+        return self._queries
+
+    def __len__(self) -> int:
+        return len(self.names) if self.mode == "gallery" else len(self._queries)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.mode == "gallery":
+            return {"image": self.preprocess(load_image(self._gallery_paths[i])), "name": self.names[i]}
+        sample = dict(self._queries[i])
+        sample["reference_image"] = self.preprocess(load_image(self._query_paths[i]))
+        return sample
+
+
+class FashionIQDataset(_Base):
+    """FashionIQ for one or more categories (SPEC 11).
+
+    gallery: names of `image_splits/split.<cat>.<split>.json`, categories concatenated in the order
+    given; images `<root>/<cat>/<name>.jpg`. query: `captions/cap.<cat>.<split>.json` entries as
+    `{"reference_name" (candidate), "relative_captions": (c1, c2) raw, "target_name" (not in test),
+    "category"}`. `.categories_of_names` gives each gallery name's category.
+    """
+
+    def __init__(self, root, split: str, categories: Sequence[str], mode: str, preprocess: Callable):
+        _check_mode(mode)
+        _check_preprocess(preprocess)
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"FashionIQ split must be train, val or test, got {split!r}")
+        if isinstance(categories, str):
+            categories = [categories]
+        bad = [c for c in categories if c not in FASHIONIQ_CATEGORIES]
+        if bad or not categories:
+            raise ValueError(f"FashionIQ categories must be a non-empty subset of {FASHIONIQ_CATEGORIES}, got {list(categories)}")
+        self.root, self.split, self.mode, self.preprocess = Path(root), split, mode, preprocess
+        self.categories = list(categories)
+        root = self.root
+        _require(root, FASHIONIQ_LAYOUT, root, "FashionIQ root folder", is_dir=True)
+        self.names, self.categories_of_names, self._gallery_paths = [], [], []
+        self._queries, self._query_paths = [], []
+        for cat in self.categories:
+            image_dir = _require(root / cat, FASHIONIQ_LAYOUT, root, f"FashionIQ {cat} image folder", is_dir=True)
+            split_path = root / "image_splits" / f"split.{cat}.{split}.json"
+            names = _read_json(split_path, FASHIONIQ_LAYOUT, root, "FashionIQ image split")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise AnnotationFormatError(f"{split_path}: expected a JSON list of image names")
+            self.names += names
+            self.categories_of_names += [cat] * len(names)
+            self._gallery_paths += [image_dir / f"{n}.jpg" for n in names]
+            if mode == "query":
+                cap_path = root / "captions" / f"cap.{cat}.{split}.json"
+                entries = _read_json(cap_path, FASHIONIQ_LAYOUT, root, "FashionIQ captions")
+                _check_entries(entries, ("candidate", "captions"), cap_path)
+                for i, e in enumerate(entries):
+                    if not (isinstance(e["captions"], list) and len(e["captions"]) == 2):
+                        raise AnnotationFormatError(f"{cap_path}: entry {i} must have exactly 2 captions: {e}")
+                    q = {"reference_name": e["candidate"],
+                         "relative_captions": (e["captions"][0], e["captions"][1]),
+                         "category": cat}
+                    if "target" in e:
+                        q["target_name"] = e["target"]
+                    self._queries.append(q)
+                    self._query_paths.append(image_dir / f"{e['candidate']}.jpg")
+
+
+CIRR_SPLITS = {"train": "train", "val": "dev", "test1": "test1"}
+
+
+class CIRRDataset(_Base):
+    """CIRR (SPEC 11). split: train, val (images under dev/), test1 ('test' is accepted for test1).
+
+    gallery: keys of `cirr/image_splits/split.rc2.<split>.json`, image = root / value. query:
+    `cirr/captions/cap.rc2.<split>.json` as `{"reference_name", "relative_caption", "pair_id",
+    "group_members" (6 names incl. the reference), "target_name" (train/val)}`.
+    """
+
+    def __init__(self, root, split: str, mode: str, preprocess: Callable):
+        _check_mode(mode)
+        _check_preprocess(preprocess)
+        split = "test1" if split == "test" else split
+        if split not in CIRR_SPLITS:
+            raise ValueError(f"CIRR split must be one of {tuple(CIRR_SPLITS)} (or 'test'), got {split!r}")
+        self.root, self.split, self.mode, self.preprocess = Path(root), split, mode, preprocess
+        root = self.root
+        _require(root, CIRR_LAYOUT, root, "CIRR root folder", is_dir=True)
+        _require(root / CIRR_SPLITS[split], CIRR_LAYOUT, root, f"CIRR {split} image folder", is_dir=True)
+        split_path = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+        name_to_rel = _read_json(split_path, CIRR_LAYOUT, root, "CIRR image split")
+        if not isinstance(name_to_rel, dict):
+            raise AnnotationFormatError(f"{split_path}: expected a JSON object name -> relative path")
+        self.names = list(name_to_rel)
+        self._gallery_paths = [root / rel for rel in name_to_rel.values()]
+        self._queries, self._query_paths = [], []
+        if mode == "query":
+            cap_path = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
+            entries = _read_json(cap_path, CIRR_LAYOUT, root, "CIRR captions")
+            keys = ("pairid", "reference", "caption", "img_set") + (("target_hard",) if split != "test1" else ())
+            _check_entries(entries, keys, cap_path)
+            for e in entries:
+                q = {"reference_name": e["reference"], "relative_caption": e["caption"], "pair_id": e["pairid"],
+                     "group_members": list(e["img_set"]["members"])}
+                if split != "test1":
+                    q["target_name"] = e["target_hard"]
+                self._queries.append(q)
+            # Names the queries use must be in the split, else the reference has no image path and
+            # metrics have no gallery column: say so now rather than mid-evaluation.
+            used = {q["reference_name"] for q in self._queries}
+            used |= {m for q in self._queries for m in q["group_members"]}
+            used |= {q["target_name"] for q in self._queries if "target_name" in q}
+            unknown = sorted(used - name_to_rel.keys())
+            if unknown:
+                raise AnnotationFormatError(f"{cap_path}: {len(unknown)} image names are not in {split_path}, "
+                                            f"e.g. {unknown[:5]}")
+            self._query_paths = [root / name_to_rel[q["reference_name"]] for q in self._queries]
+
+
+class CIRCODataset(_Base):
+    """CIRCO (SPEC 11). split: val or test.
+
+    gallery: every image of `COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`, name =
+    str(id), file under `COCO2017_unlabeled/unlabeled2017/`. query: `annotations/<split>.json` as
+    `{"reference_name": str(reference_img_id), "relative_caption", "shared_concept", "query_id",
+    and for val "target_name": str(target_img_id), "gt_img_ids": list of str}`.
+    """
+
+    def __init__(self, root, split: str, mode: str, preprocess: Callable):
+        _check_mode(mode)
+        _check_preprocess(preprocess)
+        if split not in ("val", "test"):
+            raise ValueError(f"CIRCO split must be val or test, got {split!r}")
+        self.root, self.split, self.mode, self.preprocess = Path(root), split, mode, preprocess
+        root = self.root
+        _require(root, CIRCO_LAYOUT, root, "CIRCO root folder", is_dir=True)
+        image_dir = _require(root / "COCO2017_unlabeled" / "unlabeled2017", CIRCO_LAYOUT, root,
+                             "CIRCO image folder", is_dir=True)
+        info_path = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+        info = _read_json(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation")
+        if not isinstance(info, dict) or "images" not in info:
+            raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
+        _check_entries(info["images"], ("id", "file_name"), info_path)
+        self.names = [str(im["id"]) for im in info["images"]]
+        self._gallery_paths = [image_dir / im["file_name"] for im in info["images"]]
+        self._queries, self._query_paths = [], []
+        if mode == "query":
+            ann_path = root / "annotations" / f"{split}.json"
+            entries = _read_json(ann_path, CIRCO_LAYOUT, root, "CIRCO query annotation")
+            keys = ("id", "reference_img_id", "relative_caption", "shared_concept")
+            _check_entries(entries, keys + (("target_img_id", "gt_img_ids") if split == "val" else ()), ann_path)
+            for e in entries:
+                q = {"reference_name": str(e["reference_img_id"]), "relative_caption": e["relative_caption"],
+                     "shared_concept": e["shared_concept"], "query_id": e["id"]}
+                if split == "val":
+                    q["target_name"] = str(e["target_img_id"])
+                    # "" entries are the authors' padding to 23; they are not ground truths
+                    q["gt_img_ids"] = [str(g) for g in e["gt_img_ids"] if str(g) != ""]
+                self._queries.append(q)
+            index = {n: i for i, n in enumerate(self.names)}
+            used = {q["reference_name"] for q in self._queries}
+            used |= {g for q in self._queries for g in q.get("gt_img_ids", ())}
+            unknown = sorted(used - index.keys())
+            if unknown:
+                raise AnnotationFormatError(f"{ann_path}: {len(unknown)} image ids are not in {info_path}, "
+                                            f"e.g. {unknown[:5]}")
+            self._query_paths = [self._gallery_paths[index[q["reference_name"]]] for q in self._queries]
+
+
+class ImageNetPairsDataset(Dataset):
+    """ImageNet-1K test images with their BLIP subject/attribute pairs, for training (SPEC 8).
+
+    Pairs JSON: list of `{"img_id", "subject", "attribute"}`; image
+    `<root>/test/ILSVRC2012_test_<img_id>.JPEG`, converted to RGB (SPEC 8) before `preprocess`.
+    Samples `{"image", "img_id", "subject", "attribute"}`; `.pairs` is the metadata, `.names` the ids.
+    """
+
+    def __init__(self, root, pairs_path, preprocess: Callable):
+        _check_preprocess(preprocess)
+        self.root, self.pairs_path, self.preprocess = Path(root), Path(pairs_path), preprocess
+        root = self.root
+        _require(root, IMAGENET_LAYOUT, root, "ImageNet root folder", is_dir=True)
+        self.image_dir = _require(root / "test", IMAGENET_LAYOUT, root, "ImageNet test image folder", is_dir=True)
+        pairs = _read_json(self.pairs_path, IMAGENET_LAYOUT, root, "pairs file")
+        _check_entries(pairs, ("img_id", "subject", "attribute"), self.pairs_path)
+        self.pairs = [{"img_id": str(p["img_id"]), "subject": p["subject"], "attribute": p["attribute"]}
+                      for p in pairs]
+        self.names = [p["img_id"] for p in self.pairs]
+        present = set(os.listdir(self.image_dir))  # one listing instead of a stat per file
+        missing = [i for i in self.names if f"ILSVRC2012_test_{i}.JPEG" not in present]
+        if missing:
+            raise DatasetLayoutError(
+                f"{len(missing)} of {len(self.names)} images listed in {self.pairs_path} are missing from "
+                f"{self.image_dir}, e.g. ids {missing[:5]} (expected {self._path(missing[0])}); download the "
+                f"missing images or regenerate the pairs file\nExpected layout (root = {root}):\n{IMAGENET_LAYOUT}")
+
+    def _path(self, img_id: str) -> Path:
+        return self.image_dir / f"ILSVRC2012_test_{img_id}.JPEG"
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = dict(self.pairs[i])
+        sample["image"] = self.preprocess(load_image(self._path(sample["img_id"])).convert("RGB"))
+        return sample
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """DataLoader collate_fn for dict samples: tensors are stacked, everything else becomes a list
+    (variable-length lists stay lists of lists, FashionIQ caption pairs a list of pairs)."""
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    keys = list(batch[0])
+    for i, s in enumerate(batch):
+        if set(s) != set(keys):
+            raise ValueError(f"sample {i} has keys {sorted(s)}, sample 0 has {sorted(keys)}")
+    out = {}
+    for k in keys:
+        values = [s[k] for s in batch]
+        out[k] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+collate_fn = collate

@@ -1,0 +1,300 @@
+"""The FTI4CIR network (SPEC 2-6): subject and attribute pseudo-word mappers and the local-attribute
+transformer, over a frozen CLIP that is passed in, never held (so it is never inside DDP or the
+state dict).
+
+Shapes: B batch, K templates, W visual width, D CLIP embedding size, E text width (E == D),
+M = K + N + 1 tokens in the attribute transformer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prompts import PromptBuilder
+
+
+@dataclass
+class FTI4CIRConfig:
+    """Everything needed to rebuild the network; saved inside every checkpoint."""
+
+    embed_dim: int = 768  # D
+    vision_width: int = 1024  # W
+    text_width: int = 768  # E
+    num_k: int = 24  # K templates
+    topk: int = 12  # most attribute words per image
+    epsilon: float = 0.05  # score threshold for an attribute to count
+    temperature: float = 0.2  # tau of the contrastive loss
+    reg_weight: float = 1.4  # lambda (the authors' hy_regLoss)
+    tf_layer: int = 3
+    tf_head: int = 1
+    mlp_ratio: float = 2.0
+    mapper_dropout: float = 0.5
+    clip_model: str = "ViT-L-14"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FTI4CIRConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown FTI4CIR config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PseudoWordMapper(nn.Module):
+    """phi: Linear(D, 4D), GELU, Dropout, Linear(4D, 4D), GELU, Dropout, Linear(4D, E) (SPEC 4)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.5):
+        super().__init__()
+        hidden = 4 * in_dim
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class SelfAttention(nn.Module):
+    """Unmasked multi-head self-attention; keys and values from one projection viewed as
+    [B, M, 2, H, W/H] (keys at 0, values at 1), queries and keys/values without bias (SPEC 2)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.kv_proj = nn.Linear(width, 2 * width, bias=False)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, M, W = x.shape
+        H = self.heads
+        q = self.q_proj(x).view(B, M, H, W // H).transpose(1, 2)
+        kv = self.kv_proj(x).view(B, M, 2, H, W // H)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        # fused kernel; its default scale is (W/H) ** -0.5, the authors' scale
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, M, W))
+
+
+class AttributeLayer(nn.Module):
+    """Pre-norm block: x + Attn(LN1(x)), then x + MLP(LN2(x)); MLP = Linear, ReLU, Linear."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.relu(self.fc1(self.norm2(x))))
+
+
+class LocalAttributeExtractor(nn.Module):
+    """K learnable templates attend over the last visual block's tokens; A = sigmoid(Linear(out[:K])) (SPEC 2)."""
+
+    def __init__(self, num_k: int, width: int, out_dim: int, layers: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.templates = nn.Parameter(torch.randn(num_k, width))
+        self.layers = nn.ModuleList(AttributeLayer(width, heads, mlp_ratio) for _ in range(layers))
+        self.head = nn.Linear(width, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        K = self.templates.shape[0]
+        x = torch.cat([self.templates.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return torch.sigmoid(self.head(x[:, :K]))
+
+
+def select_attributes(A: torch.Tensor, g: torch.Tensor, topk: int, epsilon: float):
+    """SPEC 3, for the whole batch at once.
+
+    Returns (A_sel [B, K, E] L2-normalised and reordered, r [B]): the first r rows of A_sel are the
+    image's attributes in template order, the rest follow in descending-score order.
+    """
+    K = A.shape[1]
+    scores = torch.softmax(torch.einsum("bke,be->bk", A, g.to(A.dtype)), dim=-1)
+    r = (scores > epsilon).sum(dim=1).clamp(min=1, max=topk)
+    desc = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.arange(K, device=A.device).unsqueeze(0)
+    # sort key: template index for the top r, K + rank for the others -> first r ascending by k
+    key = torch.where(rank < r.unsqueeze(1), desc, K + rank)
+    order = desc.gather(1, key.argsort(dim=1))
+    A_sel = F.normalize(A.gather(1, order.unsqueeze(-1).expand_as(A)), dim=-1)
+    return A_sel, r
+
+
+def substitute(x: torch.Tensor, eot_pos: torch.Tensor, subject_pos: int | None, v_s: torch.Tensor | None,
+               slot_start: torch.Tensor | None = None, r: torch.Tensor | None = None,
+               v_a: torch.Tensor | None = None) -> torch.Tensor:
+    """Put pseudo-word tokens into token embeddings x [B, L, E], by position (SPEC 5).
+
+    The subject token goes to column `subject_pos` (the same in every row); row b's attribute tokens
+    v_a[b, :r_b] go to columns slot_start_b .. slot_start_b + r_b - 1 (those before its end token).
+    """
+    L = x.shape[1]
+    if v_s is not None:
+        col = torch.arange(L, device=x.device) == subject_pos
+        x = torch.where(col[None, :, None], v_s[:, None, :].to(x.dtype), x)
+    if v_a is not None:
+        j = torch.arange(L, device=x.device).unsqueeze(0)
+        offset = j - slot_start.unsqueeze(1)
+        mask = (offset >= 0) & (offset < r.unsqueeze(1)) & (j < eot_pos.unsqueeze(1))
+        idx = offset.clamp(0, v_a.shape[1] - 1)
+        picked = v_a.gather(1, idx.unsqueeze(-1).expand(-1, -1, v_a.shape[-1]))
+        x = torch.where(mask.unsqueeze(-1), picked.to(x.dtype), x)
+    return x
+
+
+def contrastive_loss(u: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SPEC 6 L_con over 2B rows: row j's positive is its pair, its denominator every other row."""
+    z = torch.cat([F.normalize(u, dim=-1), F.normalize(w, dim=-1)]).float()
+    n = u.shape[0]
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    pos = torch.arange(2 * n, device=z.device).roll(n)
+    return (torch.logsumexp(sim, dim=1) - sim[torch.arange(2 * n, device=z.device), pos]).mean()
+
+
+def orthogonality_loss(A_sel: torch.Tensor) -> torch.Tensor:
+    """SPEC 6 L_ortho = mean((A A^T - I)^2) over B x K x K."""
+    gram = A_sel.float() @ A_sel.float().transpose(1, 2)
+    eye = torch.eye(A_sel.shape[1], device=A_sel.device)
+    return ((gram - eye) ** 2).mean()
+
+
+def cosine_loss(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos(x, c)), as the authors' CosineEmbeddingLoss with target 1."""
+    return F.cosine_embedding_loss(x.float(), c.float(), torch.ones(x.shape[0], device=x.device))
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, length - x.shape[1])) if x.shape[1] < length else x
+
+
+class FTI4CIR(nn.Module):
+    """The trainable network. CLIP (a `clip_loader.FrozenCLIP`) is an argument of every call."""
+
+    def __init__(self, cfg: FTI4CIRConfig):
+        super().__init__()
+        if cfg.text_width != cfg.embed_dim:
+            raise ValueError(f"FTI4CIR needs CLIP's text width == embedding size, got {cfg.text_width} != {cfg.embed_dim}")
+        self.cfg = cfg
+        self.phi_s = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
+        self.phi_a = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
+        self.attributes = LocalAttributeExtractor(cfg.num_k, cfg.vision_width, cfg.text_width, cfg.tf_layer, cfg.tf_head, cfg.mlp_ratio)
+        self._prompts: dict[int, PromptBuilder] = {}
+
+    @classmethod
+    def for_clip(cls, clip, **hparams) -> "FTI4CIR":
+        cfg = FTI4CIRConfig(embed_dim=clip.embed_dim, vision_width=clip.vision_width, text_width=clip.text_width,
+                            clip_model=clip.name, **hparams)
+        return cls(cfg)
+
+    def check_clip(self, clip) -> None:
+        got = (clip.embed_dim, clip.vision_width, clip.text_width)
+        want = (self.cfg.embed_dim, self.cfg.vision_width, self.cfg.text_width)
+        if got != want:
+            raise ValueError(f"this network was built for CLIP (D, W, E) = {want} ({self.cfg.clip_model}); the CLIP given has {got}")
+
+    def prompts(self, clip) -> PromptBuilder:
+        key = id(clip.tokenizer)
+        if key not in self._prompts:
+            self._prompts[key] = PromptBuilder(clip.tokenizer, clip.context_length)
+        return self._prompts[key]
+
+    # pieces ----------------------------------------------------------------------------------------
+    def pseudo_words(self, g: torch.Tensor, tokens: torch.Tensor):
+        """(v_s [B, E], v_a [B, K, E], A_sel [B, K, E], r [B]) from CLIP's g and last-block tokens."""
+        A = self.attributes(tokens)
+        A_sel, r = select_attributes(A, g, self.cfg.topk, self.cfg.epsilon)
+        return self.phi_s(g), self.phi_a(A_sel), A_sel, r
+
+    def _full_sentence_inputs(self, clip, v_s, v_a, r, tail=None, tail_len=None):
+        pb = self.prompts(clip)
+        ids, eot, start = pb.assemble(pb.prefix.to(r.device)[None], torch.tensor([len(pb.prefix)], device=r.device), r, tail, tail_len)
+        ids = ids[:, : int(eot.max()) + 1]
+        x = substitute(clip.token_embedding(ids), eot, pb.subject_pos, v_s, start, r, v_a)
+        return x, eot
+
+    # inference ------------------------------------------------------------------------------------
+    def text_features(self, clip, g, tokens, tail, tail_len) -> torch.Tensor:
+        """Features (not normalised) of "a photo of [S] with [A1..Ar] but <text>" (SPEC 5 and 10)."""
+        v_s, v_a, _, r = self.pseudo_words(g, tokens)
+        x, eot = self._full_sentence_inputs(clip, v_s, v_a, r, tail, tail_len)
+        return clip.encode_token_embeddings(x, eot)
+
+    def query_features(self, clip, g: torch.Tensor, tokens: torch.Tensor, texts, fashioniq_captions=None) -> torch.Tensor:
+        """L2-normalised composed-query features (SPEC 10) for reference images' (g, tokens).
+
+        `texts`: one modification text per row (CIRR, CIRCO). `fashioniq_captions`: instead, a pair
+        (c1, c2) per row; the feature is normalise((normalise(f1) + normalise(f2)) / 2).
+        """
+        pb = self.prompts(clip)
+        if fashioniq_captions is None:
+            tail, tail_len = pb.query_tails(texts)
+            f = self.text_features(clip, g, tokens, tail.to(g.device), tail_len.to(g.device))
+            return F.normalize(f.float(), dim=-1)
+        from prompts import fashioniq_texts
+
+        pairs = [fashioniq_texts(c1, c2) for c1, c2 in fashioniq_captions]
+        B = g.shape[0]
+        tail, tail_len = pb.query_tails([p[0] for p in pairs] + [p[1] for p in pairs])
+        v_s, v_a, _, r = self.pseudo_words(g, tokens)
+        x, eot = self._full_sentence_inputs(clip, v_s.repeat(2, 1), v_a.repeat(2, 1, 1), r.repeat(2),
+                                            tail.to(g.device), tail_len.to(g.device))
+        f = F.normalize(clip.encode_token_embeddings(x, eot).float(), dim=-1)
+        return F.normalize((f[:B] + f[B:]) / 2, dim=-1)
+
+    # training ------------------------------------------------------------------------------------
+    def forward(self, clip, g: torch.Tensor, tokens: torch.Tensor, texts: dict, gather=None) -> dict:
+        """The training loss of SPEC 6; returns every term (`total`, `contrastive`, `ortho`, `reg`).
+
+        `texts`: `PromptBuilder.training_texts` output, on g's device. `gather`: optional function that
+        all-gathers features across processes with gradient, so the contrastive loss sees the global batch.
+        """
+        pb = self.prompts(clip)
+        v_s, v_a, A_sel, r = self.pseudo_words(g, tokens)
+        # the three sentences that need gradients, encoded in one batched text pass:
+        # full "a photo of [S] with [A..]", subject-only "a photo of [S] with <attr>",
+        # attributes-only "a photo of <subj> with [A..]"
+        x_full, eot_full = self._full_sentence_inputs(clip, v_s, v_a, r)
+        sid = texts["subject_ids"]
+        eot_s = sid.argmax(dim=-1)
+        sid = sid[:, : int(eot_s.max()) + 1]
+        x_subj = substitute(clip.token_embedding(sid), eot_s, pb.subject_pos, v_s)
+        aid, eot_a, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r)
+        # slots start at the row's first `*`, even one inside the subject words (code)
+        start_a = (aid == pb.star).int().argmax(dim=1)
+        aid = aid[:, : int(eot_a.max()) + 1]
+        x_attr = substitute(clip.token_embedding(aid), eot_a, None, None, start_a, r, v_a)
+        length = max(x_full.shape[1], x_subj.shape[1], x_attr.shape[1])
+        x = torch.cat([_pad_to(x_full, length), _pad_to(x_subj, length), _pad_to(x_attr, length)])
+        feats = clip.encode_token_embeddings(x, torch.cat([eot_full, eot_s, eot_a]))
+        f, f_subj, f_attr = feats.chunk(3)
+        with torch.no_grad():
+            c = clip.encode_text(texts["target_ids"])
+
+        u, w = g, f
+        if gather is not None:
+            u, w = gather(u), gather(w)
+        l_con = contrastive_loss(u, w, self.cfg.temperature)
+        l_ortho = orthogonality_loss(A_sel)
+        l_reg = cosine_loss(f_subj, c) + cosine_loss(f_attr, c) + cosine_loss(f, c)
+        total = l_con + l_ortho + self.cfg.reg_weight * l_reg
+        return {"total": total, "contrastive": l_con.detach(), "ortho": l_ortho.detach(), "reg": l_reg.detach(),
+                "num_attributes": r.float().mean().detach()}

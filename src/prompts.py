@@ -1,0 +1,118 @@
+"""Sentences with pseudo-word slots, as token ids (SPEC 5).
+
+Every sentence the method builds has the shape `<sot> head  * * ... *  tail <eot>`: a word part, `r`
+placeholder tokens (`*`, whose embeddings are later replaced by pseudo-word tokens) and a second word
+part. CLIP's BPE works word by word, so tokenising the whole string equals concatenating the BPE of
+its space-separated parts; building the ids from parts lets `r` differ per row, without a Python loop
+over the batch and without tokenising twelve variants of every caption. `tests/test_prompts.py`
+checks the result against CLIP's tokenizer on the whole strings, truncation included.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+PREFIX = "a photo of * with"  # the subject slot is the `*` here; attribute slots follow "with"
+
+
+def fashioniq_texts(caption_1: str, caption_2: str) -> tuple[str, str]:
+    """SPEC 10: FashionIQ's two modification texts for one query (Python `capitalize`, code)."""
+    c1 = caption_1.strip(".?, ")
+    c2 = caption_2.strip(".?, ")
+    return f"{c1.capitalize()} and {c2}", f"{c2} and {c1}"
+
+
+class PromptBuilder:
+    """Token-id assembly for the method's sentences, from an open_clip `SimpleTokenizer`."""
+
+    def __init__(self, tokenizer, context_length: int = 77):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.sot = tokenizer.sot_token_id
+        self.eot = tokenizer.eot_token_id
+        (self.star,) = tokenizer.encode("*")
+        self.prefix = torch.tensor(tokenizer.encode(PREFIX), dtype=torch.long)
+        # position of the subject slot in every sentence that starts with PREFIX (after <sot>)
+        self.subject_pos = 1 + int((self.prefix == self.star).nonzero()[0, 0])
+
+    # word parts -----------------------------------------------------------------------------------
+    def encode_words(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """BPE ids of each text, no <sot>/<eot>, zero-padded: ([B, L], lengths [B])."""
+        enc = [self.tokenizer.encode(t) for t in texts]
+        lengths = torch.tensor([len(e) for e in enc], dtype=torch.long)
+        out = torch.zeros(len(enc), max(1, int(lengths.max()) if len(enc) else 1), dtype=torch.long)
+        for i, e in enumerate(enc):  # host-side tokenisation (data workers), not the model's hot path
+            out[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+        return out, lengths
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP's own tokenisation of whole strings ([B, context_length])."""
+        return self.tokenizer(list(texts), context_length=self.context_length)
+
+    # assembly ------------------------------------------------------------------------------------
+    def assemble(
+        self,
+        head: torch.Tensor,
+        head_len: torch.Tensor,
+        r: torch.Tensor,
+        tail: torch.Tensor | None = None,
+        tail_len: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`<sot> head[:head_len] *×r tail[:tail_len] <eot>`, truncated as CLIP's tokenizer does
+        (cut to the context length, last kept token made <eot>).
+
+        Returns ids [B, C], eot_pos [B] and slot_start [B] (position of the first `*` of the r).
+        All arguments are tensors on one device; head may be [1, L] / head_len [1] for a shared head.
+        """
+        B = r.shape[0]
+        C = self.context_length
+        device = r.device
+        head = head.expand(B, -1)
+        head_len = head_len.expand(B)
+        if tail is None:
+            tail = torch.zeros(B, 1, dtype=torch.long, device=device)
+            tail_len = torch.zeros(B, dtype=torch.long, device=device)
+        j = torch.arange(C, device=device).unsqueeze(0)  # [1, C]
+        hl, rr, tl = head_len.unsqueeze(1), r.unsqueeze(1), tail_len.unsqueeze(1)
+        in_head = (j >= 1) & (j < 1 + hl)
+        in_star = (j >= 1 + hl) & (j < 1 + hl + rr)
+        in_tail = (j >= 1 + hl + rr) & (j < 1 + hl + rr + tl)
+        head_vals = head.gather(1, (j - 1).clamp(0, head.shape[1] - 1).expand(B, -1))
+        tail_vals = tail.gather(1, (j - 1 - hl - rr).clamp(0, tail.shape[1] - 1))
+        ids = torch.where(in_head, head_vals, torch.zeros_like(head_vals))
+        ids = torch.where(in_star, torch.full_like(ids, self.star), ids)
+        ids = torch.where(in_tail, tail_vals, ids)
+        ids[:, 0] = self.sot
+        eot_pos = (1 + head_len + r + tail_len).clamp(max=C - 1)  # truncation: last position becomes <eot>
+        ids.scatter_(1, eot_pos.unsqueeze(1), self.eot)
+        ids = torch.where(j > eot_pos.unsqueeze(1), torch.zeros_like(ids), ids)
+        return ids, eot_pos, 1 + head_len
+
+    def full(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`"a photo of * with " + "* " * r` for each row."""
+        prefix = self.prefix.to(r.device)
+        return self.assemble(prefix.unsqueeze(0), torch.tensor([len(prefix)], device=r.device), r)
+
+    def composed(self, r: torch.Tensor, tail: torch.Tensor, tail_len: torch.Tensor):
+        """`"a photo of * with " + "* " * r + "but " + text`; tail = encode_words("but " + text)."""
+        prefix = self.prefix.to(r.device)
+        return self.assemble(prefix.unsqueeze(0), torch.tensor([len(prefix)], device=r.device), r, tail, tail_len)
+
+    # training texts (built in data-loader workers) ------------------------------------------------
+    def training_texts(self, subjects: Sequence[str], attributes: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids for the regularisation loss of SPEC 6, for a batch of captions.
+
+        `target_ids`: "a photo of <subject> with <attribute>" (CLIP's target feature `c`);
+        `subject_ids`: "a photo of * with <attribute>" (only the subject slot is replaced);
+        `attr_head`/`attr_head_len`: BPE of "a photo of <subject> with", to which the model appends
+        the image's r attribute slots.
+        """
+        target = self.tokenize([f"a photo of {s} with {a}" for s, a in zip(subjects, attributes)])
+        subject = self.tokenize([f"a photo of * with {a}" for a in attributes])
+        head, head_len = self.encode_words([f"a photo of {s} with" for s in subjects])
+        return {"target_ids": target, "subject_ids": subject, "attr_head": head, "attr_head_len": head_len}
+
+    def query_tails(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The word part after the attribute slots of a composed query: "but " + text."""
+        return self.encode_words([f"but {t}" for t in texts])

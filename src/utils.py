@@ -1,0 +1,58 @@
+"""Small helpers shared by every script: atomic writes, devices, seeding."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    _atomic_replace(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj: Any, path, indent: int | None = 2) -> None:
+    data = json.dumps(obj, indent=indent).encode("utf-8")
+    _atomic_replace(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_bytes(data: bytes, path) -> None:
+    _atomic_replace(Path(path), lambda f: f.write(data))
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None`/'auto' -> cuda when available, else cpu. A named CUDA device that is absent is an error."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

@@ -1,0 +1,270 @@
+"""The vectorised network against plain per-sample references written here from SPEC 1-6."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import (FTI4CIR, FTI4CIRConfig, SelfAttention, contrastive_loss, cosine_loss, orthogonality_loss,
+                    select_attributes)
+from prompts import PromptBuilder, fashioniq_texts
+
+STAR, EOT = 265, 49407
+
+
+# ---------------------------------------------------------------------------------------------
+# plain references (one sample at a time, straight from the spec)
+
+def ref_select(A_b, g_b, topk, eps):
+    s = torch.softmax(A_b @ g_b, dim=0).tolist()
+    r = min(topk, max(1, sum(1 for v in s if v > eps)))
+    desc = sorted(range(len(s)), key=lambda k: (-s[k], k))
+    order = sorted(desc[:r]) + desc[r:]
+    return F.normalize(A_b[order], dim=-1), r, order
+
+
+def ref_encode_text_embeddings(clip, x_row, ids_row):
+    """CLIP's text tower on one untrimmed 77-token row, from token embeddings."""
+    m = clip.model
+    x = x_row[None] + m.positional_embedding
+    x = m.transformer(x, attn_mask=m.attn_mask)
+    x = m.ln_final(x)
+    return x[0, int(ids_row.argmax())] @ m.text_projection
+
+
+def ref_sentence_feature(clip, text, subject=None, attrs=None, attr_from_first_star=False):
+    """Tokenise `text` with CLIP's tokenizer, replace the first `*` with `subject` and the positions
+    after "with" (or from the first `*`) with `attrs`, encode."""
+    ids = clip.tokenize([text])[0]
+    x = clip.token_embedding(ids[None])[0].clone()
+    stars = [i for i, t in enumerate(ids.tolist()) if t == STAR]
+    if subject is not None:
+        assert stars[0] == 4
+        x[4] = subject
+    if attrs is not None:
+        start = stars[0] if attr_from_first_star else 6  # <sot> a photo of * with -> first slot at 6
+        for i in range(attrs.shape[0]):
+            x[start + i] = attrs[i]
+    return ref_encode_text_embeddings(clip, x, ids)
+
+
+def ref_losses(net, clip, g, P, subjects, attributes):
+    cfg = net.cfg
+    A = net.attributes(P)
+    fs, f_subj, f_attr, c, sels = [], [], [], [], []
+    for b in range(g.shape[0]):
+        A_sel, r, _ = ref_select(A[b], g[b], cfg.topk, cfg.epsilon)
+        v_s = net.phi_s(g[b])
+        v_a = net.phi_a(A_sel)
+        fs.append(ref_sentence_feature(clip, "a photo of * with " + "* " * r, v_s, v_a[:r]))
+        f_subj.append(ref_sentence_feature(clip, "a photo of * with " + attributes[b], subject=v_s))
+        f_attr.append(ref_sentence_feature(clip, "a photo of " + subjects[b] + " with " + "* " * r, attrs=v_a[:r],
+                                           attr_from_first_star=True))
+        c.append(clip.encode_text(clip.tokenize([f"a photo of {subjects[b]} with {attributes[b]}"]), trim=False)[0])
+        sels.append(A_sel)
+    f, f_subj, f_attr, c = map(torch.stack, (fs, f_subj, f_attr, c))
+    B = g.shape[0]
+    u, w = F.normalize(g, dim=-1), F.normalize(f, dim=-1)
+    z = torch.cat([u, w])
+    terms = []
+    for j in range(2 * B):
+        pos = (j + B) % (2 * B)
+        num = math.exp(float(z[j] @ z[pos]) / cfg.temperature)
+        den = sum(math.exp(float(z[j] @ z[m]) / cfg.temperature) for m in range(2 * B) if m != j)
+        terms.append(-math.log(num / den))
+    l_con = sum(terms) / len(terms)
+    A_sel = torch.stack(sels)
+    l_ortho = float(((A_sel @ A_sel.transpose(1, 2) - torch.eye(A_sel.shape[1])) ** 2).mean())
+    l_reg = sum(float((1 - F.cosine_similarity(x, c)).mean()) for x in (f_subj, f_attr, f))
+    return {"contrastive": l_con, "ortho": l_ortho, "reg": l_reg, "total": l_con + l_ortho + cfg.reg_weight * l_reg}
+
+
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def net(tiny_clip):
+    torch.manual_seed(0)
+    # a larger epsilon spread makes r vary between images of the batch
+    net = FTI4CIR.for_clip(tiny_clip, epsilon=0.03, num_k=8, topk=5)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_clip):
+    torch.manual_seed(1)
+    images = torch.randn(5, 3, tiny_clip.image_size, tiny_clip.image_size)
+    with torch.no_grad():
+        g, P = tiny_clip.encode_image_tokens(images)
+    return images, g, P
+
+
+def test_tokenizer_facts(tiny_clip):
+    pb = PromptBuilder(tiny_clip.tokenizer)
+    assert tiny_clip.star_id == STAR and pb.star == STAR
+    assert tiny_clip.eot_id == EOT and int(tiny_clip.tokenize(["x"]).max()) == EOT
+    assert pb.subject_pos == 4
+    ids = tiny_clip.tokenize(["a photo of * with * * but a * here"])[0].tolist()
+    assert ids[:9] == [49406, 320, 1125, 539, STAR, 593, STAR, STAR, 767]
+    assert ids.count(STAR) == 4  # a `*` in the modification text is an ordinary token
+
+
+def test_one_visual_pass_equals_two(tiny_clip, batch):
+    images, g, P = batch
+    captured = {}
+    hook = tiny_clip.model.visual.transformer.resblocks[-1].register_forward_hook(lambda m, i, o: captured.update(P=o))
+    try:
+        g2 = tiny_clip.model.encode_image(images)
+    finally:
+        hook.remove()
+    assert P.shape == (5, (tiny_clip.image_size // 8) ** 2 + 1, tiny_clip.vision_width)
+    torch.testing.assert_close(g, g2)
+    torch.testing.assert_close(P, captured["P"])
+
+
+def test_trimming_keeps_end_token_features(tiny_clip):
+    ids = tiny_clip.tokenize(["a dog", "a photo of a much longer sentence with many words in it", "x"])
+    torch.testing.assert_close(tiny_clip.encode_text(ids, trim=True), tiny_clip.encode_text(ids, trim=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tiny_clip.encode_text(ids), tiny_clip.model.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_assemble_equals_tokenizer_on_whole_strings(tiny_clip):
+    pb = PromptBuilder(tiny_clip.tokenizer)
+    rng = random.Random(0)
+    words = ["red", "dog", "grass,", "the", "Blue", "sky!", "*", "over", "café", "it's", "3", "two-tone"]
+    heads = ["a photo of " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 6))) + " with" for _ in range(12)]
+    heads.append("a photo of " + " ".join(["long"] * 80) + " with")  # truncated inside the head
+    tails = ["but " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 70))) for _ in range(13)]
+    r = torch.tensor([rng.randint(1, 12) for _ in range(13)])
+    head, head_len = pb.encode_words(heads)
+    tail, tail_len = pb.encode_words(tails)
+    ids, eot, start = pb.assemble(head, head_len, r, tail, tail_len)
+    expected = tiny_clip.tokenize([h + " " + "* " * int(k) + t for h, k, t in zip(heads, r, tails)])
+    assert torch.equal(ids, expected)
+    assert torch.equal(eot, expected.argmax(dim=-1))
+    for b in range(13):  # slots start at the first `*` after the head
+        if start[b] < eot[b]:
+            assert int(ids[b, start[b]]) == STAR
+    ids, eot, _ = pb.assemble(head, head_len, r)  # no tail, as the attributes-only sentence
+    assert torch.equal(ids, tiny_clip.tokenize([h + " " + "* " * int(k) for h, k in zip(heads, r)]))
+    ids, _, _ = pb.full(r)
+    assert torch.equal(ids, tiny_clip.tokenize(["a photo of * with " + "* " * int(k) for k in r]))
+
+
+def test_select_attributes_equals_per_sample_reference():
+    torch.manual_seed(0)
+    B, K, E = 64, 24, 16
+    A = torch.rand(B, K, E)
+    g = torch.randn(B, E) * torch.linspace(0.1, 3, B)[:, None]  # from flat to peaked score distributions
+    A_sel, r = select_attributes(A, g, topk=12, epsilon=0.05)
+    rs = set()
+    for b in range(B):
+        ref, r_b, _ = ref_select(A[b], g[b], 12, 0.05)
+        assert int(r[b]) == r_b
+        assert torch.equal(A_sel[b], ref)  # same order, bitwise
+        rs.add(r_b)
+    assert len(rs) > 3  # the batch really mixes different r
+
+
+def test_select_attributes_edges():
+    # uniform scores 1/24 < 0.05: none above epsilon -> r = 1; all above 0.01 -> r = topk
+    K, E = 24, 4
+    A = torch.ones(1, K, E)
+    A[0, :, 0] = torch.linspace(0, 1, K)
+    _, r = select_attributes(A, torch.zeros(1, E), topk=12, epsilon=0.05)
+    assert int(r) == 1
+    _, r = select_attributes(A, torch.tensor([[60.0, 0, 0, 0]]), topk=12, epsilon=0.05)
+    assert int(r) == 2  # scores ~ e^(60 k/23): the top two hold 0.93 and 0.07 of the mass
+    _, r = select_attributes(A, torch.zeros(1, E), topk=12, epsilon=0.01)  # uniform 1/24 > 0.01 everywhere
+    assert int(r) == 12
+
+
+def test_attention_equals_explicit_math():
+    torch.manual_seed(0)
+    for heads in (1, 4):
+        attn = SelfAttention(32, heads)
+        x = torch.randn(3, 7, 32)
+        q = attn.q_proj(x).view(3, 7, heads, -1)
+        kv = attn.kv_proj(x).view(3, 7, 2, heads, -1)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        w = torch.softmax(torch.einsum("bmhd,bnhd->bhmn", q, k) * (32 // heads) ** -0.5, dim=-1)
+        ref = attn.out_proj(torch.einsum("bhmn,bnhd->bmhd", w, v).reshape(3, 7, 32))
+        torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_terms_on_hand_computed_examples():
+    # contrastive: B = 1, u = w -> rows see their positive (cos 1) and the other modality's copy only
+    u = torch.tensor([[1.0, 0.0]])
+    # 2 rows: each has one other row (its positive) -> log(num/den) = 0
+    assert float(contrastive_loss(u, u.clone(), 0.2)) == pytest.approx(0.0, abs=1e-6)
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # row 0 (u0): pos w0 (1), others u1 (0), w1 (1) -> -log(e^5/(e^0+2e^5))
+    # row 1 (u1): pos w1 (0), others u0 (0), w0 (0) -> -log(1/3)
+    # row 2 (w0): pos u0 (1), others u1 (0), w1 (1) -> same as row 0; row 3 (w1): pos u1 (0), others u0 (1), w0 (1)
+    e5 = math.exp(5)
+    expected = (2 * -math.log(e5 / (1 + 2 * e5)) - math.log(1 / 3) - math.log(1 / (1 + 2 * e5))) / 4
+    assert float(contrastive_loss(u, w, 0.2)) == pytest.approx(expected, rel=1e-5)
+    # orthogonality: two identical unit rows -> gram all ones -> off-diagonals (2 of 4) squared error 1
+    A = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    assert float(orthogonality_loss(A)) == pytest.approx(0.5)
+    assert float(orthogonality_loss(torch.eye(3)[None])) == pytest.approx(0.0)
+    # cosine: orthogonal -> 1, opposite -> 2
+    assert float(cosine_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 3.0], [-2.0, 0.0]]))) == pytest.approx(1.5)
+
+
+def test_training_loss_equals_per_sample_reference(tiny_clip, net, batch):
+    _, g, P = batch
+    subjects = ["a red circle", "a dog", "the big blue sky over", "two * stars", "x"]
+    attributes = ["on a blue background", "on grass", "the sea at night with a long trailing description", "y z", "in a box"]
+    texts = PromptBuilder(tiny_clip.tokenizer).training_texts(subjects, attributes)
+    assert (texts["subject_ids"][:, 4] == STAR).all()
+    with torch.no_grad():
+        out = net(tiny_clip, g, P, texts)
+        ref = ref_losses(net, tiny_clip, g, P, subjects, attributes)
+    for key in ("contrastive", "ortho", "reg", "total"):
+        assert float(out[key]) == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+
+
+def test_query_features_equal_per_sample_reference(tiny_clip, net, batch):
+    _, g, P = batch
+    texts = ["is green and a square", "has *two* dogs", "", "a much longer modification text " * 6, "x"]
+    with torch.no_grad():
+        q = net.query_features(tiny_clip, g, P, texts)
+        A = net.attributes(P)
+        for b in range(5):
+            A_sel, r, _ = ref_select(A[b], g[b], net.cfg.topk, net.cfg.epsilon)
+            f = ref_sentence_feature(tiny_clip, "a photo of * with " + "* " * r + "but " + texts[b],
+                                     net.phi_s(g[b]), net.phi_a(A_sel)[:r])
+            torch.testing.assert_close(q[b], F.normalize(f, dim=-1), atol=1e-5, rtol=1e-4)
+        caps = [("is shiny.", "Longer SLEEVES?"), (" red ", "blue"), ("a", "b"), ("c", "d"), ("e", "f")]
+        q = net.query_features(tiny_clip, g, P, None, caps)
+        for b in range(5):
+            A_sel, r, _ = ref_select(A[b], g[b], net.cfg.topk, net.cfg.epsilon)
+            t1, t2 = fashioniq_texts(*caps[b])
+            f1, f2 = (F.normalize(ref_sentence_feature(tiny_clip, "a photo of * with " + "* " * r + "but " + t,
+                                                       net.phi_s(g[b]), net.phi_a(A_sel)[:r]), dim=-1) for t in (t1, t2))
+            torch.testing.assert_close(q[b], F.normalize((f1 + f2) / 2, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_fashioniq_texts():
+    assert fashioniq_texts("Is shiny and SILVER.", " fit and flare?") == ("Is shiny and silver and fit and flare", "fit and flare and Is shiny and SILVER")
+
+
+def test_gradients_reach_only_the_network(tiny_clip, batch):
+    torch.manual_seed(0)
+    net = FTI4CIR.for_clip(tiny_clip, num_k=8, topk=5).train()
+    _, g, P = batch
+    texts = PromptBuilder(tiny_clip.tokenizer).training_texts(["a"] * 5, ["b c"] * 5)
+    net(tiny_clip, g, P, texts)["total"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert all(not p.requires_grad for p in tiny_clip.parameters())
+    assert not any(k.startswith("clip") or "token_embedding" in k for k in net.state_dict())
+
+
+def test_config_mismatch_is_refused(tiny_clip):
+    net = FTI4CIR(FTI4CIRConfig())  # ViT-L/14 sizes
+    with pytest.raises(ValueError, match="built for CLIP"):
+        net.check_clip(tiny_clip)
