@@ -1,4 +1,5 @@
-"""The vectorised network against plain per-sample references written here from SPEC 1-6."""
+"""The vectorised network against the plain per-sample implementation of SPEC 1-6 (src/reference.py)
+and against hand-computed examples."""
 from __future__ import annotations
 
 import math
@@ -11,75 +12,9 @@ import torch.nn.functional as F
 from models import (FTI4CIR, FTI4CIRConfig, SelfAttention, contrastive_loss, cosine_loss, orthogonality_loss,
                     select_attributes)
 from prompts import PromptBuilder, fashioniq_texts
+from reference import select_one as ref_select, sentence_feature as ref_sentence_feature, training_losses
 
 STAR, EOT = 265, 49407
-
-
-# ---------------------------------------------------------------------------------------------
-# plain references (one sample at a time, straight from the spec)
-
-def ref_select(A_b, g_b, topk, eps):
-    s = torch.softmax(A_b @ g_b, dim=0).tolist()
-    r = min(topk, max(1, sum(1 for v in s if v > eps)))
-    desc = sorted(range(len(s)), key=lambda k: (-s[k], k))
-    order = sorted(desc[:r]) + desc[r:]
-    return F.normalize(A_b[order], dim=-1), r, order
-
-
-def ref_encode_text_embeddings(clip, x_row, ids_row):
-    """CLIP's text tower on one untrimmed 77-token row, from token embeddings."""
-    m = clip.model
-    x = x_row[None] + m.positional_embedding
-    x = m.transformer(x, attn_mask=m.attn_mask)
-    x = m.ln_final(x)
-    return x[0, int(ids_row.argmax())] @ m.text_projection
-
-
-def ref_sentence_feature(clip, text, subject=None, attrs=None, attr_from_first_star=False):
-    """Tokenise `text` with CLIP's tokenizer, replace the first `*` with `subject` and the positions
-    after "with" (or from the first `*`) with `attrs`, encode."""
-    ids = clip.tokenize([text])[0]
-    x = clip.token_embedding(ids[None])[0].clone()
-    stars = [i for i, t in enumerate(ids.tolist()) if t == STAR]
-    if subject is not None:
-        assert stars[0] == 4
-        x[4] = subject
-    if attrs is not None:
-        start = stars[0] if attr_from_first_star else 6  # <sot> a photo of * with -> first slot at 6
-        for i in range(attrs.shape[0]):
-            x[start + i] = attrs[i]
-    return ref_encode_text_embeddings(clip, x, ids)
-
-
-def ref_losses(net, clip, g, P, subjects, attributes):
-    cfg = net.cfg
-    A = net.attributes(P)
-    fs, f_subj, f_attr, c, sels = [], [], [], [], []
-    for b in range(g.shape[0]):
-        A_sel, r, _ = ref_select(A[b], g[b], cfg.topk, cfg.epsilon)
-        v_s = net.phi_s(g[b])
-        v_a = net.phi_a(A_sel)
-        fs.append(ref_sentence_feature(clip, "a photo of * with " + "* " * r, v_s, v_a[:r]))
-        f_subj.append(ref_sentence_feature(clip, "a photo of * with " + attributes[b], subject=v_s))
-        f_attr.append(ref_sentence_feature(clip, "a photo of " + subjects[b] + " with " + "* " * r, attrs=v_a[:r],
-                                           attr_from_first_star=True))
-        c.append(clip.encode_text(clip.tokenize([f"a photo of {subjects[b]} with {attributes[b]}"]), trim=False)[0])
-        sels.append(A_sel)
-    f, f_subj, f_attr, c = map(torch.stack, (fs, f_subj, f_attr, c))
-    B = g.shape[0]
-    u, w = F.normalize(g, dim=-1), F.normalize(f, dim=-1)
-    z = torch.cat([u, w])
-    terms = []
-    for j in range(2 * B):
-        pos = (j + B) % (2 * B)
-        num = math.exp(float(z[j] @ z[pos]) / cfg.temperature)
-        den = sum(math.exp(float(z[j] @ z[m]) / cfg.temperature) for m in range(2 * B) if m != j)
-        terms.append(-math.log(num / den))
-    l_con = sum(terms) / len(terms)
-    A_sel = torch.stack(sels)
-    l_ortho = float(((A_sel @ A_sel.transpose(1, 2) - torch.eye(A_sel.shape[1])) ** 2).mean())
-    l_reg = sum(float((1 - F.cosine_similarity(x, c)).mean()) for x in (f_subj, f_attr, f))
-    return {"contrastive": l_con, "ortho": l_ortho, "reg": l_reg, "total": l_con + l_ortho + cfg.reg_weight * l_reg}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,16 +151,17 @@ def test_loss_terms_on_hand_computed_examples():
 
 
 def test_training_loss_equals_per_sample_reference(tiny_clip, net, batch):
-    _, g, P = batch
+    images, g, P = batch
+    # a `*` inside a subject moves the attribute slots of the attributes-only sentence (code)
     subjects = ["a red circle", "a dog", "the big blue sky over", "two * stars", "x"]
     attributes = ["on a blue background", "on grass", "the sea at night with a long trailing description", "y z", "in a box"]
     texts = PromptBuilder(tiny_clip.tokenizer).training_texts(subjects, attributes)
     assert (texts["subject_ids"][:, 4] == STAR).all()
     with torch.no_grad():
         out = net(tiny_clip, g, P, texts)
-        ref = ref_losses(net, tiny_clip, g, P, subjects, attributes)
+        ref = training_losses(net, tiny_clip, images, subjects, attributes)
     for key in ("contrastive", "ortho", "reg", "total"):
-        assert float(out[key]) == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+        assert float(out[key]) == pytest.approx(float(ref[key]), rel=1e-4, abs=1e-5), key
 
 
 def test_query_features_equal_per_sample_reference(tiny_clip, net, batch):
@@ -268,3 +204,17 @@ def test_config_mismatch_is_refused(tiny_clip):
     net = FTI4CIR(FTI4CIRConfig())  # ViT-L/14 sizes
     with pytest.raises(ValueError, match="built for CLIP"):
         net.check_clip(tiny_clip)
+
+
+def test_gradients_equal_per_sample_reference(tiny_clip, net, batch):
+    images, g, P = batch
+    subjects, attributes = ["a cat", "two dogs", "a", "the sky", "x y"], ["on a mat", "b", "c d e", "at night", "z"]
+    texts = PromptBuilder(tiny_clip.tokenizer).training_texts(subjects, attributes)
+    net.zero_grad()
+    net(tiny_clip, g, P, texts)["total"].backward()
+    fast = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad()
+    training_losses(net, tiny_clip, images, subjects, attributes)["total"].backward()
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(fast[k], p.grad, atol=1e-6, rtol=1e-3, msg=k)
+    net.zero_grad()
