@@ -84,15 +84,16 @@ def load_image(path) -> Image.Image:
     return image
 
 
-def _require(path: Path, layout: str, root: Path, what: str, is_dir: bool) -> Path:
+def _require(path: Path, layout: str, root: Path, what: str, is_dir: bool, hint: str = "") -> Path:
     ok = path.is_dir() if is_dir else path.is_file()
     if not ok:
-        raise DatasetLayoutError(f"{what} not found: {path}\nExpected layout (root = {root}):\n{layout}")
+        hint = f" ({hint})" if hint else ""
+        raise DatasetLayoutError(f"{what} not found: {path}{hint}\nExpected layout (root = {root}):\n{layout}")
     return path
 
 
-def _read_json(path: Path, layout: str, root: Path, what: str) -> Any:
-    _require(path, layout, root, what, is_dir=False)
+def _read_json(path: Path, layout: str, root: Path, what: str, hint: str = "") -> Any:
+    _require(path, layout, root, what, is_dir=False, hint=hint)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -268,7 +269,8 @@ class CIRCODataset(_Base):
         image_dir = _require(root / "COCO2017_unlabeled" / "unlabeled2017", CIRCO_LAYOUT, root,
                              "CIRCO image folder", is_dir=True)
         info_path = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
-        info = _read_json(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation")
+        info = _read_json(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation",
+                          hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
         if not isinstance(info, dict) or "images" not in info:
             raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
         _check_entries(info["images"], ("id", "file_name"), info_path)
