@@ -13,6 +13,7 @@ progress files without BLIP.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, Tagger, build_pairs
+from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, SpacyUnavailable, Tagger, build_pairs
 from datasets import ImageLoadError, load_image
 from transforms import build_transform
 from utils import atomic_write_json, resolve_device
@@ -83,7 +84,7 @@ def read_progress(out: Path) -> Progress:
     """
     captions: dict[str, str] = {}
     errors: dict[str, str] = {}
-    for path in sorted(out.parent.glob(glob_escape(out.name) + ".partial*.jsonl")):
+    for path in sorted(out.parent.glob(glob.escape(out.name) + ".partial*.jsonl")):
         text = path.read_text(encoding="utf-8")
         lines = text.split("\n")
         if lines and lines[-1] != "":
@@ -103,18 +104,16 @@ def read_progress(out: Path) -> Progress:
     return Progress(captions, errors)
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def open_progress_for_append(path: Path):
     """Open this shard's progress file for appending, cutting an interrupted last line first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        with open(path, "r+b") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # killed mid-write: drop the half line
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
     return open(path, "a", encoding="utf-8")
 
 
@@ -125,7 +124,7 @@ class BadImage(NamedTuple):
     reason: str
 
 
-class TestImages(Dataset):
+class ImageNetTestImages(Dataset):
     """`test/ILSVRC2012_test_<id>.JPEG` as (img_id, pixel tensor); a bad file raises, or with
     `skip_bad` comes back as a `BadImage` that the collate function sets apart."""
 
@@ -227,9 +226,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- merge
 
-def merge(out: Path, ids: list[str] | None, tagger: Tagger, skip_bad: bool) -> dict[str, int]:
-    """Split the captions of `ids` (all recorded ones when None) and write `out` atomically."""
-    progress = read_progress(out)
+def merge(out: Path, progress: Progress, ids: list[str] | None, tagger: Tagger,
+          skip_bad: bool) -> dict[str, int]:
+    """Split the recorded captions of `ids` (all recorded ones when None) and write `out` atomically."""
     if ids is None:
         ids = sorted(set(progress.captions) | set(progress.errors))
     missing = [i for i in ids if i not in progress.captions and i not in progress.errors]
@@ -255,20 +254,27 @@ def merge(out: Path, ids: list[str] | None, tagger: Tagger, skip_bad: bool) -> d
 
 # ----------------------------------------------------------------------------- main
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " (SPEC 8)",
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--imagenet-path", "--imagenet_path", type=Path, default=Path("./data/ImageNet"),
                    help="folder holding test/ILSVRC2012_test_XXXXXXXX.JPEG")
     p.add_argument("--out", type=Path, default=None, help="merged pairs JSON (default <imagenet-path>/pairs.json)")
-    p.add_argument("--limit", type=int, default=None, help="caption only the first N ids (sorted)")
+    p.add_argument("--limit", type=positive_int, default=None, help="caption only the first N ids (sorted)")
     p.add_argument("--blip-model", default=DEFAULT_BLIP,
                    help="hub id or save_pretrained folder of a BlipForConditionalGeneration")
-    p.add_argument("--image-size", type=int, default=384, help="BLIP input size (the model's own)")
-    p.add_argument("--num-beams", type=int, default=3, help="beam search width")
-    p.add_argument("--min-length", type=int, default=10, help="minimum tokens, prompt included")
-    p.add_argument("--max-length", type=int, default=25, help="maximum tokens, prompt included")
-    p.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
+    p.add_argument("--image-size", type=positive_int, default=384, help="BLIP input size (the model's own)")
+    p.add_argument("--num-beams", type=positive_int, default=3, help="beam search width")
+    p.add_argument("--min-length", type=positive_int, default=10, help="minimum tokens, prompt included")
+    p.add_argument("--max-length", type=positive_int, default=25, help="maximum tokens, prompt included")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per generate() call")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -293,14 +299,19 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
     out = args.out if args.out is not None else args.imagenet_path / "pairs.json"
     need_split = not args.caption_only
     if need_split and tagger is None:
-        tagger = SpacyTagger(args.spacy_model)  # fails now, not after hours of captioning
+        try:
+            tagger = SpacyTagger(args.spacy_model)  # fails now, not after hours of captioning
+        except SpacyUnavailable as err:
+            hint = "" if args.split_only else (
+                " Or caption now with --caption-only and split later with --split-only where spaCy is installed.")
+            raise SystemExit(f"{err}{hint}") from err
 
     if args.split_only:
         has_images = (args.imagenet_path / "test").is_dir()
         ids = discover_ids(args.imagenet_path, args.limit) if has_images else None
         if ids is None:
             print(f"{args.imagenet_path / 'test'} not found: splitting every recorded caption")
-        return {"merged": merge(out, ids, tagger, args.skip_bad_images)}
+        return {"merged": merge(out, read_progress(out), ids, tagger, args.skip_bad_images)}
 
     ids = discover_ids(args.imagenet_path, args.limit)
     shard, num_shards = parse_shard(args.shard)
@@ -319,16 +330,18 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
     progress = read_progress(out)
     skipped = [progress.errors[i] for i in mine if i not in progress.captions and i in progress.errors]
     if skipped:
-        print(f"skipped {len(skipped)} unreadable images (recorded in {own_file}):")
+        print(f"skipped {len(skipped)} unreadable images (recorded as such in the progress files):")
         for reason in skipped:
             print(f"  {reason}")
     summary["skipped"] = skipped
     left = [i for i in ids if i not in progress.captions and i not in progress.errors]
     if left:
-        print(f"{len(left)} images still have no caption (other shards); the last shard to finish "
-              "writes the pairs, or run --split-only once all are done")
+        then = "run --split-only" if args.caption_only else "the last shard to finish writes the pairs"
+        print(f"{len(left)} images still have no caption (other shards); once they have, {then}")
     elif need_split:
-        summary["merged"] = merge(out, ids, tagger, args.skip_bad_images)
+        summary["merged"] = merge(out, progress, ids, tagger, args.skip_bad_images)
+    else:
+        print(f"all {len(ids)} images captioned; split them with --split-only")
     return summary
 
 
@@ -348,11 +361,10 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
                          f"pass --image-size {model_size}")
     captioner = Captioner(model, tokenizer, num_beams=args.num_beams,
                           min_length=args.min_length, max_length=args.max_length)
-    dataset = TestImages(args.imagenet_path, todo, build_transform("targetpad", args.image_size),
-                         skip_bad=args.skip_bad_images)
+    dataset = ImageNetTestImages(args.imagenet_path, todo, build_transform("targetpad", args.image_size),
+                                 skip_bad=args.skip_bad_images)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        collate_fn=collate, pin_memory=device.type == "cuda")
     count, start = 0, time.perf_counter()
     with open_progress_for_append(own_file) as f, tqdm(total=len(todo), unit="img", dynamic_ncols=True,
                                                         desc=own_file.name, position=shard) as bar:
