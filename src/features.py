@@ -1,0 +1,355 @@
+"""Feature extraction for evaluation and test submissions (SPEC 10), with an on-disk gallery cache.
+
+One code path for `evaluate.py`, `test.py` and the validation inside training:
+
+- `gallery_features(clip, dataset, ...)`: L2-normalised CLIP image embeddings of a gallery-mode
+  dataset, in the dataset's order. They depend only on CLIP, the preprocessing, the gallery and the
+  precision, so they are cached on disk (`cache_dir`) and evaluating another checkpoint recomputes
+  only the query side. A cache file holds its key; a file whose key, names or shape differ from
+  what is asked for (stale) or that is not one of ours (foreign) is reported and recomputed.
+- `query_features(net, clip, dataset, ...)`: composed-query features of a query-mode dataset (each
+  reference image through the visual tower once: `g` and the last block's tokens together), or the
+  image-only / text-only baselines.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import collate
+from prompts import fashioniq_texts
+from utils import atomic_torch_save
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+BASELINES = ("image-only", "text-only")
+DEFAULT_CACHE_DIR = Path(".cache") / "features"
+CACHE_FORMAT = "fti4cir-gallery-features"
+# Bump when the way gallery features are computed changes: every older cache file becomes stale.
+CACHE_VERSION = 1
+
+# How much work was done, for logs and tests (reset freely).
+counters = {"gallery_images_encoded": 0, "query_images_encoded": 0, "cache_hits": 0, "cache_writes": 0}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """ValueError for a precision that does not exist or makes no sense on `device`."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
+    if device.type == "cuda" or precision == "fp32":
+        return
+    if device.type == "cpu" and precision == "bf16":
+        return
+    raise ValueError(f"--precision {precision} is not available on {device.type}: "
+                     f"use fp32{' or bf16' if device.type == 'cpu' else ''} there (fp16 and tf32 need CUDA)")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """fp32: plain float32 (autocast off, full-precision matmuls, PyTorch's default cuDNN settings: the
+    authors' inference); tf32: float32 tensors, TF32 tensor-core matmuls and convolutions (CUDA);
+    bf16/fp16: autocast to that type."""
+    device = torch.device(device)
+    check_precision(precision, device)
+    if precision in ("bf16", "fp16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
+            yield
+        return
+    # Set the matmul precision explicitly for the duration, so a caller (training with TF32 on)
+    # cannot change what "fp32" means; restore afterwards.
+    old_matmul = torch.get_float32_matmul_precision()
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default, so also what the authors' fp32 run used
+    try:
+        with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast region
+            yield
+    finally:
+        torch.set_float32_matmul_precision(old_matmul)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """In-order loader: `workers` processes, pinned memory when the features go to a GPU."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.device(device).type == "cuda", collate_fn=collate,
+                      persistent_workers=False)
+
+
+def batches(loader: DataLoader, desc: str, progress: bool):
+    """The loader's batches under a progress bar. When the loop ends early (an image that cannot be
+    read), worker processes are shut down at once rather than by the garbage collector, which waits
+    5 s for each of them."""
+    it = iter(loader)
+    try:
+        yield from tqdm(it, total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False)
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# the gallery cache
+
+def describe_transform(transform) -> str:
+    """A stable text for a preprocessing pipeline (no memory addresses), for the cache key."""
+    steps = getattr(transform, "transforms", [transform])
+    parts = []
+    for t in steps:
+        if hasattr(t, "__code__"):  # a plain function: its repr holds an address
+            parts.append(f"{t.__module__}.{t.__qualname__}")
+        else:
+            parts.append(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(t)))
+    return " | ".join(parts)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _clip_fingerprint(clip) -> dict:
+    """Where CLIP's weights came from, the file's size and mtime when it is a file, and a hash of a
+    few of its visual weights (cheap, and catches weights swapped under an unchanged name)."""
+    source = str(getattr(clip, "source", "") or getattr(clip, "name", ""))
+    info = {"source": source}
+    _, _, rest = source.partition(":")
+    if rest and os.path.isfile(rest):
+        st = os.stat(rest)
+        info.update(weights_size=st.st_size, weights_mtime_ns=st.st_mtime_ns)
+    v = clip.model.visual
+    h = hashlib.sha256()
+    for t in (v.proj, v.class_embedding, v.conv1.weight, v.ln_post.weight):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    info["visual_weights_sha256"] = h.hexdigest()
+    info["image_size"] = int(clip.image_size)
+    return info
+
+
+def _images_fingerprint(dataset) -> str | None:
+    """Hash of the gallery image files' sizes and modification times: images regenerated or replaced
+    under the same names make the cache stale. A missing file counts as changed (its error then
+    comes from the encoder, never hidden by a cache hit)."""
+    paths = getattr(dataset, "_gallery_paths", None)
+    if paths is None:
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(b"missing\n")
+    return h.hexdigest()
+
+
+def dataset_label(dataset) -> str:
+    """e.g. 'cirr-val', 'fashioniq-val-dress', 'circo-test' (for logs)."""
+    parts = [type(dataset).__name__.replace("Dataset", "").lower(), str(getattr(dataset, "split", ""))]
+    cats = getattr(dataset, "categories", None)
+    if cats:
+        parts.append("+".join(cats))
+    return "-".join(p for p in parts if p)
+
+
+def gallery_tag(dataset) -> str:
+    """The cache file's readable prefix: the label, except that CIRCO's val and test share one gallery
+    (all of COCO unlabeled), so one cache entry serves both."""
+    label = dataset_label(dataset)
+    return "circo" if label.startswith("circo-") else label
+
+
+def gallery_cache_meta(clip, dataset, precision: str) -> dict:
+    """Everything gallery features depend on; the cache key is its hash."""
+    names = list(dataset.names)
+    return {
+        "code_version": CACHE_VERSION,
+        "clip": _clip_fingerprint(clip),
+        "preprocess": describe_transform(dataset.preprocess),
+        "precision": precision,
+        "dataset": gallery_tag(dataset),
+        "root": str(Path(getattr(dataset, "root", "")).resolve()),
+        "num_images": len(names),
+        "names_sha256": _sha("\x00".join(names)),
+        "images_sha256": _images_fingerprint(dataset),
+    }
+
+
+def gallery_cache_path(cache_dir, meta: dict) -> Path:
+    """One file per (dataset, CLIP, preprocessing, precision, root): another gallery list or changed
+    images overwrite it (stale), another CLIP or precision gets its own file."""
+    stable = {k: meta[k] for k in ("dataset", "preprocess", "precision", "root")}
+    stable["clip"] = meta["clip"]["source"]
+    return Path(cache_dir) / f"{meta['dataset']}-{_sha(json.dumps(stable, sort_keys=True))[:16]}.pt"
+
+
+def _cache_key(meta: dict) -> str:
+    return _sha(json.dumps(meta, sort_keys=True))
+
+
+def _read_cache(path: Path, meta: dict, names: list[str]) -> torch.Tensor | None:
+    """The cached features, or None (with the reason printed) when absent, foreign or stale."""
+    if not path.is_file():
+        log(f"gallery cache: no file {path}; computing")
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is simply not a usable cache
+        log(f"gallery cache: {path} is unreadable ({type(e).__name__}); recomputing and overwriting it")
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != CACHE_FORMAT:
+        log(f"gallery cache: {path} is not a gallery feature cache; recomputing and overwriting it")
+        return None
+    if obj.get("key") != _cache_key(meta):
+        old = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        changed = sorted(k for k in set(meta) | set(old) if old.get(k) != meta.get(k)) or ["key"]
+        log(f"gallery cache: {path} is stale ({', '.join(changed)} changed); recomputing")
+        return None
+    feats = obj.get("features")
+    if obj.get("names") != names or not isinstance(feats, torch.Tensor) or feats.dim() != 2 \
+            or feats.shape[0] != len(names):
+        log(f"gallery cache: {path} does not hold features for these {len(names)} names; recomputing")
+        return None
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+
+def _check_nonempty(n: int, dataset, what: str) -> None:
+    if n == 0:
+        raise ValueError(f"{dataset_label(dataset)} at {getattr(dataset, 'root', '?')}: the annotation files list no {what}")
+
+
+@torch.no_grad()
+def encode_gallery(clip, dataset, batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32",
+                   progress: bool = True) -> torch.Tensor:
+    """[G, D] L2-normalised float32 image embeddings of a gallery-mode dataset, on `device`."""
+    device = torch.device(device) if device is not None else clip.device
+    n = len(dataset)
+    _check_nonempty(n, dataset, "gallery images")
+    out = torch.empty((n, clip.embed_dim), dtype=torch.float32, device=device)
+    i = 0
+    loader = make_loader(dataset, batch_size, workers, device)
+    for batch in batches(loader, f"gallery {dataset_label(dataset)}", progress):
+        images = batch["image"].to(device, non_blocking=True)
+        with precision_context(precision, device):
+            g = clip.encode_image(images)
+        out[i:i + len(images)] = F.normalize(g.float(), dim=-1)
+        i += len(images)
+    counters["gallery_images_encoded"] += n
+    return out
+
+
+def gallery_features(clip, dataset, batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32",
+                     cache_dir=None, progress: bool = True) -> tuple[list[str], torch.Tensor]:
+    """(gallery names, [G, D] L2-normalised float32 features on `device`), from the cache when valid.
+
+    `cache_dir=None` disables the cache.
+    """
+    device = torch.device(device) if device is not None else clip.device
+    names = list(dataset.names)
+    if cache_dir is None:
+        return names, encode_gallery(clip, dataset, batch_size, workers, device, precision, progress)
+    meta = gallery_cache_meta(clip, dataset, precision)
+    path = gallery_cache_path(cache_dir, meta)
+    feats = _read_cache(path, meta, names)
+    if feats is not None:
+        counters["cache_hits"] += 1
+        log(f"gallery cache: hit {path} ({len(names)} images)")
+        return names, feats.to(device=device, dtype=torch.float32)
+    feats = encode_gallery(clip, dataset, batch_size, workers, device, precision, progress)
+    try:
+        atomic_torch_save({"format": CACHE_FORMAT, "key": _cache_key(meta), "meta": meta, "names": names,
+                           "features": feats.cpu()}, path)
+    except OSError as e:  # a full disk or read-only folder costs the next run time, not this run's result
+        log(f"gallery cache: could not write {path} ({e}); continuing without caching")
+        return names, feats
+    counters["cache_writes"] += 1
+    log(f"gallery cache: wrote {path}")
+    return names, feats
+
+
+def _text_features(clip, texts: Sequence[str], device) -> torch.Tensor:
+    return F.normalize(clip.encode_text(clip.tokenize(list(texts)).to(device)).float(), dim=-1)
+
+
+@torch.no_grad()
+def _text_only(clip, queries: list[dict], batch_size: int, device, precision: str, progress: bool) -> torch.Tensor:
+    """Plain CLIP text features of the modification text. FashionIQ: the two texts of SPEC 10,
+    each normalised, averaged and normalised again, as the model's queries are."""
+    fashioniq = "relative_captions" in queries[0]
+    out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
+    starts = range(0, len(queries), batch_size)
+    for s in tqdm(starts, desc="queries (text-only)", unit="batch", disable=not progress, leave=False):
+        chunk = queries[s:s + batch_size]
+        with precision_context(precision, device):
+            if fashioniq:
+                pairs = [fashioniq_texts(*q["relative_captions"]) for q in chunk]
+                f = _text_features(clip, [p[0] for p in pairs] + [p[1] for p in pairs], device)
+                f = F.normalize((f[:len(chunk)] + f[len(chunk):]) / 2, dim=-1)
+            else:
+                f = _text_features(clip, [q["relative_caption"] for q in chunk], device)
+        out[s:s + len(chunk)] = f
+    return out
+
+
+@torch.no_grad()
+def query_features(net, clip, dataset, batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32",
+                   baseline: str | None = None, progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    """([Q, D] L2-normalised float32 query features on `device`, the queries' metadata in that order).
+
+    `baseline=None`: FTI4CIR's composed query (SPEC 10; `net` in eval mode). 'image-only': the
+    reference image's CLIP embedding. 'text-only': CLIP's embedding of the modification text(s).
+    """
+    device = torch.device(device) if device is not None else clip.device
+    queries = dataset.queries
+    _check_nonempty(len(queries), dataset, "queries")
+    if baseline not in (None,) + BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES} or None, got {baseline!r}")
+    if baseline == "text-only":  # no image is needed: read the captions from the metadata
+        return _text_only(clip, queries, batch_size, device, precision, progress), queries
+    if baseline is None and net is None:
+        raise ValueError("query_features needs the FTI4CIR network (or a baseline)")
+    fashioniq = "relative_captions" in queries[0]
+    out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
+    i = 0
+    loader = make_loader(dataset, batch_size, workers, device)
+    for batch in batches(loader, f"queries {dataset_label(dataset)}", progress):
+        images = batch["reference_image"].to(device, non_blocking=True)
+        with precision_context(precision, device):
+            g, tokens = clip.encode_image_tokens(images)  # one visual pass gives both
+            if baseline == "image-only":
+                f = g
+            elif fashioniq:
+                f = net.query_features(clip, g, tokens, None, fashioniq_captions=batch["relative_captions"])
+            else:
+                f = net.query_features(clip, g, tokens, batch["relative_caption"])
+        out[i:i + len(images)] = F.normalize(f.float(), dim=-1)
+        i += len(images)
+    counters["query_images_encoded"] += len(queries)
+    return out, queries
