@@ -95,8 +95,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--num-train-images", type=int, default=256, help="toy ImageNet images to train on")
-    p.add_argument("--num-queries", type=int, default=8, help="toy queries per benchmark split (and FashionIQ category)")
-    p.add_argument("--num-distractors", type=int, default=8, help="extra toy gallery images per split")
+    p.add_argument("--num-queries", type=int, default=16, help="toy queries per benchmark split (and FashionIQ category)")
+    p.add_argument("--num-distractors", type=int, default=20,
+                   help="extra toy gallery images per split (20: CIRR test1 lists reach the full 50 names)")
     p.add_argument("--examples", type=int, default=4, help="queries drawn per benchmark in the example grids")
     p.add_argument("--clip-model", default="ViT-L/14", help="CLIP architecture when --clip-weights is given")
     p.add_argument("--clip-weights", default=None, help="a real CLIP file instead of the built-in tiny random one")

@@ -137,6 +137,16 @@ class _Base(Dataset):
             raise AttributeError(f"{type(self).__name__} in mode {self.mode!r} has no queries; use mode='query'")
         return self._queries
 
+    @property
+    def gallery_paths(self) -> list[Path]:
+        """Image file of every gallery name, in the order of `.names`."""
+        return self._gallery_paths
+
+    @property
+    def query_paths(self) -> list[Path]:
+        """Reference image file of every query, in the order of `.queries`."""
+        return self._query_paths if self.mode == "query" else []
+
     def __len__(self) -> int:
         return len(self.names) if self.mode == "gallery" else len(self._queries)
 

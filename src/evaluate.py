@@ -54,6 +54,9 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = DAT
                        help="CIRCO root (annotations/, COCO2017_unlabeled/)")
     parser.add_argument("--categories", nargs="+", choices=list(FASHIONIQ_CATEGORIES), default=list(FASHIONIQ_CATEGORIES),
                         help="FashionIQ categories, each evaluated on its own gallery; 'average' is their mean")
+    parser.add_argument("--save-examples", type=int, default=0, metavar="N",
+                        help="also draw N queries per benchmark (reference, text, top-5, target framed) as a PNG grid "
+                             "in <save-path>/examples/")
     parser.add_argument("--model-path", default=None,
                         help="FTI4CIR checkpoint: this repo's (src/train.py) or the authors' released file")
     parser.add_argument("--baseline", choices=list(BASELINES), default=None,
@@ -190,15 +193,48 @@ def circo_metrics(names, g, q, queries) -> dict[str, float]:
     return M.circo_map_recall(q, g, names, [x["gt_img_ids"] for x in queries])
 
 
+def save_examples(dataset_name: str, data_path, split: str, category: str | None, names, g, q, queries,
+                  count: int, out_dir, top: int = 5) -> Path:
+    """Draws `count` evenly spaced queries: reference, modification text, top results, targets framed."""
+    from examples import ExampleRow, save_example_grid
+    from prompts import fashioniq_texts
+
+    gallery = open_dataset(dataset_name, data_path, split, "gallery", _no_preprocess, category)
+    query = open_dataset(dataset_name, data_path, split, "query", _no_preprocess, category)
+    pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
+    index = {n: i for i, n in enumerate(names)}
+    exclude = None
+    if dataset_name == "cirr":  # the reference is not a result on CIRR
+        exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick])
+    top = min(top, len(names) - (exclude is not None))
+    ranked = M.topk_indices(q[pick], g, top, exclude)
+    rows = []
+    for row, i in zip(ranked.tolist(), pick):
+        x = queries[i]
+        targets = set(x.get("gt_img_ids") or []) | ({x["target_name"]} if "target_name" in x else set())
+        text = fashioniq_texts(*x["relative_captions"])[0] if dataset_name == "fashioniq" else x["relative_caption"]
+        rows.append(ExampleRow(reference=query.query_paths[i], text=text, caption=f"query {i}",
+                               results=[gallery.gallery_paths[j] for j in row], is_target=[names[j] in targets for j in row]))
+    label = dataset_name + (f"_{category}" if category else "")
+    return save_example_grid(rows, Path(out_dir) / f"examples_{label}_{split}.png",
+                             title=f"{label} {split}: reference | text | top {top} (green: target)")
+
+
+def _no_preprocess(image):
+    return image
+
+
 def evaluate(net, clip, dataset_name: str, data_path, *, split: str = "val",
              categories: Sequence[str] = FASHIONIQ_CATEGORIES, preprocess_type: str = "targetpad",
              batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32", cache_dir=None,
-             baseline: str | None = None, progress: bool = True) -> dict[str, float]:
+             baseline: str | None = None, progress: bool = True, examples: int = 0,
+             examples_dir=None) -> dict[str, float]:
     """Validation metrics (percent) with the authors' keys (see METRIC_KEYS).
 
     `net`: an FTI4CIR network (a DDP wrapper is unwrapped; its train/eval mode is restored after),
     or None with `baseline` 'image-only' / 'text-only'. `cache_dir=None`: no gallery cache.
     FashionIQ: each of `categories` on its own gallery; `average_*` is the mean over them.
+    `examples` > 0: also draw that many queries per split (per category) into `examples_dir`.
     """
     dataset_name = dataset_name.lower()
     if dataset_name not in DATASETS:
@@ -217,12 +253,17 @@ def evaluate(net, clip, dataset_name: str, data_path, *, split: str = "val",
             if not categories:
                 raise ValueError("no FashionIQ category to evaluate")
             for cat in categories:
-                r = fashioniq_metrics(*compute_features(net, clip, "fashioniq", data_path, split, cat, **kw))
+                feats = compute_features(net, clip, "fashioniq", data_path, split, cat, **kw)
+                if examples:
+                    save_examples("fashioniq", data_path, split, cat, *feats, examples, examples_dir)
+                r = fashioniq_metrics(*feats)
                 out[f"{cat}_10"], out[f"{cat}_50"] = r[10], r[50]
             out["average_10"] = mean(out[f"{c}_10"] for c in categories)
             out["average_50"] = mean(out[f"{c}_50"] for c in categories)
             return out
         feats = compute_features(net, clip, dataset_name, data_path, split, None, **kw)
+        if examples:
+            save_examples(dataset_name, data_path, split, None, *feats, examples, examples_dir)
         return cirr_metrics(*feats) if dataset_name == "cirr" else circo_metrics(*feats)
     finally:
         if was_training:
@@ -259,7 +300,8 @@ def run_validation(args, clip, net, device) -> dict[str, float]:
     root = dataset_root(args)
     kw = common_kwargs(args, device)
     try:
-        metrics = evaluate(net, clip, args.dataset, root, split="val", categories=args.categories, **kw)
+        metrics = evaluate(net, clip, args.dataset, root, split="val", categories=args.categories, **kw,
+                           examples=args.save_examples, examples_dir=Path(args.save_path) / "examples")
     except USER_ERRORS + (ValueError,) as e:  # ValueError: annotations the metrics cannot use
         raise SystemExit(user_error_message(e))
     what = f"baseline {args.baseline}" if args.baseline else f"model {args.model_path}"

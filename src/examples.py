@@ -51,12 +51,12 @@ def save_example_grid(rows: list[ExampleRow], path, title: str = "") -> Path:
     width, height = grid_size(len(rows), top)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=13)  # Pillow's embedded TrueType font; the bitmap one swallows spaces
     draw.text((PAD, 4), title or "reference | modification | top results (green frame: target)", fill=(0, 0, 0), font=font)
     for i, row in enumerate(rows):
         y = 24 + i * TILE
         canvas.paste(_tile(row.reference, REFERENCE_COLOUR), (0, y))
-        text = (row.caption + "\n" if row.caption else "") + "\n".join(textwrap.wrap(row.text, 30)[:7])
+        text = (row.caption + "\n" if row.caption else "") + "\n".join(textwrap.wrap(row.text, 26)[:7])
         draw.multiline_text((TILE + PAD, y + PAD), text, fill=(0, 0, 0), font=font, spacing=2)
         flags = row.is_target or [False] * len(row.results)
         for j, (res, hit) in enumerate(zip(row.results, flags)):

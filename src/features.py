@@ -154,7 +154,7 @@ def _images_fingerprint(dataset) -> str | None:
     """Hash of the gallery image files' sizes and modification times: images regenerated or replaced
     under the same names make the cache stale. A missing file counts as changed (its error then
     comes from the encoder, never hidden by a cache hit)."""
-    paths = getattr(dataset, "_gallery_paths", None)
+    paths = getattr(dataset, "gallery_paths", None)
     if paths is None:
         return None
     h = hashlib.sha256()

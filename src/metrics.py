@@ -248,7 +248,8 @@ def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
     if len(gallery_ids) != gallery_feats.shape[0]:
         raise ValueError(f"{len(gallery_ids)} gallery ids for {gallery_feats.shape[0]} gallery features")
     gt = _gt_index(gt_ids, _lookup([str(x) for x in gallery_ids]))
-    top = topk_indices(query_feats, gallery_feats, max(max(ks), CIRCO_TOP), chunk=chunk)
+    # a gallery smaller than 50 gives a shorter ranking, as slicing the authors' sorted list does
+    top = topk_indices(query_feats, gallery_feats, min(max(max(ks), CIRCO_TOP), len(gallery_ids)), chunk=chunk)
     rel = (top[:, :, None] == gt[:, None, :]).any(dim=2).float()            # [Q, 50]
     ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float32)
     prec_rel = rel.cumsum(dim=1) / ranks * rel                               # precision@j * rel_j

@@ -283,3 +283,13 @@ def test_half_precision_features_on_cpu():
     got = topk_indices(q.half(), g.half(), 3)
     assert got.shape == (4, 3) and got.dtype == torch.long
     assert not math.isnan(fashioniq_recall(q.half(), g.half(), [str(j) for j in range(60)], ["1"] * 4)[10])
+
+
+def test_circo_small_gallery_ranks_everything():
+    # 3 gallery images < 50: the ranking is the whole gallery, as slicing a sorted list gives
+    g = torch.eye(3)
+    q = torch.tensor([[0.1, 0.9, 0.0]])
+    out = circo_map_recall(q, g, ["a", "b", "c"], [["b", "c"]])
+    # ranking b, a, c: AP@5 = (1/1 + 2/3) / 2
+    assert out["circo_map_at5"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert out["circo_recall_at5"] == 100.0

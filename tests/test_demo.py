@@ -1,0 +1,109 @@
+"""The embedded default: toy layouts load in every dataset class; a shortened demo runs end to end
+and its outputs are valid; the chance levels it prints are right."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import demo
+from datasets import CIRCODataset, CIRRDataset, FashionIQDataset, ImageNetPairsDataset, collate
+from evaluate import METRIC_KEYS
+from examples import grid_size
+from make_toy_data import make_toy_world
+from metrics import validate_circo_submission, validate_cirr_submission
+from transforms import build_transform
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_world(tmp_path_factory.mktemp("toy") / "world", seed=3, num_train_images=12, num_queries=4,
+                          num_distractors=4)
+
+
+def _check(ds, n_expected, image_key):
+    assert len(ds) == n_expected > 0
+    batch = collate([ds[0], ds[len(ds) - 1]])
+    assert batch[image_key].shape == (2, 3, 32, 32)
+
+
+def test_toy_layouts_load_in_every_dataset_class(toy):
+    tf = build_transform("targetpad", 32)
+    for split in ("train", "val", "test"):
+        for cat in ("dress", "shirt", "toptee"):
+            names = json.loads((toy / "FashionIQ" / "image_splits" / f"split.{cat}.{split}.json").read_text())
+            caps = json.loads((toy / "FashionIQ" / "captions" / f"cap.{cat}.{split}.json").read_text())
+            _check(FashionIQDataset(toy / "FashionIQ", split, [cat], "gallery", tf), len(names), "image")
+            _check(FashionIQDataset(toy / "FashionIQ", split, [cat], "query", tf), len(caps), "reference_image")
+    for split, file in (("train", "train"), ("val", "val"), ("test1", "test1")):
+        names = json.loads((toy / "CIRR" / "cirr" / "image_splits" / f"split.rc2.{file}.json").read_text())
+        caps = json.loads((toy / "CIRR" / "cirr" / "captions" / f"cap.rc2.{file}.json").read_text())
+        _check(CIRRDataset(toy / "CIRR", split, "gallery", tf), len(names), "image")
+        _check(CIRRDataset(toy / "CIRR", split, "query", tf), len(caps), "reference_image")
+    info = json.loads((toy / "CIRCO" / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json").read_text())
+    for split in ("val", "test"):
+        queries = json.loads((toy / "CIRCO" / "annotations" / f"{split}.json").read_text())
+        _check(CIRCODataset(toy / "CIRCO", split, "gallery", tf), len(info["images"]), "image")
+        _check(CIRCODataset(toy / "CIRCO", split, "query", tf), len(queries), "reference_image")
+    pairs = json.loads((toy / "ImageNet" / "pairs.json").read_text())
+    _check(ImageNetPairsDataset(toy / "ImageNet", toy / "ImageNet" / "pairs.json", tf), len(pairs), "image")
+
+
+def test_ap_chance_equals_enumeration():
+    # every placement of n relevant items among G positions is equally likely under a random ranking
+    for G, n, K in ((6, 2, 3), (7, 3, 5), (5, 1, 5), (8, 4, 2)):
+        total, count = 0.0, 0
+        for rel in itertools.combinations(range(G), n):
+            hits, ap = 0, 0.0
+            for j in range(1, K + 1):
+                if j - 1 in rel:
+                    hits += 1
+                    ap += hits / j
+            total += ap / min(n, K)
+            count += 1
+        assert demo._ap_chance(K, n, G) == pytest.approx(100 * total / count)
+    assert demo._recall_chance(10, 40) == 25.0 and demo._recall_chance(50, 40) == 100.0
+
+
+def test_short_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    summary = demo.main(["--out", str(out), "--epochs", "1", "--batch-size", "8", "--num-train-images", "16",
+                         "--num-queries", "4", "--num-distractors", "20", "--examples", "2"])
+    assert (out / "model" / "checkpoints" / "epoch_1.pt").is_file()
+    assert (out / "model" / "hyperparameters.json").is_file()
+    assert any((out / "model" / "tensorboard").iterdir())
+    for name, keys in METRIC_KEYS.items():
+        metrics = json.loads((out / "eval" / f"metrics_{name}.json").read_text())
+        assert list(metrics) == keys
+        assert all(0.0 <= v <= 100.0 for v in metrics.values())
+        assert set(summary["chance"][name]) == set(keys)
+    data = out / "data"
+    circo_q = CIRCODataset(data / "CIRCO", "test", "query", lambda im: im).queries
+    circo_g = CIRCODataset(data / "CIRCO", "test", "gallery", lambda im: im).names
+    validate_circo_submission(json.loads((out / "submissions" / "circo" / "circo.json").read_text()), circo_q, circo_g)
+    cirr = json.loads((out / "submissions" / "cirr" / "cirr.json").read_text())
+    subset = json.loads((out / "submissions" / "cirr" / "subset_cirr.json").read_text())
+    cirr_q = CIRRDataset(data / "CIRR", "test1", "query", lambda im: im).queries
+    gallery = CIRRDataset(data / "CIRR", "test1", "gallery", lambda im: im).names
+    if len(gallery) > 50:
+        validate_cirr_submission(cirr, subset, cirr_q, gallery)
+    else:  # a toy gallery this small gives every other name, reference excluded
+        assert all(len(cirr[str(q["pair_id"])]) == len(gallery) - 1 for q in cirr_q)
+        assert all(q["reference_name"] not in cirr[str(q["pair_id"])] for q in cirr_q)
+        assert all(set(subset[str(q["pair_id"])]) <= set(q["group_members"]) for q in cirr_q)
+    pngs = sorted((out / "eval" / "examples").glob("*.png"))
+    assert [p.name for p in pngs] == ["examples_circo_val.png", "examples_cirr_val.png", "examples_fashioniq_dress_val.png",
+                                      "examples_fashioniq_shirt_val.png", "examples_fashioniq_toptee_val.png"]
+    with Image.open(pngs[1]) as im:
+        assert im.size == grid_size(2, 5)  # 2 queries x (reference + text + top 5)
+    # a rerun replaces the folder cleanly; a folder the demo did not make is refused
+    (out / "stray.txt").write_text("x")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not made by the demo"):
+        demo.main(["--out", str(other)])
+    assert (other / "keep.txt").exists()
