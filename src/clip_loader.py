@@ -66,6 +66,7 @@ class FrozenCLIP(nn.Module):
         if len(star) != 1:
             raise ClipLoadError(f"the tokenizer splits {STAR!r} into {star}; the method needs one token")
         self.star_id = star[0]
+        self.train(False)
 
     def train(self, mode: bool = True):  # CLIP stays in eval mode whatever its owner does
         return super().train(False)
@@ -198,7 +199,8 @@ def _load_weights_file(path: Path, model_name: str, clip_format: str) -> tuple[C
                 f"--clip-weights {path}: not an OpenAI-format CLIP ViT (expected keys visual.proj, visual.conv1.weight, "
                 "token_embedding.weight, text_projection)"
             )
-        sd = {k: v for k, v in sd.items()}
+        # causal masks are rebuilt by the model; a traced archive may carry them as buffers
+        sd = {k: v for k, v in sd.items() if not k.endswith("attn_mask")}
         try:
             # Architecture inferred from the weights, QuickGELU as OpenAI trained it. The OpenAI loader
             # stores the weights in fp16 before .float(), as OpenAI's clip.load does; kept (code).

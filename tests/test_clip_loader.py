@@ -1,0 +1,67 @@
+"""CLIP loading: OpenAI-format files (state dict, TorchScript), architecture inferred, clear errors,
+no hanging offline, the CLI spellings."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from cli import FlagParser, add_clip_args
+from clip_loader import ClipLoadError, build_tiny_clip, canonical_model_name, load_clip
+
+
+def test_openai_state_dict_loads_with_inferred_architecture(tiny_clip_path):
+    clip = load_clip("ViT-B/32", tiny_clip_path)  # the name does not matter for an OpenAI file
+    ref = build_tiny_clip(0).half().float()  # OpenAI files hold fp16 weights; loading keeps those values
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(clip.encode_image(x), ref.encode_image(x), atol=1e-5, rtol=1e-5)
+    assert (clip.embed_dim, clip.vision_width, clip.text_width, clip.image_size) == (64, 128, 64, 32)
+    assert not any(p.requires_grad for p in clip.parameters()) and not clip.training
+    clip.train()
+    assert not clip.model.training  # stays in eval mode
+    # QuickGELU, as OpenAI trained it
+    assert "QuickGELU" in type(clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_torchscript_archive_loads(tmp_path):
+    model = build_tiny_clip(1).half().float()
+    traced = torch.jit.trace_module(model, {"encode_image": torch.randn(1, 3, 32, 32)}, check_trace=False)
+    traced.save(str(tmp_path / "jit.pt"))
+    clip = load_clip("ViT-L/14", tmp_path / "jit.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(clip.encode_image(x), model.encode_image(x), atol=1e-5, rtol=1e-5)
+
+
+def test_clear_errors(tmp_path, tiny_clip_path):
+    with pytest.raises(ClipLoadError, match="no such file"):
+        load_clip("ViT-L/14", tmp_path / "missing.pt")
+    data = tiny_clip_path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ClipLoadError, match="cut.pt.*truncated"):
+        load_clip("ViT-L/14", tmp_path / "cut.pt")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ClipLoadError, match="other.pt"):
+        load_clip("ViT-L/14", tmp_path / "other.pt")
+    with pytest.raises(ClipLoadError, match="not a CLIP architecture"):
+        canonical_model_name("ViT-Q/99")
+
+
+def test_offline_without_weights_fails_fast_with_what_to_pass(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here
+    monkeypatch.setattr("clip_loader._cached_openai_file", lambda name: None)
+    t = time.time()
+    with pytest.raises(ClipLoadError, match="--clip-weights"):
+        load_clip("ViT-L/14")
+    assert time.time() - t < 5
+
+
+def test_cli_spellings():
+    p = FlagParser()
+    add_clip_args(p)
+    assert p.parse_args(["--model", "ViT-B/32"]).clip_model == "ViT-B/32"
+    assert p.parse_args(["--clip_model_name", "ViT-L-14"]).clip_model == "ViT-L-14"
+    assert p.parse_args(["--clip_weights", "x.pt"]).clip_weights == "x.pt"
+    assert p.parse_args([]).clip_model == "ViT-L/14"
+    assert canonical_model_name("ViT-L/14") == canonical_model_name("ViT-L-14") == "ViT-L-14"
