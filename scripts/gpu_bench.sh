@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One prepared GPU benchmark run (H100 / H200) for the performance figures: random ViT-L/14 weights,
+# batch 256, fp16 autocast + gradient scaler, against the per-sample baseline in the same run.
+# The lent GPU machines have PyTorch but not open_clip_torch: download its wheels (and those of
+# ftfy, regex, wcwidth, timm, huggingface_hub, safetensors that the machine lacks) into .whl/ first,
+# as the device tool's README says; this script installs whatever is in .whl/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT_DIR="${OUT:-./runs/gpu}"
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/gpu.txt"
+python3 scripts/bench.py --clip-model ViT-L-14 --device cuda --batch-size 256 --precision fp16 \
+    --repeats 5 --json "$OUT_DIR/bench_vitl14.json" 2>&1 | tee "$OUT_DIR/bench_vitl14.log"
+python3 scripts/bench_metrics.py --device cuda 2>&1 | tee "$OUT_DIR/bench_metrics.log"

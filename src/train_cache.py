@@ -1,0 +1,227 @@
+"""On-disk cache of the frozen CLIP visual tower's training outputs (train.py --cache-image-features).
+
+CLIP is frozen and the training transform is deterministic (targetpad or CLIP's own resize/crop), so an
+image's `g` [D] and `P` [N+1, W] are the same every epoch. The first time a row is computed it is stored,
+rounded to fp16, in memory-mapped `.npy` files; later epochs, runs and resumed runs read it back and never
+decode the image nor run the visual tower. Size: (D + (N+1) x W) x 2 bytes per image, about 0.5 MB for
+ViT-L/14 (257 x 1024 tokens), about 52 GB for the 100k ImageNet test images.
+
+Layout: `<cache_dir>/<key>/{g.npy, P.npy, filled.npy, meta.json}`, key = hash of what the features depend
+on (`cache_meta`). `filled[i]` says row i holds data; it is set only after row i's data is flushed, so an
+interrupted run never marks garbage as filled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT_VERSION = 1
+FILES = ("g.npy", "P.npy", "filled.npy")
+
+
+def log(msg: str) -> None:
+    print(f"feature cache: {msg}", flush=True)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_meta(clip, preprocess_type: str, image_size: int, names: list[str]) -> dict:
+    """Everything the cached rows depend on (the folder's key is its hash), plus the array shapes."""
+    source = str(clip.source)
+    meta = {"format_version": FORMAT_VERSION, "clip_source": source}
+    # a weights file replaced under the same path must not hit the old cache; sources look like 'openai:/path'
+    path = next((p for p in (source, source.partition(":")[2]) if p and os.path.isfile(p)), None)
+    if path is not None:
+        st = os.stat(path)
+        meta.update(clip_weights_size=st.st_size, clip_weights_mtime_ns=st.st_mtime_ns)
+    v = clip.model.visual
+    h = hashlib.sha256()  # cheap guard for hub weights (no file to stat) swapped under an unchanged name
+    for t in (v.proj, v.class_embedding, v.conv1.weight):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    tokens = int(v.positional_embedding.shape[0])
+    meta.update(visual_weights_sha256=h.hexdigest(), preprocess_type=preprocess_type, image_size=int(image_size),
+                num_images=len(names), names_sha256=_sha("\x00".join(names)),
+                g_shape=[len(names), int(clip.embed_dim)], P_shape=[len(names), tokens, int(clip.vision_width)])
+    return meta
+
+
+def cache_key(meta: dict) -> str:
+    return _sha(json.dumps(meta, sort_keys=True))[:24]
+
+
+def bytes_per_image(meta: dict) -> int:
+    return 2 * (meta["g_shape"][1] + meta["P_shape"][1] * meta["P_shape"][2])
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _check_folder(folder: Path, meta: dict) -> str | None:
+    """Why `folder` cannot serve `meta` (None when it can)."""
+    old = _read_meta(folder)
+    if old is None:
+        return "no readable meta.json"
+    diffs = _differences(old, meta)
+    if diffs:
+        return f"meta.json differs in {', '.join(diffs)}"
+    shapes = {"g.npy": tuple(meta["g_shape"]), "P.npy": tuple(meta["P_shape"]), "filled.npy": (meta["num_images"],)}
+    for name, shape in shapes.items():
+        try:
+            arr = np.load(folder / name, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return f"{name} is unreadable ({type(e).__name__})"
+        want = np.bool_ if name == "filled.npy" else np.float16
+        if arr.shape != shape or arr.dtype != want:
+            return f"{name} holds {arr.dtype} {arr.shape}, expected {np.dtype(want)} {shape}"
+    return None
+
+
+def _create(folder: Path, meta: dict) -> None:
+    """Make the folder atomically: built under a temporary name, renamed when complete."""
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = meta["num_images"]
+    # open_memmap sizes the files by seeking: sparse on common filesystems, disk fills as rows are written
+    for name, shape, dtype in (("g.npy", meta["g_shape"], np.float16), ("P.npy", meta["P_shape"], np.float16),
+                               ("filled.npy", [n], np.bool_)):
+        arr = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=tuple(shape))
+        arr.flush()
+        del arr
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process made it meanwhile: use theirs (checked by the caller)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_cache(cache_dir, meta: dict) -> Path:
+    """Rank 0: the folder for `meta` under cache_dir, created (or re-created when foreign/stale) as needed.
+
+    Other key folders in cache_dir are left alone; the reason each is not used is printed.
+    """
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / cache_key(meta)
+    if folder.is_dir():
+        why = _check_folder(folder, meta)
+        if why is None:
+            return folder
+        log(f"{folder} is not usable ({why}); making a fresh one")
+        shutil.rmtree(folder)
+    else:
+        others = sorted(p for p in cache_dir.glob("*") if p.is_dir() and not p.name.startswith("."))
+        for other in others[:10]:
+            old = _read_meta(other)
+            why = f"made for other {', '.join(_differences(old, meta))}" if old else "no readable meta.json"
+            log(f"{other} not used ({why})")
+        log(f"new cache {folder}: {meta['num_images']} images x {bytes_per_image(meta) / 2**20:.2f} MiB "
+            f"= {meta['num_images'] * bytes_per_image(meta) / 2**30:.2f} GiB when full")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _create(folder, meta)
+    why = _check_folder(folder, meta)
+    if why is not None:
+        raise SystemExit(f"error: feature cache {folder} could not be created ({why}); "
+                         "pass another --feature-cache-dir or drop --cache-image-features")
+    return folder
+
+
+class FeatureCache:
+    """One process's handle on a prepared cache folder: read rows, write rows (data, then `filled`)."""
+
+    def __init__(self, folder, meta: dict):
+        self.folder = Path(folder)
+        why = _check_folder(self.folder, meta)
+        if why is not None:
+            raise SystemExit(f"error: feature cache {self.folder} is not usable ({why})")
+        self.meta = meta
+        self.g = np.load(self.folder / "g.npy", mmap_mode="r+")
+        self.P = np.load(self.folder / "P.npy", mmap_mode="r+")
+        self.filled = np.load(self.folder / "filled.npy", mmap_mode="r+")
+
+    @property
+    def filled_path(self) -> Path:
+        return self.folder / "filled.npy"
+
+    def num_filled(self) -> int:
+        return int(np.count_nonzero(self.filled))
+
+    def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16 (g, P) of `rows` (every one must be filled), in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.filled[rows].all():
+            raise RuntimeError(f"feature cache {self.folder}: rows {rows[~self.filled[rows]].tolist()} are not filled")
+        order = np.argsort(rows, kind="stable")  # ascending offsets: sequential reads on disk
+        g, P = np.empty((len(rows),) + self.g.shape[1:], np.float16), np.empty((len(rows),) + self.P.shape[1:], np.float16)
+        g[order], P[order] = self.g[rows[order]], self.P[rows[order]]
+        return torch.from_numpy(g), torch.from_numpy(P)
+
+    def write(self, rows: np.ndarray, g: torch.Tensor, P: torch.Tensor) -> None:
+        """Store fp16 rows; the data reaches the file before `filled` says so."""
+        rows = np.asarray(rows, dtype=np.int64)
+        g, P = g.detach().to("cpu", torch.float16).numpy(), P.detach().to("cpu", torch.float16).numpy()
+        if not (np.isfinite(g).all() and np.isfinite(P).all()):
+            raise SystemExit(f"error: CLIP features of training rows {rows.tolist()[:8]} are not finite in fp16 "
+                             "(overflow?); train without --cache-image-features")
+        self.g[rows] = g
+        self.P[rows] = P
+        self.g.flush()
+        self.P.flush()
+        self.filled[rows] = True
+        self.filled.flush()
+
+
+class CachedRowsDataset(Dataset):
+    """Wraps ImageNetPairsDataset: samples carry `index`; a filled row's sample has no image (not decoded).
+
+    `filled.npy` is opened read-only lazily in each process (DataLoader workers included) and read at
+    every `__getitem__`, so rows written by the training process since are seen.
+    """
+
+    def __init__(self, base, filled_path):
+        self.base, self.filled_path, self._filled = base, Path(filled_path), None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_filled"] = None  # each worker maps the file itself
+        return state
+
+    def __getitem__(self, i: int) -> dict:
+        if self._filled is None:
+            self._filled = np.load(self.filled_path, mmap_mode="r")
+        sample = dict(self.base.pairs[i]) if self._filled[i] else self.base[i]
+        sample["index"] = i
+        return sample
+
+
+def collate_cached(samples: list[dict]) -> dict:
+    """Batch of CachedRowsDataset samples: `index` [b], `image_rows` [k] (batch positions that carry an
+    image), `image` [k, 3, H, W] (an empty tensor when k = 0), the rest as lists."""
+    rows = [j for j, s in enumerate(samples) if "image" in s]
+    out = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+           "image_rows": torch.tensor(rows, dtype=torch.long),
+           "image": torch.stack([samples[j]["image"] for j in rows]) if rows else torch.empty(0)}
+    for k in samples[0]:
+        if k not in ("index", "image"):
+            out[k] = [s[k] for s in samples]
+    return out
