@@ -186,8 +186,11 @@ def cirr_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_
 
 def cirr_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_names: Sequence[str],
                     reference_names: Sequence[str], group_members: Sequence[Sequence[str]],
-                    pair_ids: Sequence, chunk: int = DEFAULT_CHUNK) -> tuple[dict, dict]:
-    """The two CIRR test-server dicts of SPEC 12: (cirr.json, subset_cirr.json)."""
+                    pair_ids: Sequence, chunk: int = DEFAULT_CHUNK, top: int = CIRR_TOP) -> tuple[dict, dict]:
+    """The two CIRR test-server dicts of SPEC 12: (cirr.json, subset_cirr.json).
+
+    `top` names per list (the server's 50); a smaller toy gallery needs fewer.
+    """
     n_q = query_feats.shape[0]
     _check_rows(n_q, reference_names=reference_names, group_members=group_members, pair_ids=pair_ids)
     if len(gallery_names) != gallery_feats.shape[0]:
@@ -196,11 +199,11 @@ def cirr_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gall
     ref = _index_of(reference_names, lookup, "reference names")
     members = _member_index(group_members, lookup)
     q, g = _prepare(query_feats, gallery_feats)
-    top, sub = _cirr_rankings(q, g, ref, members, CIRR_TOP, CIRR_SUBSET_TOP, chunk)
+    ranked, sub = _cirr_rankings(q, g, ref, members, top, CIRR_SUBSET_TOP, chunk)
     names = np.asarray(list(gallery_names), dtype=object)
     keys = [str(p) for p in pair_ids]
     full = {"version": "rc2", "metric": "recall"}
-    full.update(zip(keys, names[top.numpy()].tolist()))
+    full.update(zip(keys, names[ranked.numpy()].tolist()))
     subset = {"version": "rc2", "metric": "recall_subset"}
     subset.update(zip(keys, names[sub.numpy()].tolist()))
     return full, subset
@@ -265,14 +268,15 @@ def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
 
 
 def circo_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,
-                     query_ids: Sequence, chunk: int = DEFAULT_CHUNK) -> dict[str, list[str]]:
-    """The CIRCO test-server dict of SPEC 12: {"<query id>": [50 gallery ids as str, best first]}."""
+                     query_ids: Sequence, chunk: int = DEFAULT_CHUNK, top: int = CIRCO_TOP) -> dict[str, list[str]]:
+    """The CIRCO test-server dict of SPEC 12: {"<query id>": [50 gallery ids as str, best first]}
+    (`top` ids per list: the server's 50; a smaller toy gallery needs fewer)."""
     _check_rows(query_feats.shape[0], query_ids=query_ids)
     if len(gallery_ids) != gallery_feats.shape[0]:
         raise ValueError(f"{len(gallery_ids)} gallery ids for {gallery_feats.shape[0]} gallery features")
-    top = topk_indices(query_feats, gallery_feats, CIRCO_TOP, chunk=chunk)
+    ranked = topk_indices(query_feats, gallery_feats, top, chunk=chunk)
     ids = np.asarray([str(x) for x in gallery_ids], dtype=object)
-    return dict(zip((str(q) for q in query_ids), ids[top.numpy()].tolist()))
+    return dict(zip((str(q) for q in query_ids), ids[ranked.numpy()].tolist()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,11 +330,12 @@ def _check_keys(sub: Mapping, expected: list[str], header: dict, label: str, pro
 
 
 def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequence[Mapping],
-                             gallery_names: Iterable[str] | None = None) -> None:
+                             gallery_names: Iterable[str] | None = None, top: int = CIRR_TOP) -> None:
     """Raise ValueError if cirr.json / subset_cirr.json would be rejected by the CIRR server.
 
     `queries`: dicts with "pair_id", "reference_name", "group_members" (CIRRDataset(...).queries).
-    `gallery_names`: the test1 gallery; when given, every name must belong to it.
+    `gallery_names`: the test1 gallery; when given, every name must belong to it. `top`: names per
+    list (the server wants 50; only a toy gallery smaller than 51 images calls for fewer).
     """
     problems: list[str] = []
     if not isinstance(sub, Mapping) or not isinstance(subset_sub, Mapping):
@@ -341,7 +346,7 @@ def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequenc
     _check_keys(subset_sub, keys, {"version": "rc2", "metric": "recall_subset"}, "subset_cirr.json", problems)
     for key, query in zip(keys, queries):
         ref = query["reference_name"]
-        if key in sub and _check_list(sub[key], CIRR_TOP, f"cirr.json pair id {key}", known, problems):
+        if key in sub and _check_list(sub[key], top, f"cirr.json pair id {key}", known, problems):
             if ref in sub[key]:
                 problems.append(f"cirr.json pair id {key}: holds the reference image {ref!r}")
         if key in subset_sub and _check_list(subset_sub[key], CIRR_SUBSET_TOP,
@@ -355,7 +360,7 @@ def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequenc
 
 
 def validate_circo_submission(sub: Mapping, queries: Sequence[Mapping],
-                              gallery_ids: Iterable | None = None) -> None:
+                              gallery_ids: Iterable | None = None, top: int = CIRCO_TOP) -> None:
     """Raise ValueError if circo.json would be rejected by the CIRCO server.
 
     `queries`: dicts with "query_id" (CIRCODataset(...).queries). `gallery_ids`: when given, every
@@ -369,5 +374,5 @@ def validate_circo_submission(sub: Mapping, queries: Sequence[Mapping],
     _check_keys(sub, keys, {}, "circo.json", problems)
     for key in keys:
         if key in sub:
-            _check_list(sub[key], CIRCO_TOP, f"circo.json query id {key}", known, problems)
+            _check_list(sub[key], top, f"circo.json query id {key}", known, problems)
     _raise_if(problems, "CIRCO submission")

@@ -15,9 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import metrics as M
 from cli import FlagParser
 from evaluate import (USER_ERRORS, add_eval_args, common_kwargs, compute_features, dataset_root, run_validation,
@@ -39,67 +36,30 @@ def _write_json(obj: dict, path: Path) -> None:
     log(f"wrote {path}")
 
 
+def _list_length(server_top: int, available: int, what: str) -> int:
+    """The server's list length, or all `available` names of a gallery too small for it (toy data)."""
+    if available >= server_top:
+        return server_top
+    log(f"warning: the {what} gallery offers only {available} candidates per query, so each list has {available} "
+        f"names, not {server_top}: the server rejects such files; written for toy data (the authors' [:{server_top}] "
+        "slice gives the same)")
+    return available
+
+
 def cirr_files(names, g, q, queries) -> tuple[dict, dict]:
     """(cirr.json, subset_cirr.json), validated."""
-    refs = [x["reference_name"] for x in queries]
-    members = [x["group_members"] for x in queries]
-    pair_ids = [x["pair_id"] for x in queries]
-    top = min(M.CIRR_TOP, len(names) - 1)
-    if top == M.CIRR_TOP:
-        sub, subset = M.cirr_submission(q, g, names, refs, members, pair_ids)
-        M.validate_cirr_submission(sub, subset, queries, gallery_names=names)
-        return sub, subset
-    log(f"warning: the CIRR gallery holds only {len(names)} images, so each list has {top} names, not "
-        f"{M.CIRR_TOP}: the server rejects such files (real test1 has 2315 images); written for toy data")
-    sub, subset = short_cirr_submission(q, g, names, refs, members, pair_ids, top)
-    check_short_cirr_submission(sub, subset, queries, names, top)
+    top = _list_length(M.CIRR_TOP, len(names) - 1, "CIRR")  # the reference never appears
+    sub, subset = M.cirr_submission(q, g, names, [x["reference_name"] for x in queries],
+                                    [x["group_members"] for x in queries], [x["pair_id"] for x in queries], top=top)
+    M.validate_cirr_submission(sub, subset, queries, gallery_names=names, top=top)
     return sub, subset
-
-
-def short_cirr_submission(q, g, names, refs, members, pair_ids, top: int) -> tuple[dict, dict]:
-    """CIRR files for a gallery of fewer than 51 images: the whole ranking without the reference
-    (as the authors' code writes it: its `[:50]` slice of a shorter ranking), and the first three
-    members of the query's set in that ranking."""
-    lookup = {n: i for i, n in enumerate(names)}
-    ref = torch.tensor([lookup[r] for r in refs])
-    order = M.topk_indices(q, g, top, exclude=ref)                                # [Q, G-1]
-    mem = torch.tensor([[lookup[m] for m in ms] for ms in members])               # [Q, 6]
-    is_member = (order[:, :, None] == mem[:, None, :]).any(dim=2)                 # never the reference
-    if int(is_member.sum(dim=1).min()) < M.CIRR_SUBSET_TOP:
-        raise ValueError(f"a CIRR query has fewer than {M.CIRR_SUBSET_TOP} set members besides its reference")
-    first = is_member & (is_member.cumsum(dim=1) <= M.CIRR_SUBSET_TOP)
-    picked = order[first].view(len(refs), M.CIRR_SUBSET_TOP)
-    arr = np.asarray(names, dtype=object)
-    keys = [str(p) for p in pair_ids]
-    sub = {"version": "rc2", "metric": "recall", **dict(zip(keys, arr[order.numpy()].tolist()))}
-    subset = {"version": "rc2", "metric": "recall_subset", **dict(zip(keys, arr[picked.numpy()].tolist()))}
-    return sub, subset
-
-
-def check_short_cirr_submission(sub, subset, queries, names, top: int) -> None:
-    """The server's checks of validate_cirr_submission, with `top` names per list instead of 50."""
-    known = set(names)
-    problems = []
-    for q in queries:
-        key = str(q["pair_id"])
-        full, three = sub.get(key), subset.get(key)
-        if full is None or three is None:
-            problems.append(f"pair id {key}: missing")
-            continue
-        if len(set(full)) != top or len(full) != top or not set(full) <= known or q["reference_name"] in full:
-            problems.append(f"cirr.json pair id {key}: not {top} distinct gallery names without the reference")
-        if len(set(three)) != M.CIRR_SUBSET_TOP or not set(three) <= set(q["group_members"]) - {q["reference_name"]}:
-            problems.append(f"subset_cirr.json pair id {key}: not 3 distinct set members without the reference")
-    if len(sub) != len(queries) + 2 or len(subset) != len(queries) + 2:
-        problems.append("the files hold keys that are not this split's pair ids")
-    if problems:
-        raise ValueError(f"CIRR submission: {len(problems)} problem(s), e.g. {problems[:3]}")
 
 
 def circo_file(names, g, q, queries) -> dict:
     """circo.json, validated."""
-    sub = M.circo_submission(q, g, names, [x["query_id"] for x in queries])
-    M.validate_circo_submission(sub, queries, gallery_ids=names)
+    top = _list_length(M.CIRCO_TOP, len(names), "CIRCO")
+    sub = M.circo_submission(q, g, names, [x["query_id"] for x in queries], top=top)
+    M.validate_circo_submission(sub, queries, gallery_ids=names, top=top)
     return sub
 
 

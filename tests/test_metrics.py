@@ -293,3 +293,22 @@ def test_circo_small_gallery_ranks_everything():
     # ranking b, a, c: AP@5 = (1/1 + 2/3) / 2
     assert out["circo_map_at5"] == pytest.approx(100 * (1 + 2 / 3) / 2)
     assert out["circo_recall_at5"] == 100.0
+
+
+def test_submissions_of_a_toy_gallery_smaller_than_the_server_lists():
+    torch.manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    names = [f"n{i}" for i in range(8)]
+    queries = [{"pair_id": 1, "reference_name": "n0", "group_members": names[:6]},
+               {"pair_id": 2, "reference_name": "n3", "group_members": names[2:8]}]
+    sub, subset = cirr_submission(q, g, names, ["n0", "n3"], [x["group_members"] for x in queries], [1, 2], top=7)
+    validate_cirr_submission(sub, subset, queries, gallery_names=names, top=7)
+    assert sorted(sub["1"]) == sorted(set(names) - {"n0"})  # every other image, best first
+    order = sorted((n for n in names if n != "n0"), key=lambda n: -float(q[0] @ g[int(n[1:])]))
+    assert sub["1"] == order
+    with pytest.raises(ValueError, match="7 entries, expected exactly 50"):
+        validate_cirr_submission(sub, subset, queries, gallery_names=names)  # the server's 50
+    circo = circo_submission(q, g, names, [5, 6], top=8)
+    validate_circo_submission(circo, [{"query_id": 5}, {"query_id": 6}], gallery_ids=names, top=8)
+    assert len(circo["5"]) == 8
