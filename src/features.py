@@ -8,8 +8,8 @@ One code path for `evaluate.py`, `test.py` and the validation inside training:
   only the query side. A cache file holds its key; a file whose key, names or shape differ from
   what is asked for (stale) or that is not one of ours (foreign) is reported and recomputed.
 - `query_features(net, clip, dataset, ...)`: composed-query features of a query-mode dataset (each
-  reference image through the visual tower once: `g` and the last block's tokens together), or the
-  image-only / text-only baselines.
+  distinct reference image through the visual tower once, however many queries share it: `g` and the
+  last block's tokens together), or the image-only / text-only baselines.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import collate
@@ -336,20 +336,39 @@ def query_features(net, clip, dataset, batch_size: int = 32, workers: int = 8, d
     if baseline is None and net is None:
         raise ValueError("query_features needs the FTI4CIR network (or a baseline)")
     fashioniq = "relative_captions" in queries[0]
+    # Each distinct reference image goes through the visual tower once, however many queries use
+    # it (CIRR val: 4,181 queries, 2,165 references); its (g, tokens) then serve all of them.
+    first: dict[str, int] = {}  # reference path -> its number, in order of first use
+    representative = []  # the first query of each reference: its sample carries the image
+    for i, p in enumerate(map(str, dataset.query_paths)):
+        if p not in first:
+            first[p] = len(first)
+            representative.append(i)
+    ref_of_query = torch.tensor([first[str(p)] for p in dataset.query_paths])
+    by_ref = torch.argsort(ref_of_query, stable=True)  # queries grouped by reference, in reference order
+    bounds = torch.searchsorted(ref_of_query[by_ref], torch.arange(len(first) + 1))
     out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
-    i = 0
-    loader = make_loader(dataset, batch_size, workers, device)
+    loader = make_loader(Subset(dataset, representative), batch_size, workers, device)
+    u0 = 0
     for batch in batches(loader, f"queries {dataset_label(dataset)}", progress):
         images = batch["reference_image"].to(device, non_blocking=True)
+        u1 = u0 + len(images)
+        rows = by_ref[bounds[u0]:bounds[u1]]  # the queries of these references
+        local = (ref_of_query[rows] - u0).to(device)
         with precision_context(precision, device):
-            g, tokens = clip.encode_image_tokens(images)  # one visual pass gives both
-            if baseline == "image-only":
-                f = g
-            elif fashioniq:
-                f = net.query_features(clip, g, tokens, None, fashioniq_captions=batch["relative_captions"])
-            else:
-                f = net.query_features(clip, g, tokens, batch["relative_caption"])
-        out[i:i + len(images)] = F.normalize(f.float(), dim=-1)
-        i += len(images)
-    counters["query_images_encoded"] += len(queries)
+            g_all, tokens_all = clip.encode_image_tokens(images)  # one visual pass gives both
+        for c in range(0, len(rows), batch_size):  # compose at most batch_size queries at a time
+            sel, idx = rows[c:c + batch_size], local[c:c + batch_size]
+            with precision_context(precision, device):
+                g, tokens = g_all[idx], tokens_all[idx]
+                if baseline == "image-only":
+                    f = g
+                elif fashioniq:
+                    f = net.query_features(clip, g, tokens, None,
+                                           fashioniq_captions=[queries[i]["relative_captions"] for i in sel.tolist()])
+                else:
+                    f = net.query_features(clip, g, tokens, [queries[i]["relative_caption"] for i in sel.tolist()])
+            out[sel.to(device)] = F.normalize(f.float(), dim=-1)
+        u0 = u1
+    counters["query_images_encoded"] += len(first)
     return out, queries

@@ -512,3 +512,27 @@ def test_authors_flag_spellings(fast_clip, data, tiny_clip_path, net_path, tmp_p
                        "--clip-weights", str(tiny_clip_path), "--num_workers", "0", "--preprocess_type", "targetpad",
                        "--save_path", str(out), "--device", "cpu", "--no_cache", "--no-progress"])
     check_metrics(m, "cirr", out / "metrics_cirr.json")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("baseline", [None, "image-only"])
+def test_shared_references_are_encoded_once(baseline, tiny_clip, net, tmp_path):
+    """Queries that share a reference image: one visual pass per distinct reference, and every
+    query's feature equal to a plain per-query computation (batches cut across the groups)."""
+    rng = np.random.default_rng(11)
+    root = tmp_path / "cirr"
+    names = [f"dev-{i}-0-img0" for i in range(20)]
+    refs = [names[i] for i in (3, 3, 7, 3, 9, 7, 7, 7, 12, 3, 9)]  # 11 queries, 4 references
+    queries = [{"pairid": 500 + k, "reference": r, "caption": _caption(rng), "target_hard": names[k + 1],
+                "img_set": {"id": k, "members": [r] + [n for n in names if n != r][k:k + 5]}} for k, r in enumerate(refs)]
+    write_cirr(root, "val", names, queries, rng)
+    ds = CIRRDataset(root, "val", "query", build_transform("targetpad", tiny_clip.image_size))
+    features.counters["query_images_encoded"] = 0
+    got, order = features.query_features(net, tiny_clip, ds, batch_size=3, workers=0, device="cpu",
+                                         baseline=baseline, progress=False)
+    assert features.counters["query_images_encoded"] == 4
+    assert [q["pair_id"] for q in order] == [q["pairid"] for q in queries]
+    for k, q in enumerate(queries):
+        g, tokens = _encode(tiny_clip, root / "dev" / f"{q['reference']}.png", tokens=True)
+        f = F.normalize(g, dim=-1)[0] if baseline else net.query_features(tiny_clip, g, tokens, [q["caption"]])[0]
+        torch.testing.assert_close(got[k], f, atol=1e-5, rtol=1e-5)
