@@ -95,20 +95,17 @@ def bench_training(clip, net, args, device, results):
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=amp)
 
-    def step_fast():
-        with autocast():
-            with torch.no_grad():
-                g, P = clip.encode_image_tokens(images)
-            loss = net(clip, g, P, texts)["total"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss.detach()
+    def fast_loss():
+        with torch.no_grad():
+            g, P = clip.encode_image_tokens(images)
+        return net(clip, g, P, texts)["total"]
 
-    def step_baseline():
+    def baseline_loss():
+        return training_losses(net, clip, images, subjects, attributes)["total"]
+
+    def step(loss_fn):
         with autocast():
-            loss = training_losses(net, clip, images, subjects, attributes)["total"]
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -144,13 +141,13 @@ def bench_training(clip, net, args, device, results):
     pieces["optimizer + scaler"], _ = _timed(opt_step, device, args.repeats, 1)
 
     _reset_mem(device)
-    t_fast, _ = _timed(step_fast, device, args.repeats, args.warmup)
+    t_fast, _ = _timed(lambda: step(fast_loss), device, args.repeats, args.warmup)
     mem_fast = _peak_mem(device)
     res = {"batch_size": B, "fast_s_per_step": t_fast, "fast_images_per_s": B / t_fast, "fast_peak_mem_gib": mem_fast,
            "pieces_s": pieces}
     if not args.skip_baseline:
         _reset_mem(device)
-        t_base, _ = _timed(step_baseline, device, max(1, args.repeats // 2), 1)
+        t_base, _ = _timed(lambda: step(baseline_loss), device, max(1, args.repeats // 2), 1)
         res.update(baseline_s_per_step=t_base, baseline_images_per_s=B / t_base, baseline_peak_mem_gib=_peak_mem(device),
                    speedup=t_base / t_fast)
         # same loss on the same batch (dropout off, fp32): the fast path is the faithful path
