@@ -226,8 +226,9 @@ class FTI4CIR(nn.Module):
 
     def _full_sentence_inputs(self, clip, v_s, v_a, r, tail=None, tail_len=None):
         pb = self.prompts(clip)
-        ids, eot, start = pb.assemble(pb.prefix.to(r.device)[None], torch.tensor([len(pb.prefix)], device=r.device), r, tail, tail_len)
-        ids = ids[:, : int(eot.max()) + 1]
+        prefix = pb.prefix.to(r.device)
+        ids, eot, start = pb.assemble(prefix[None], torch.tensor([len(prefix)], device=r.device), r, tail, tail_len,
+                                      r_max=self.cfg.topk)
         x = substitute(clip.token_embedding(ids), eot, pb.subject_pos, v_s, start, r, v_a)
         return x, eot
 
@@ -236,7 +237,7 @@ class FTI4CIR(nn.Module):
         """Features (not normalised) of "a photo of [S] with [A1..Ar] but <text>" (SPEC 5 and 10)."""
         v_s, v_a, _, r = self.pseudo_words(g, tokens)
         x, eot = self._full_sentence_inputs(clip, v_s, v_a, r, tail, tail_len)
-        return clip.encode_token_embeddings(x, eot)
+        return clip.encode_token_embeddings(x, eot, trim=False)  # already as short as the shapes allow
 
     def query_features(self, clip, g: torch.Tensor, tokens: torch.Tensor, texts, fashioniq_captions=None) -> torch.Tensor:
         """L2-normalised composed-query features (SPEC 10) for reference images' (g, tokens).
@@ -257,7 +258,7 @@ class FTI4CIR(nn.Module):
         v_s, v_a, _, r = self.pseudo_words(g, tokens)
         x, eot = self._full_sentence_inputs(clip, v_s.repeat(2, 1), v_a.repeat(2, 1, 1), r.repeat(2),
                                             tail.to(g.device), tail_len.to(g.device))
-        f = F.normalize(clip.encode_token_embeddings(x, eot).float(), dim=-1)
+        f = F.normalize(clip.encode_token_embeddings(x, eot, trim=False).float(), dim=-1)
         return F.normalize((f[:B] + f[B:]) / 2, dim=-1)
 
     # training ------------------------------------------------------------------------------------
@@ -272,22 +273,22 @@ class FTI4CIR(nn.Module):
         # the three sentences that need gradients, encoded in one batched text pass:
         # full "a photo of [S] with [A..]", subject-only "a photo of [S] with <attr>",
         # attributes-only "a photo of <subj> with [A..]"
+        # Sequence lengths come from tensor shapes (texts are trimmed in the data workers, the r slots
+        # are bounded by topk), so no step here waits for the device to report a length.
         x_full, eot_full = self._full_sentence_inputs(clip, v_s, v_a, r)
         sid = texts["subject_ids"]
         eot_s = sid.argmax(dim=-1)
-        sid = sid[:, : int(eot_s.max()) + 1]
         x_subj = substitute(clip.token_embedding(sid), eot_s, pb.subject_pos, v_s)
-        aid, eot_a, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r)
+        aid, eot_a, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r, r_max=self.cfg.topk)
         # slots start at the row's first `*`, even one inside the subject words (code)
         start_a = (aid == pb.star).int().argmax(dim=1)
-        aid = aid[:, : int(eot_a.max()) + 1]
         x_attr = substitute(clip.token_embedding(aid), eot_a, None, None, start_a, r, v_a)
         length = max(x_full.shape[1], x_subj.shape[1], x_attr.shape[1])
         x = torch.cat([_pad_to(x_full, length), _pad_to(x_subj, length), _pad_to(x_attr, length)])
-        feats = clip.encode_token_embeddings(x, torch.cat([eot_full, eot_s, eot_a]))
+        feats = clip.encode_token_embeddings(x, torch.cat([eot_full, eot_s, eot_a]), trim=False)
         f, f_subj, f_attr = feats.chunk(3)
         with torch.no_grad():
-            c = clip.encode_text(texts["target_ids"])
+            c = clip.encode_text(texts["target_ids"], trim=False)
 
         u, w = g, f
         if gather is not None:

@@ -16,6 +16,12 @@ import torch
 PREFIX = "a photo of * with"  # the subject slot is the `*` here; attribute slots follow "with"
 
 
+def _trim(ids: torch.Tensor) -> torch.Tensor:
+    """Cut the zero padding after the batch's longest sentence (on the host, in data workers): the
+    causal mask makes every end-token feature independent of what follows it."""
+    return ids[:, : int(ids.argmax(dim=1).max()) + 1]
+
+
 def fashioniq_texts(caption_1: str, caption_2: str) -> tuple[str, str]:
     """SPEC 10: FashionIQ's two modification texts for one query (Python `capitalize`, code)."""
     c1 = caption_1.strip(".?, ")
@@ -58,15 +64,21 @@ class PromptBuilder:
         r: torch.Tensor,
         tail: torch.Tensor | None = None,
         tail_len: torch.Tensor | None = None,
+        r_max: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`<sot> head[:head_len] *×r tail[:tail_len] <eot>`, truncated as CLIP's tokenizer does
         (cut to the context length, last kept token made <eot>).
 
-        Returns ids [B, C], eot_pos [B] and slot_start [B] (position of the first `*` of the r).
-        All arguments are tensors on one device; head may be [1, L] / head_len [1] for a shared head.
+        Returns ids [B, L], eot_pos [B] and slot_start [B] (position of the first `*` of the r).
+        L is the context length, or, when `r_max` (an upper bound of r) is given, the longest these
+        rows can be, known from tensor shapes alone: the padding after every end token is left out
+        without reading anything back from the device. All arguments are tensors on one device;
+        head may be [1, L] / head_len [1] for a shared head.
         """
         B = r.shape[0]
         C = self.context_length
+        if r_max is not None:
+            C = min(C, 2 + head.shape[1] + r_max + (0 if tail is None else tail.shape[1]))
         device = r.device
         head = head.expand(B, -1)
         head_len = head_len.expand(B)
@@ -84,7 +96,7 @@ class PromptBuilder:
         ids = torch.where(in_star, torch.full_like(ids, self.star), ids)
         ids = torch.where(in_tail, tail_vals, ids)
         ids[:, 0] = self.sot
-        eot_pos = (1 + head_len + r + tail_len).clamp(max=C - 1)  # truncation: last position becomes <eot>
+        eot_pos = (1 + head_len + r + tail_len).clamp(max=self.context_length - 1)  # truncation: last becomes <eot>
         ids.scatter_(1, eot_pos.unsqueeze(1), self.eot)
         ids = torch.where(j > eot_pos.unsqueeze(1), torch.zeros_like(ids), ids)
         return ids, eot_pos, 1 + head_len
@@ -108,8 +120,8 @@ class PromptBuilder:
         `attr_head`/`attr_head_len`: BPE of "a photo of <subject> with", to which the model appends
         the image's r attribute slots.
         """
-        target = self.tokenize([f"a photo of {s} with {a}" for s, a in zip(subjects, attributes)])
-        subject = self.tokenize([f"a photo of * with {a}" for a in attributes])
+        target = _trim(self.tokenize([f"a photo of {s} with {a}" for s, a in zip(subjects, attributes)]))
+        subject = _trim(self.tokenize([f"a photo of * with {a}" for a in attributes]))
         head, head_len = self.encode_words([f"a photo of {s} with" for s in subjects])
         return {"target_ids": target, "subject_ids": subject, "attr_head": head, "attr_head_len": head_len}
 

@@ -218,3 +218,49 @@ def test_gradients_equal_per_sample_reference(tiny_clip, net, batch):
     for k, p in net.named_parameters():
         torch.testing.assert_close(fast[k], p.grad, atol=1e-6, rtol=1e-3, msg=k)
     net.zero_grad()
+
+
+def test_assemble_with_length_bound_is_the_prefix_of_the_full_ids(tiny_clip):
+    pb = PromptBuilder(tiny_clip.tokenizer)
+    head, head_len = pb.encode_words(["a photo of a red dog with", "a photo of x with"])
+    tail, tail_len = pb.encode_words(["but make it blue", "but " + "very " * 80])  # the second one truncated
+    r = torch.tensor([3, 12])
+    full, eot, start = pb.assemble(head, head_len, r, tail, tail_len)
+    short, eot2, start2 = pb.assemble(head, head_len, r, tail, tail_len, r_max=12)
+    assert torch.equal(eot, eot2) and torch.equal(start, start2)
+    assert torch.equal(short, full[:, : short.shape[1]]) and not full[:, short.shape[1]:].any()
+    assert short.shape[1] == 77  # the truncated row keeps the whole context
+    tail, tail_len = pb.encode_words(["but make it blue"])
+    short, _, _ = pb.assemble(head[:1], head_len[:1], r[:1], tail, tail_len, r_max=12)
+    assert short.shape[1] == 2 + head.shape[1] + 12 + tail.shape[1]  # from shapes alone
+
+
+class _NoReadBack:
+    """Makes every way of reading a tensor's value on the host raise, so a forward pass can be checked
+    for device->host synchronisation on a CPU-only machine."""
+
+    NAMES = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the forward pass read a tensor value back to the host")
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, refuse)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_forward_passes_read_nothing_back_from_the_device(tiny_clip, net, batch):
+    _, g, P = batch
+    pb = PromptBuilder(tiny_clip.tokenizer)
+    texts = pb.training_texts(["a cat", "two dogs", "a", "the sky", "x y"], ["on a mat", "b", "c d e", "at night", "z"])
+    tail, tail_len = pb.query_tails(["is red", "has two", "x", "y", "z"])
+    with _NoReadBack():
+        out = net(tiny_clip, g, P, texts)
+        q = net.text_features(tiny_clip, g, P, tail, tail_len)
+    assert torch.isfinite(out["total"]) and q.shape == (5, tiny_clip.embed_dim)
