@@ -65,3 +65,19 @@ def test_cli_spellings():
     assert p.parse_args(["--clip_weights", "x.pt"]).clip_weights == "x.pt"
     assert p.parse_args([]).clip_model == "ViT-L/14"
     assert canonical_model_name("ViT-L/14") == canonical_model_name("ViT-L-14") == "ViT-L-14"
+
+
+def test_open_clip_training_checkpoint_loads(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32").half().float()  # the smallest ViT config open_clip names
+    sd = {f"module.{k}": v.half() for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": sd}, tmp_path / "epoch_3.pt")  # open_clip's training format
+    clip = load_clip("ViT-S-32", tmp_path / "epoch_3.pt")
+    assert clip.name == "ViT-S-32" and "QuickGELU" not in type(clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(x), model.encode_image(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ClipLoadError, match="do not fit --clip-model ViT-B-32|not an open_clip ViT-B-32"):
+        load_clip("ViT-B-32", tmp_path / "epoch_3.pt")
