@@ -123,8 +123,10 @@ class LocalAttributeExtractor(nn.Module):
 def select_attributes(A: torch.Tensor, g: torch.Tensor, topk: int, epsilon: float):
     """SPEC 3, for the whole batch at once.
 
-    Returns (A_sel [B, K, E] L2-normalised and reordered, r [B]): the first r rows of A_sel are the
-    image's attributes in template order, the rest follow in descending-score order.
+    Returns (A_sel [B, topk, E] L2-normalised and reordered, r [B]): the first r rows of A_sel are the
+    image's attributes in template order, the next topk - r follow in descending-score order. The
+    authors' code keeps only the topk best-scoring templates here (its sorted indices are cut to
+    topk before the reordering), so the orthogonality loss sees topk rows, not all K (code).
     """
     K = A.shape[1]
     scores = torch.softmax(torch.einsum("bke,be->bk", A, g.to(A.dtype)), dim=-1)
@@ -133,8 +135,8 @@ def select_attributes(A: torch.Tensor, g: torch.Tensor, topk: int, epsilon: floa
     rank = torch.arange(K, device=A.device).unsqueeze(0)
     # sort key: template index for the top r, K + rank for the others -> first r ascending by k
     key = torch.where(rank < r.unsqueeze(1), desc, K + rank)
-    order = desc.gather(1, key.argsort(dim=1))
-    A_sel = F.normalize(A.gather(1, order.unsqueeze(-1).expand_as(A)), dim=-1)
+    order = desc.gather(1, key.argsort(dim=1))[:, :topk]  # the topk best only (code)
+    A_sel = F.normalize(A.gather(1, order.unsqueeze(-1).expand(-1, -1, A.shape[-1])), dim=-1)
     return A_sel, r
 
 
@@ -171,7 +173,7 @@ def contrastive_loss(u: torch.Tensor, w: torch.Tensor, temperature: float) -> to
 
 
 def orthogonality_loss(A_sel: torch.Tensor) -> torch.Tensor:
-    """SPEC 6 L_ortho = mean((A A^T - I)^2) over B x K x K."""
+    """SPEC 6 L_ortho = mean((A A^T - I)^2) over B x topk x topk (the rows select_attributes keeps)."""
     gram = A_sel.float() @ A_sel.float().transpose(1, 2)
     eye = torch.eye(A_sel.shape[1], device=A_sel.device)
     return ((gram - eye) ** 2).mean()
@@ -219,7 +221,7 @@ class FTI4CIR(nn.Module):
 
     # pieces ----------------------------------------------------------------------------------------
     def pseudo_words(self, g: torch.Tensor, tokens: torch.Tensor):
-        """(v_s [B, E], v_a [B, K, E], A_sel [B, K, E], r [B]) from CLIP's g and last-block tokens."""
+        """(v_s [B, E], v_a [B, topk, E], A_sel [B, topk, E], r [B]) from CLIP's g and last-block tokens."""
         A = self.attributes(tokens)
         A_sel, r = select_attributes(A, g, self.cfg.topk, self.cfg.epsilon)
         return self.phi_s(g), self.phi_a(A_sel), A_sel, r

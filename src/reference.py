@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 
 def select_one(A_b: torch.Tensor, g_b: torch.Tensor, topk: int, epsilon: float):
-    """SPEC 3 for one image: (A_sel [K, E], r, order)."""
+    """SPEC 3 for one image: (A_sel [topk, E], r, order). Only the topk best templates are kept,
+    as the authors' code cuts its sorted indices to topk (code)."""
     s = torch.softmax(A_b @ g_b.to(A_b.dtype), dim=0).tolist()
     r = min(topk, max(1, sum(1 for v in s if v > epsilon)))
     desc = sorted(range(len(s)), key=lambda k: (-s[k], k))
-    order = sorted(desc[:r]) + desc[r:]
+    order = sorted(desc[:r]) + desc[r:topk]
     return F.normalize(A_b[order], dim=-1), r, order
 
 

@@ -94,6 +94,13 @@ def test_select_attributes_equals_per_sample_reference():
     A = torch.rand(B, K, E)
     g = torch.randn(B, E) * torch.linspace(0.1, 3, B)[:, None]  # from flat to peaked score distributions
     A_sel, r = select_attributes(A, g, topk=12, epsilon=0.05)
+    # the authors' code keeps the 12 best-scoring of the 24 templates, not all of them (code)
+    assert A_sel.shape == (B, 12, E)
+    scores = torch.softmax(torch.einsum("bke,be->bk", A, g), dim=-1)
+    best = scores.topk(12, dim=1).indices
+    for b in range(B):
+        kept = {int(torch.nonzero((F.normalize(A[b], dim=-1) == row).all(dim=1))[0]) for row in A_sel[b]}
+        assert kept == set(best[b].tolist())
     rs = set()
     for b in range(B):
         ref, r_b, _ = ref_select(A[b], g[b], 12, 0.05)
