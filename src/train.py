@@ -55,13 +55,13 @@ RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_f
 def build_parser() -> FlagParser:
     p = FlagParser(prog="train.py", description=__doc__.split("\n\n")[0])
     d = p.add_argument_group("data")
-    d.add_argument("--imagenet-path", default="./data/ImageNet",
+    d.add_argument("--imagenet-path", "--ImageNetPath", dest="imagenet_path", default="./data/ImageNet",
                    help="ImageNet root holding test/ILSVRC2012_test_XXXXXXXX.JPEG")
     d.add_argument("--pairs-path", "--imgCaptionPath", dest="pairs_path", default=None,
                    help="caption pairs JSON [{img_id, subject, attribute}, ...] (SPEC 8); default <imagenet-path>/pairs.json")
     d.add_argument("--preprocess-type", default="targetpad", choices=PREPROCESS_TYPES,
                    help="image preprocessing: targetpad (ratio 1.25, SPEC 9) or CLIP's own")
-    d.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per training process")
+    d.add_argument("--workers", "--num-workers", dest="workers", type=int, default=8, help="DataLoader worker processes per training process")
     d.add_argument("--cache-image-features", action="store_true",
                    help="store each training image's frozen-CLIP outputs (g and P, fp16, memory-mapped) the first time "
                         "they are computed; later epochs/runs read them instead of decoding the image and running the "
@@ -76,7 +76,7 @@ def build_parser() -> FlagParser:
                    help="batch size PER PROCESS; the contrastive loss sees batch-size x number of processes")
     o.add_argument("--lr", type=float, default=4e-5, help="AdamW learning rate")
     o.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay")
-    o.add_argument("--epochs", type=int, default=80, help="number of epochs (the authors' code: 80; their README: 60)")
+    o.add_argument("--epochs", "--num-epochs", dest="epochs", type=int, default=80, help="number of epochs (the authors' code: 80; their README: 60)")
     o.add_argument("--lr-decay", type=int, default=10,
                    help="0-based epoch index at whose start the learning rate is multiplied by --lr-div (once)")
     o.add_argument("--lr-div", type=float, default=0.1, help="learning-rate factor applied from epoch --lr-decay on")
@@ -116,7 +116,7 @@ def build_parser() -> FlagParser:
     v.add_argument("--val-dataset", default=None, choices=VAL_DATASETS, help="benchmark to validate on")
     v.add_argument("--val-data-path", default=None,
                    help="its root folder (default ./data/FashionIQ, ./data/CIRR or ./data/CIRCO)")
-    v.add_argument("--val-frequency", type=int, default=1, help="validate every N epochs")
+    v.add_argument("--val-frequency", "--validation-frequency", dest="val_frequency", type=int, default=1, help="validate every N epochs")
     v.add_argument("--val-batch-size", type=int, default=32, help="validation batch size")
     v.add_argument("--val-cache-dir", default=".cache/features",
                    help="gallery-feature cache shared with evaluate.py ('' : none)")

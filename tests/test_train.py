@@ -91,6 +91,10 @@ def test_authors_spellings_are_aliases():
     a = train.build_parser().parse_args(["--imgCaptionPath", "p.json", "--hy_regLoss", "2.5", "--batch_size", "8",
                                          "--clip_model_name", "ViT-B/32"])
     assert (a.pairs_path, a.reg_weight, a.batch_size, a.clip_model) == ("p.json", 2.5, 8, "ViT-B/32")
+    # the spellings of the authors' train.py parser (their README's command uses open_clip-style ones)
+    a = train.build_parser().parse_args(["--ImageNetPath", "/x", "--num_epochs", "7", "--num_workers", "3",
+                                         "--model_dir", "m", "--validation_frequency", "2", "--lr_decay", "5"])
+    assert (a.imagenet_path, a.epochs, a.workers, a.model_dir, a.val_frequency, a.lr_decay) == ("/x", 7, 3, "m", 2, 5)
 
 
 def test_learning_rate_schedule():
