@@ -36,7 +36,13 @@ def split_tagged(caption: str, tagged: Sequence[tuple[str, str]]) -> tuple[str, 
     words = [w for w, _ in tagged]
     for i, (_, pos) in enumerate(tagged):
         if pos == "NOUN":
-            return " ".join(words[: i + 1]), " ".join(words[i + 1 :])
+            subject, attribute = " ".join(words[: i + 1]), " ".join(words[i + 1 :])
+            # the authors' code compares the caption's CHARACTER length with the noun's token
+            # position and, when it is not longer than position + 2, makes the attribute the
+            # subject (so rule 4 drops the pair); kept, though it hardly ever fires (code)
+            if len(caption) <= i + 1 + 2:
+                attribute = subject
+            return subject, attribute
     return caption[:2], caption[2:]
 
 

@@ -64,6 +64,20 @@ def test_rule3_first_noun_splits_tokens_joined_with_spaces():
     assert split_caption("a dog, on the grass", toy_tagger) == ("a dog", ", on the grass")
 
 
+def test_rule3_short_caption_with_a_late_noun_gets_the_subject_twice():
+    # the authors' check compares the caption's CHARACTER length with the noun's token position + 2:
+    # when the caption is not longer, the attribute becomes the subject (and rule 4 drops the pair).
+    # A tagger that makes every character a token reaches that case: "ab cd ef gh" has 11 characters,
+    # its noun is token 10 (position 10 + 2 >= 11).
+    def char_tagger(text):
+        return [(c, "NOUN" if i == 9 else "X") for i, c in enumerate(text)]
+
+    subject = " ".join("ab cd ef g")
+    assert split_caption("ab cd ef gh", char_tagger) == (subject, subject)
+    # 17 characters: the normal split
+    assert split_caption("ab cd ef gh ij kl", char_tagger) == (subject, " ".join("h ij kl"))
+
+
 def test_rule3_without_a_noun_slices_two_characters():
     caption_text = "is running very fast today"
     assert split_caption(caption_text, toy_tagger) == ("is", " running very fast today")
