@@ -77,6 +77,10 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = DAT
                         help="gallery features are cached here, keyed by CLIP weights, preprocessing, gallery "
                              "and precision")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the gallery cache")
+    parser.add_argument("--cache-reference-tokens", action="store_true",
+                        help="keep the reference images' visual-tower outputs (g and the last block's tokens, fp32: "
+                             "~1 MB per reference for ViT-L/14, 2.2 GB for CIRR val) from the gallery pass, in memory and "
+                             "in --cache-dir, so composing the queries needs no visual pass (the next checkpoint: none at all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -129,7 +133,7 @@ def user_error_message(e: BaseException) -> str:
 def common_kwargs(args, device) -> dict:
     return dict(preprocess_type=args.preprocess_type, batch_size=args.batch_size, workers=args.workers,
                 device=device, precision=args.precision, cache_dir=None if args.no_cache else args.cache_dir,
-                baseline=args.baseline, progress=not args.no_progress)
+                baseline=args.baseline, progress=not args.no_progress, reference_tokens=args.cache_reference_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,14 +151,26 @@ def open_dataset(name: str, root, split: str, mode: str, preprocess, category: s
 
 def compute_features(net, clip, dataset_name: str, data_path, split: str, category: str | None = None, *,
                      preprocess_type: str = "targetpad", batch_size: int = 32, workers: int = 8, device=None,
-                     precision: str = "fp32", cache_dir=None, baseline: str | None = None, progress: bool = True):
-    """(gallery names, gallery feats, query feats, queries) of one benchmark split (one FashionIQ category)."""
+                     precision: str = "fp32", cache_dir=None, baseline: str | None = None, progress: bool = True,
+                     reference_tokens: bool = False):
+    """(gallery names, gallery feats, query feats, queries) of one benchmark split (one FashionIQ category).
+
+    `reference_tokens`: keep the reference images' tower outputs from the gallery pass (and in
+    `cache_dir`), so the queries need no visual pass of their own.
+    """
     device = torch.device(device) if device is not None else clip.device
     preprocess = build_transform(preprocess_type, clip.image_size)
     gallery = open_dataset(dataset_name, data_path, split, "gallery", preprocess, category)
     query = open_dataset(dataset_name, data_path, split, "query", preprocess, category)
-    names, g = gallery_features(clip, gallery, batch_size, workers, device, precision, cache_dir, progress)
-    q, queries = query_features(net, clip, query, batch_size, workers, device, precision, baseline, progress)
+    tokens = None
+    if reference_tokens and baseline != "text-only":
+        refs = [x["reference_name"] for x in query.queries]
+        names, g, tokens = gallery_features(clip, gallery, batch_size, workers, device, precision, cache_dir, progress,
+                                            reference_names=refs)
+    else:
+        names, g = gallery_features(clip, gallery, batch_size, workers, device, precision, cache_dir, progress)
+    q, queries = query_features(net, clip, query, batch_size, workers, device, precision, baseline, progress,
+                                reference_tokens=tokens)
     return names, g, q, queries
 
 
@@ -228,7 +244,7 @@ def evaluate(net, clip, dataset_name: str, data_path, *, split: str = "val",
              categories: Sequence[str] = FASHIONIQ_CATEGORIES, preprocess_type: str = "targetpad",
              batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32", cache_dir=None,
              baseline: str | None = None, progress: bool = True, examples: int = 0,
-             examples_dir=None) -> dict[str, float]:
+             examples_dir=None, reference_tokens: bool = False) -> dict[str, float]:
     """Validation metrics (percent) with the authors' keys (see METRIC_KEYS).
 
     `net`: an FTI4CIR network (a DDP wrapper is unwrapped; its train/eval mode is restored after),
@@ -246,7 +262,8 @@ def evaluate(net, clip, dataset_name: str, data_path, *, split: str = "val",
     if net is not None:
         net.eval()
     kw = dict(preprocess_type=preprocess_type, batch_size=batch_size, workers=workers, device=device,
-              precision=precision, cache_dir=cache_dir, baseline=baseline, progress=progress)
+              precision=precision, cache_dir=cache_dir, baseline=baseline, progress=progress,
+              reference_tokens=reference_tokens)
     try:
         if dataset_name == "fashioniq":
             out: dict[str, float] = {}

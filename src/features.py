@@ -34,11 +34,13 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 BASELINES = ("image-only", "text-only")
 DEFAULT_CACHE_DIR = Path(".cache") / "features"
 CACHE_FORMAT = "fti4cir-gallery-features"
+TOKEN_CACHE_FORMAT = "fti4cir-reference-tokens"
 # Bump when the way gallery features are computed changes: every older cache file becomes stale.
 CACHE_VERSION = 1
 
 # How much work was done, for logs and tests (reset freely).
-counters = {"gallery_images_encoded": 0, "query_images_encoded": 0, "cache_hits": 0, "cache_writes": 0}
+counters = {"gallery_images_encoded": 0, "query_images_encoded": 0, "cache_hits": 0, "cache_writes": 0,
+            "token_cache_hits": 0}
 
 
 def log(msg: str) -> None:
@@ -211,18 +213,26 @@ def _cache_key(meta: dict) -> str:
     return _sha(json.dumps(meta, sort_keys=True))
 
 
-def _read_cache(path: Path, meta: dict, names: list[str]) -> torch.Tensor | None:
-    """The cached features, or None (with the reason printed) when absent, foreign or stale."""
+def _load_cache_file(path: Path, fmt: str, what: str) -> dict | None:
+    """A cache file's dict when it exists, reads and has format `fmt`; else None, the reason printed."""
     if not path.is_file():
-        log(f"gallery cache: no file {path}; computing")
+        log(f"{what}: no file {path}; computing")
         return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is simply not a usable cache
-        log(f"gallery cache: {path} is unreadable ({type(e).__name__}); recomputing and overwriting it")
+        log(f"{what}: {path} is unreadable ({type(e).__name__}); recomputing and overwriting it")
         return None
-    if not isinstance(obj, dict) or obj.get("format") != CACHE_FORMAT:
-        log(f"gallery cache: {path} is not a gallery feature cache; recomputing and overwriting it")
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        log(f"{what}: {path} is not a {what} file; recomputing and overwriting it")
+        return None
+    return obj
+
+
+def _read_cache(path: Path, meta: dict, names: list[str]) -> torch.Tensor | None:
+    """The cached features, or None (with the reason printed) when absent, foreign or stale."""
+    obj = _load_cache_file(path, CACHE_FORMAT, "gallery cache")
+    if obj is None:
         return None
     if obj.get("key") != _cache_key(meta):
         old = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
@@ -245,53 +255,147 @@ def _check_nonempty(n: int, dataset, what: str) -> None:
         raise ValueError(f"{dataset_label(dataset)} at {getattr(dataset, 'root', '?')}: the annotation files list no {what}")
 
 
+class ReferenceTokens:
+    """What the visual tower gives for the reference images: raw `g` [R, D] (not normalised) and the
+    last block's tokens `P` [R, N+1, W], float32 on the CPU, row r for `names[r]`. With these, composed
+    queries need no visual pass (`query_features(..., reference_tokens=...)`)."""
+
+    def __init__(self, names: list[str], g: torch.Tensor, P: torch.Tensor):
+        self.names, self.g, self.P = list(names), g, P
+        self.row = {n: i for i, n in enumerate(self.names)}
+
+
 @torch.no_grad()
 def encode_gallery(clip, dataset, batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32",
-                   progress: bool = True) -> torch.Tensor:
-    """[G, D] L2-normalised float32 image embeddings of a gallery-mode dataset, on `device`."""
+                   progress: bool = True, keep: Sequence[str] | None = None):
+    """[G, D] L2-normalised float32 image embeddings of a gallery-mode dataset, on `device`.
+
+    With `keep` (gallery names), returns (embeddings, ReferenceTokens of those names) collected from
+    the same pass, so images that are also references go through the tower once.
+    """
     device = torch.device(device) if device is not None else clip.device
     n = len(dataset)
     _check_nonempty(n, dataset, "gallery images")
     out = torch.empty((n, clip.embed_dim), dtype=torch.float32, device=device)
+    if keep is not None:
+        index = {name: i for i, name in enumerate(dataset.names)}
+        missing = [k for k in keep if k not in index]
+        if missing:
+            raise ValueError(f"{dataset_label(dataset)}: reference images not in the gallery: {missing[:5]}")
+        rows = torch.tensor([index[k] for k in keep], dtype=torch.long)
+        order = torch.argsort(rows)  # keep-positions sorted by gallery row
+        sorted_rows = rows[order]
+        ref_g = torch.empty((len(keep), clip.embed_dim), dtype=torch.float32)
+        ref_P = None
     i = 0
     loader = make_loader(dataset, batch_size, workers, device)
     for batch in batches(loader, f"gallery {dataset_label(dataset)}", progress):
         images = batch["image"].to(device, non_blocking=True)
         with precision_context(precision, device):
-            g = clip.encode_image(images)
+            g, tokens = clip.encode_image_tokens(images)  # encode_image is this pass's g
         out[i:i + len(images)] = F.normalize(g.float(), dim=-1)
+        if keep is not None:
+            lo, hi = (int(x) for x in torch.searchsorted(sorted_rows, torch.tensor([i, i + len(images)])))
+            if hi > lo:
+                local = (sorted_rows[lo:hi] - i).to(device)
+                if ref_P is None:
+                    ref_P = torch.empty((len(keep),) + tuple(tokens.shape[1:]), dtype=torch.float32)
+                ref_g[order[lo:hi]] = g[local].float().cpu()
+                ref_P[order[lo:hi]] = tokens[local].float().cpu()
         i += len(images)
     counters["gallery_images_encoded"] += n
-    return out
+    if keep is None:
+        return out
+    return out, ReferenceTokens(list(keep), ref_g, ref_P)
 
 
 def gallery_features(clip, dataset, batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32",
-                     cache_dir=None, progress: bool = True) -> tuple[list[str], torch.Tensor]:
+                     cache_dir=None, progress: bool = True, reference_names: Sequence[str] | None = None):
     """(gallery names, [G, D] L2-normalised float32 features on `device`), from the cache when valid.
 
-    `cache_dir=None` disables the cache.
+    `cache_dir=None` disables the cache. With `reference_names` (gallery images that are query
+    references), also returns their ReferenceTokens: taken from the gallery pass when the gallery is
+    encoded, else from their own cache file beside the gallery's, else from one pass over just those
+    images; written to `cache_dir` for the next run.
     """
     device = torch.device(device) if device is not None else clip.device
     names = list(dataset.names)
-    if cache_dir is None:
-        return names, encode_gallery(clip, dataset, batch_size, workers, device, precision, progress)
-    meta = gallery_cache_meta(clip, dataset, precision)
-    path = gallery_cache_path(cache_dir, meta)
-    feats = _read_cache(path, meta, names)
-    if feats is not None:
+    refs = None if reference_names is None else list(dict.fromkeys(reference_names))
+    meta = path = feats = tokens = None
+    if cache_dir is not None:
+        meta = gallery_cache_meta(clip, dataset, precision)
+        path = gallery_cache_path(cache_dir, meta)
+        feats = _read_cache(path, meta, names)
+        if refs is not None:
+            tokens = _read_token_cache(_token_cache_path(path, refs), meta, refs)
+    fresh_tokens = refs is not None and tokens is None
+    if feats is None:
+        got = encode_gallery(clip, dataset, batch_size, workers, device, precision, progress,
+                             keep=refs if fresh_tokens else None)
+        feats, tokens = got if fresh_tokens else (got, tokens)
+        if cache_dir is not None and _write(path, {"format": CACHE_FORMAT, "key": _cache_key(meta), "meta": meta,
+                                                   "names": names, "features": feats.cpu()}, "gallery cache"):
+            counters["cache_writes"] += 1
+    else:
         counters["cache_hits"] += 1
         log(f"gallery cache: hit {path} ({len(names)} images)")
-        return names, feats.to(device=device, dtype=torch.float32)
-    feats = encode_gallery(clip, dataset, batch_size, workers, device, precision, progress)
+        feats = feats.to(device=device, dtype=torch.float32)
+        if fresh_tokens:  # the gallery came from the cache: one pass over the reference images alone
+            where = {n: i for i, n in enumerate(names)}
+            rows = [where.get(r, -1) for r in refs]
+            subset = _Rows(dataset, rows, refs)
+            _, tokens = encode_gallery(clip, subset, batch_size, workers, device, precision, progress, keep=refs)
+    if fresh_tokens and cache_dir is not None:
+        _write(_token_cache_path(path, refs), {"format": TOKEN_CACHE_FORMAT, "key": _cache_key(meta), "names": refs,
+                                               "g": tokens.g, "P": tokens.P}, "reference-token cache")
+    return (names, feats) if refs is None else (names, feats, tokens)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Some rows of a gallery-mode dataset, with their names (a reference that is missing from the
+    gallery gets row -1 and is reported by encode_gallery's name check)."""
+
+    def __init__(self, dataset, rows: list[int], names: list[str]):
+        missing = [n for n, r in zip(names, rows) if r < 0]
+        if missing:
+            raise ValueError(f"{dataset_label(dataset)}: reference images not in the gallery: {missing[:5]}")
+        self.dataset, self.rows, self.names = dataset, rows, names
+        self.root, self.split = getattr(dataset, "root", ""), getattr(dataset, "split", "")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.dataset[self.rows[i]]
+
+
+def _write(path: Path, obj: dict, what: str) -> bool:
     try:
-        atomic_torch_save({"format": CACHE_FORMAT, "key": _cache_key(meta), "meta": meta, "names": names,
-                           "features": feats.cpu()}, path)
+        atomic_torch_save(obj, path)
     except OSError as e:  # a full disk or read-only folder costs the next run time, not this run's result
-        log(f"gallery cache: could not write {path} ({e}); continuing without caching")
-        return names, feats
-    counters["cache_writes"] += 1
-    log(f"gallery cache: wrote {path}")
-    return names, feats
+        log(f"{what}: could not write {path} ({e}); continuing without caching")
+        return False
+    log(f"{what}: wrote {path}")
+    return True
+
+
+def _token_cache_path(gallery_path: Path, refs: list[str]) -> Path:
+    return gallery_path.with_name(f"{gallery_path.stem}-refs-{_sha(chr(0).join(refs))[:16]}.pt")
+
+
+def _read_token_cache(path: Path, meta: dict, refs: list[str]) -> ReferenceTokens | None:
+    """The cached reference tokens, or None (reason printed) when absent, foreign or stale."""
+    obj = _load_cache_file(path, TOKEN_CACHE_FORMAT, "reference-token cache")
+    if obj is None:
+        return None
+    ok = (obj.get("key") == _cache_key(meta) and obj.get("names") == refs and isinstance(obj.get("g"), torch.Tensor) and isinstance(obj.get("P"), torch.Tensor)
+          and obj["g"].shape[0] == obj["P"].shape[0] == len(refs))
+    if not ok:
+        log(f"reference-token cache: {path} is stale or not ours; recomputing")
+        return None
+    counters["token_cache_hits"] += 1
+    log(f"reference-token cache: hit {path} ({len(refs)} reference images)")
+    return ReferenceTokens(refs, obj["g"], obj["P"])
 
 
 def _text_features(clip, texts: Sequence[str], device) -> torch.Tensor:
@@ -320,11 +424,14 @@ def _text_only(clip, queries: list[dict], batch_size: int, device, precision: st
 
 @torch.no_grad()
 def query_features(net, clip, dataset, batch_size: int = 32, workers: int = 8, device=None, precision: str = "fp32",
-                   baseline: str | None = None, progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+                   baseline: str | None = None, progress: bool = True,
+                   reference_tokens: ReferenceTokens | None = None) -> tuple[torch.Tensor, list[dict]]:
     """([Q, D] L2-normalised float32 query features on `device`, the queries' metadata in that order).
 
     `baseline=None`: FTI4CIR's composed query (SPEC 10; `net` in eval mode). 'image-only': the
     reference image's CLIP embedding. 'text-only': CLIP's embedding of the modification text(s).
+    `reference_tokens` (from `gallery_features(..., reference_names=...)`): the references' tower
+    outputs, so no image is read here.
     """
     device = torch.device(device) if device is not None else clip.device
     queries = dataset.queries
@@ -348,15 +455,12 @@ def query_features(net, clip, dataset, batch_size: int = 32, workers: int = 8, d
     by_ref = torch.argsort(ref_of_query, stable=True)  # queries grouped by reference, in reference order
     bounds = torch.searchsorted(ref_of_query[by_ref], torch.arange(len(first) + 1))
     out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
-    loader = make_loader(Subset(dataset, representative), batch_size, workers, device)
     u0 = 0
-    for batch in batches(loader, f"queries {dataset_label(dataset)}", progress):
-        images = batch["reference_image"].to(device, non_blocking=True)
-        u1 = u0 + len(images)
+    for g_all, tokens_all in _reference_outputs(clip, dataset, representative, list(first), reference_tokens,
+                                               batch_size, workers, device, precision, progress):
+        u1 = u0 + len(g_all)
         rows = by_ref[bounds[u0]:bounds[u1]]  # the queries of these references
         local = (ref_of_query[rows] - u0).to(device)
-        with precision_context(precision, device):
-            g_all, tokens_all = clip.encode_image_tokens(images)  # one visual pass gives both
         for c in range(0, len(rows), batch_size):  # compose at most batch_size queries at a time
             sel, idx = rows[c:c + batch_size], local[c:c + batch_size]
             with precision_context(precision, device):
@@ -370,5 +474,24 @@ def query_features(net, clip, dataset, batch_size: int = 32, workers: int = 8, d
                     f = net.query_features(clip, g, tokens, [queries[i]["relative_caption"] for i in sel.tolist()])
             out[sel.to(device)] = F.normalize(f.float(), dim=-1)
         u0 = u1
-    counters["query_images_encoded"] += len(first)
     return out, queries
+
+
+def _reference_outputs(clip, dataset, representative: list[int], paths: list[str], reference_tokens, batch_size: int,
+                       workers: int, device, precision: str, progress: bool):
+    """(g, P) of the distinct reference images, in order, batch by batch: from `reference_tokens`
+    when given (no image is read), else from one visual pass over the images."""
+    if reference_tokens is not None:
+        names = [dataset.queries[i]["reference_name"] for i in representative]
+        rows = torch.tensor([reference_tokens.row[n] for n in names])
+        for s in range(0, len(rows), batch_size):
+            r = rows[s:s + batch_size]
+            yield reference_tokens.g[r].to(device), reference_tokens.P[r].to(device)
+        return
+    loader = make_loader(Subset(dataset, representative), batch_size, workers, device)
+    for batch in batches(loader, f"queries {dataset_label(dataset)}", progress):
+        images = batch["reference_image"].to(device, non_blocking=True)
+        with precision_context(precision, device):
+            g, tokens = clip.encode_image_tokens(images)  # one visual pass gives both
+        counters["query_images_encoded"] += len(images)
+        yield g, tokens

@@ -444,7 +444,7 @@ def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path
     (path,) = cache.glob("*.pt")
     torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
     _, n, log = encoded(run)
-    assert n == n_gallery + 1 and "not a gallery feature cache" in log
+    assert n == n_gallery + 1 and "not a gallery cache file" in log
     path.write_bytes(b"garbage")
     _, n, log = encoded(run)
     assert n == n_gallery + 1 and "unreadable" in log
@@ -536,3 +536,36 @@ def test_shared_references_are_encoded_once(baseline, tiny_clip, net, tmp_path):
         g, tokens = _encode(tiny_clip, root / "dev" / f"{q['reference']}.png", tokens=True)
         f = F.normalize(g, dim=-1)[0] if baseline else net.query_features(tiny_clip, g, tokens, [q["caption"]])[0]
         torch.testing.assert_close(got[k], f, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_reference_tokens_from_the_gallery_pass(data, tiny_clip, net, tmp_path):
+    """--cache-reference-tokens: the queries take their references' tower outputs from the gallery
+    pass (cold), then from the cache (warm: no image at all), with the same features as the plain path."""
+    root, c, cache = data["cirr"], features.counters, tmp_path / "cache"
+    kw = dict(batch_size=7, workers=0, device="cpu", progress=False)
+    names, g, q_plain, queries = compute_features(net, tiny_clip, "cirr", root, "val", **kw)
+    n_refs = len({x["reference_name"] for x in queries})
+    runs = []
+    for _ in range(2):  # cold, then warm
+        before = dict(c)
+        out = compute_features(net, tiny_clip, "cirr", root, "val", cache_dir=cache, reference_tokens=True, **kw)
+        runs.append({k: c[k] - before[k] for k in c})
+        assert out[0] == names
+        torch.testing.assert_close(out[1], g)
+        torch.testing.assert_close(out[2], q_plain, atol=1e-6, rtol=1e-5)
+    cold, warm = runs
+    assert cold["gallery_images_encoded"] == len(names) and cold["query_images_encoded"] == 0
+    assert warm["gallery_images_encoded"] == 0 and warm["query_images_encoded"] == 0 and warm["token_cache_hits"] == 1
+    # gallery cached but no token file yet (deleted): one pass over the references alone
+    for f in cache.glob("*-refs-*.pt"):
+        f.unlink()
+    before = dict(c)
+    out = compute_features(net, tiny_clip, "cirr", root, "val", cache_dir=cache, reference_tokens=True, **kw)
+    assert c["gallery_images_encoded"] - before["gallery_images_encoded"] == n_refs
+    torch.testing.assert_close(out[2], q_plain, atol=1e-6, rtol=1e-5)
+    # the image-only baseline from tokens is the reference's own gallery embedding
+    _, g2, q_img, _ = compute_features(None, tiny_clip, "cirr", root, "val", cache_dir=cache, reference_tokens=True,
+                                       baseline="image-only", **kw)
+    index = {n: i for i, n in enumerate(names)}
+    torch.testing.assert_close(q_img, g2[[index[x["reference_name"]] for x in queries]], atol=1e-6, rtol=1e-5)
