@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark run (H100 / H200) for the performance figures: random ViT-L/14 weights,
 # batch 256, fp16 autocast + gradient scaler, against the per-sample baseline in the same run.
-# The lent GPU machines have PyTorch but not open_clip_torch: download its wheels (and those of
-# ftfy, regex, wcwidth, timm, huggingface_hub, safetensors that the machine lacks) into .whl/ first,
-# as the device tool's README says; this script installs whatever is in .whl/.
+# The lent GPU machines (Python 3.12, torch 2.11) have PyTorch, timm, regex, huggingface_hub and
+# safetensors but not open_clip_torch, ftfy or wcwidth: download those three as py3 / cp312 wheels into
+# .whl/ first (ignored by git), as the device tool's README says, e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl open_clip_torch ftfy wcwidth
+# This script installs whatever is in .whl/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
