@@ -81,7 +81,7 @@ def load_checkpoint(path) -> dict:
 def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dict]:
     """Loads this repo's checkpoint or the authors' released one. Returns (network in eval mode, info).
 
-    info: `{"format": "fti4cir" | "authors", "config": {...}}` plus `epoch`/`step` when present.
+    info: `{"format": "fti4cir" | "authors", "config": {...}}` plus `epoch`/`global_step` when present.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,7 +94,7 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
     else:
         obj = load_checkpoint(path)
         net = build_network(obj["config"], obj["state_dict"], path)
-        info = {"format": FORMAT, "config": obj["config"], **{k: obj[k] for k in ("epoch", "step") if k in obj}}
+        info = {"format": FORMAT, "config": obj["config"], **{k: obj[k] for k in ("epoch", "global_step") if k in obj}}
     return net.to(device).eval(), info
 
 

@@ -115,7 +115,7 @@ def load_model(args, clip, device):
     except ValueError as e:
         raise SystemExit(f"error: --model-path {args.model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
                          f"Pass the --clip-model/--clip-weights it was trained with")
-    extra = "".join(f", {k} {info[k]}" for k in ("epoch", "step") if k in info)
+    extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
     log(f"model: {args.model_path} ({info['format']} format{extra})")
     return net
 
