@@ -135,7 +135,8 @@ def main(argv=None) -> dict:
     print(f"\n[2/5] training -> {model_dir}")
     run([py, "src/train.py", "--imagenet-path", str(data / "ImageNet"), "--pairs-path", str(data / "ImageNet" / "pairs.json"),
          "--model-dir", str(model_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-         "--save-frequency", "1", "--lr", "1e-3", "--seed", str(args.seed), "--precision", "fp32"] + common, log)
+         "--save-frequency", "1", "--lr", "1e-3", "--seed", str(args.seed), "--precision", "fp32", "--no-progress"]
+        + common, log)
     checkpoint = model_dir / "checkpoints" / f"epoch_{args.epochs}.pt"
 
     roots = {"fashioniq": ("--fashioniq-path", data / "FashionIQ"), "cirr": ("--cirr-path", data / "CIRR"),

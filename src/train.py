@@ -122,6 +122,7 @@ def build_parser() -> FlagParser:
                    help="gallery-feature cache shared with evaluate.py ('' : none)")
 
     add_device_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch summary lines stay)")
     p.add_argument("--dist-timeout-minutes", type=float, default=60.0,
                    help="process-group timeout (the other ranks wait this long while rank 0 validates)")
     return p
@@ -497,7 +498,7 @@ def _train(args, info: DistInfo, device: torch.device) -> dict:
             last_step = step + len(loader)  # < steps_per_epoch only after a resume across a batch-size change
             sums = np.zeros(len(LOSS_KEYS))
             ran, epoch_t0, wait_total = 0, time.perf_counter(), 0.0
-            bar = _progress(steps_per_epoch, step, f"epoch {epoch + 1}/{args.epochs}", info.is_main)
+            bar = _progress(steps_per_epoch, step, f"epoch {epoch + 1}/{args.epochs}", info.is_main and not args.no_progress)
             t_last = time.perf_counter()
             for batch in loader:
                 t_batch = time.perf_counter()
