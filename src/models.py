@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prompts import PromptBuilder
+from prompts import PromptBuilder, fashioniq_texts
 
 
 @dataclass
@@ -228,9 +228,7 @@ class FTI4CIR(nn.Module):
 
     def _full_sentence_inputs(self, clip, v_s, v_a, r, tail=None, tail_len=None):
         pb = self.prompts(clip)
-        prefix = pb.prefix.to(r.device)
-        ids, eot, start = pb.assemble(prefix[None], torch.tensor([len(prefix)], device=r.device), r, tail, tail_len,
-                                      r_max=self.cfg.topk)
+        ids, eot, start = pb.pseudo_word_sentence(r, tail, tail_len, r_max=self.cfg.topk)
         x = substitute(clip.token_embedding(ids), eot, pb.subject_pos, v_s, start, r, v_a)
         return x, eot
 
@@ -252,8 +250,6 @@ class FTI4CIR(nn.Module):
             tail, tail_len = pb.query_tails(texts)
             f = self.text_features(clip, g, tokens, tail.to(g.device), tail_len.to(g.device))
             return F.normalize(f.float(), dim=-1)
-        from prompts import fashioniq_texts
-
         pairs = [fashioniq_texts(c1, c2) for c1, c2 in fashioniq_captions]
         B = g.shape[0]
         tail, tail_len = pb.query_tails([p[0] for p in pairs] + [p[1] for p in pairs])

@@ -101,15 +101,13 @@ class PromptBuilder:
         ids = torch.where(j > eot_pos.unsqueeze(1), torch.zeros_like(ids), ids)
         return ids, eot_pos, 1 + head_len
 
-    def full(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`"a photo of * with " + "* " * r` for each row."""
+    def pseudo_word_sentence(self, r: torch.Tensor, tail: torch.Tensor | None = None,
+                             tail_len: torch.Tensor | None = None, r_max: int | None = None):
+        """`"a photo of * with " + "* " * r`, followed by a composed query's `tail`
+        (= encode_words("but " + text)) when given; `assemble`'s outputs."""
         prefix = self.prefix.to(r.device)
-        return self.assemble(prefix.unsqueeze(0), torch.tensor([len(prefix)], device=r.device), r)
-
-    def composed(self, r: torch.Tensor, tail: torch.Tensor, tail_len: torch.Tensor):
-        """`"a photo of * with " + "* " * r + "but " + text`; tail = encode_words("but " + text)."""
-        prefix = self.prefix.to(r.device)
-        return self.assemble(prefix.unsqueeze(0), torch.tensor([len(prefix)], device=r.device), r, tail, tail_len)
+        return self.assemble(prefix.unsqueeze(0), torch.tensor([len(prefix)], device=r.device), r, tail, tail_len,
+                             r_max=r_max)
 
     # training texts (built in data-loader workers) ------------------------------------------------
     def training_texts(self, subjects: Sequence[str], attributes: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -84,8 +84,10 @@ def test_assemble_equals_tokenizer_on_whole_strings(tiny_clip):
             assert int(ids[b, start[b]]) == STAR
     ids, eot, _ = pb.assemble(head, head_len, r)  # no tail, as the attributes-only sentence
     assert torch.equal(ids, tiny_clip.tokenize([h + " " + "* " * int(k) for h, k in zip(heads, r)]))
-    ids, _, _ = pb.full(r)
+    ids, _, _ = pb.pseudo_word_sentence(r)
     assert torch.equal(ids, tiny_clip.tokenize(["a photo of * with " + "* " * int(k) for k in r]))
+    ids, _, _ = pb.pseudo_word_sentence(r, tail, tail_len)
+    assert torch.equal(ids, tiny_clip.tokenize(["a photo of * with " + "* " * int(k) + t for k, t in zip(r, tails)]))
 
 
 def test_select_attributes_equals_per_sample_reference():
