@@ -173,7 +173,7 @@ class TrainCollate:
 
 
 def encode_images(clip, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, P) of a batch from ONE frozen visual pass. The one place a feature cache would plug in."""
+    """(g, P) of a batch from ONE frozen visual pass (cached_batch_losses stores and reuses them)."""
     with torch.no_grad():
         return clip.encode_image_tokens(images)
 
