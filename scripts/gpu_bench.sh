@@ -19,3 +19,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT_DIR/gpu.txt"
 python3 scripts/bench.py --clip-model ViT-L-14 --device cuda --batch-size 256 --precision fp16 \
     --repeats 5 --json "$OUT_DIR/bench_vitl14.json" 2>&1 | tee "$OUT_DIR/bench_vitl14.log"
 python3 scripts/bench_metrics.py --device cuda 2>&1 | tee "$OUT_DIR/bench_metrics.log"
+python3 scripts/bench_feature_cache.py --images 4096 --workers 0 4 8 --json "$OUT_DIR/cache_io.json" 2>&1 \
+    | tee "$OUT_DIR/cache_io.log"

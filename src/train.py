@@ -39,7 +39,7 @@ from datasets import AnnotationFormatError, DatasetLayoutError, ImageNetPairsDat
 from distributed import (DistInfo, ResumableDistributedSampler, all_gather_object, all_reduce_mean, barrier,
                          cleanup_distributed, gather_with_grad, init_distributed)
 from models import FTI4CIR
-from train_cache import CachedRowsDataset, FeatureCache, cache_meta, collate_cached, prepare_cache
+from train_cache import CacheReader, CachedRowsDataset, FeatureCache, cache_meta, collate_cached, prepare_cache
 from transforms import PREPROCESS_TYPES, build_transform
 from utils import atomic_write_json, seed_everything
 
@@ -163,11 +163,11 @@ def autocast(precision: str, device: torch.device):
 class TrainCollate:
     """Stacks images and builds the regularisation loss's token ids in the DataLoader workers."""
 
-    def __init__(self, prompts, cached: bool = False):
-        self.prompts, self.cached = prompts, cached
+    def __init__(self, prompts, cache_reader: CacheReader | None = None):
+        self.prompts, self.cache_reader = prompts, cache_reader
 
     def __call__(self, samples):
-        batch = collate_cached(samples) if self.cached else collate(samples)
+        batch = collate(samples) if self.cache_reader is None else collate_cached(samples, self.cache_reader)
         batch["texts"] = self.prompts.training_texts(batch["subject"], batch["attribute"])
         return batch
 
@@ -189,29 +189,26 @@ def batch_losses(model, clip, batch: dict, device: torch.device, precision: str,
 
 def cached_batch_losses(model, clip, batch: dict, device: torch.device, precision: str, gather,
                         cache: FeatureCache) -> dict:
-    """batch_losses with --cache-image-features: rows whose sample came without an image are read from the
-    cache; the visual pass runs only on the others, whose fp16 outputs are stored. Every row's g and P
-    are the fp16-rounded values (read or just rounded), so the loss is net(clip, g16.float(), P16.float(), texts)
-    whether a row was cached or not."""
-    index = batch["index"].numpy()
-    image_rows = batch["image_rows"]
+    """batch_losses with --cache-image-features: rows whose sample came with cached fp16 `g`/`P` (read by
+    the DataLoader workers) skip the visual pass; the visual pass runs only on the others, whose fp16
+    outputs are queued for storing. Every row's g and P are the fp16-rounded values (read or just
+    rounded), so the loss is net(clip, g16.float(), P16.float(), texts) whether a row was cached or not."""
+    index, image_rows, cached_rows = batch["index"], batch["image_rows"], batch["cached_rows"]
     b = len(index)
-    missing = np.ones(b, dtype=bool)
-    missing[image_rows.numpy()] = False
     texts = {k: v.to(device, non_blocking=True) for k, v in batch["texts"].items()}
-    g16 = torch.empty((b,) + cache.g.shape[1:], dtype=torch.float16, device=device)
-    P16 = torch.empty((b,) + cache.P.shape[1:], dtype=torch.float16, device=device)
-    if missing.any():
-        g_read, P_read = cache.read(index[missing])
-        rows = torch.from_numpy(np.flatnonzero(missing)).to(device)
-        g16[rows], P16[rows] = g_read.to(device, non_blocking=True), P_read.to(device, non_blocking=True)
+    g16 = torch.empty((b,) + tuple(cache.meta["g_shape"][1:]), dtype=torch.float16, device=device)
+    P16 = torch.empty((b,) + tuple(cache.meta["P_shape"][1:]), dtype=torch.float16, device=device)
+    if len(cached_rows):
+        rows = cached_rows.to(device, non_blocking=True)
+        g16[rows] = batch["g"].to(device, non_blocking=True)
+        P16[rows] = batch["P"].to(device, non_blocking=True)
     if len(image_rows):
         images = batch["image"].to(device, non_blocking=True)
         with autocast(precision, device):
             g, P = encode_images(clip, images)
         g, P = g.half(), P.half()
-        cache.write(index[image_rows.numpy()], g, P)
-        rows = image_rows.to(device)
+        cache.write(index[image_rows].numpy(), g, P)
+        rows = image_rows.to(device, non_blocking=True)
         g16[rows], P16[rows] = g, P
     with autocast(precision, device):
         return model(clip, g16.float(), P16.float(), texts, gather)
@@ -413,9 +410,10 @@ def _train(args, info: DistInfo, device: torch.device) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} training pairs give no full batch of {b} x {world} processes; "
                          "lower --batch-size")
-    loader = DataLoader(dataset if cache is None else CachedRowsDataset(dataset, cache.filled_path),
+    reader = None if cache is None else CacheReader(cache.folder)
+    loader = DataLoader(dataset if cache is None else CachedRowsDataset(dataset, reader),
                         batch_size=b, sampler=sampler, num_workers=args.workers, drop_last=True,
-                        collate_fn=TrainCollate(net.prompts(clip), cached=cache is not None),
+                        collate_fn=TrainCollate(net.prompts(clip), reader),
                         pin_memory=device.type == "cuda",
                         # its own generator: creating an epoch's iterator must not draw from the global RNG,
                         # or a resumed run's dropout masks would differ from an uninterrupted run's
@@ -472,6 +470,8 @@ def _train(args, info: DistInfo, device: torch.device) -> dict:
     writers = _Writers(model_dir, info.is_main, purge_step=global_step if resume_path is not None else None)
 
     def save(path: Path, epoch: int, samples: int, step: int) -> Path:
+        if cache is not None:
+            cache.commit()  # every queued row stored and marked filled before the checkpoint that skips it
         rng = all_gather_object(capture_rng(device), info)  # every rank's streams (collective: all ranks call it)
         if info.is_main:
             save_network(net, path, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
@@ -508,6 +508,8 @@ def _train(args, info: DistInfo, device: torch.device) -> dict:
                     out = cached_batch_losses(model, clip, batch, device, precision, gather, cache)
                 stats = all_reduce_mean(torch.stack([out[k].detach().float() for k in LOSS_KEYS]), info).tolist()
                 if not all(math.isfinite(x) for x in stats):
+                    if cache is not None:
+                        cache.commit()  # non-finite visual features would be the cause: that error first
                     raise SystemExit(
                         f"error: non-finite loss at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}): "
                         + ", ".join(f"{k} {v}" for k, v in zip(LOSS_KEYS, stats))
@@ -575,6 +577,8 @@ def _train(args, info: DistInfo, device: torch.device) -> dict:
         if bar is not None:  # an exception mid-epoch: close the bar now, not at interpreter exit
             bar.close()
         writers.close()
+        if cache is not None:
+            cache.close()  # what was queued is stored, even when training stopped on an error
     if stopped_early:
         log(f"stopped at global step {global_step} (--max-steps {args.max_steps}); resume with --resume latest")
     return {"global_step": global_step, "epochs_done": epochs_done,

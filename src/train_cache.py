@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +146,15 @@ def prepare_cache(cache_dir, meta: dict) -> Path:
 
 
 class FeatureCache:
-    """One process's handle on a prepared cache folder: read rows, write rows (data, then `filled`)."""
+    """One process's handle on a prepared cache folder.
+
+    Writes go through a background thread so the training loop never waits on the disk: `write` starts
+    the device-to-host copy (pinned memory, non-blocking) and queues it; the thread stores the rows,
+    flushes them to disk (msync), and only then sets and flushes `filled` for them, so an interrupted run
+    or a crashed machine never marks unwritten rows as filled. `commit` (at every checkpoint, at the end
+    of each epoch and when training stops) waits until everything queued is stored, and raises what
+    went wrong in the thread. Reads happen in the DataLoader workers (`CacheReader`).
+    """
 
     def __init__(self, folder, meta: dict):
         self.folder = Path(folder)
@@ -155,6 +165,9 @@ class FeatureCache:
         self.g = np.load(self.folder / "g.npy", mmap_mode="r+")
         self.P = np.load(self.folder / "P.npy", mmap_mode="r+")
         self.filled = np.load(self.folder / "filled.npy", mmap_mode="r+")
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def filled_path(self) -> Path:
@@ -163,64 +176,133 @@ class FeatureCache:
     def num_filled(self) -> int:
         return int(np.count_nonzero(self.filled))
 
-    def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp16 (g, P) of `rows` (every one must be filled), in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if not self.filled[rows].all():
-            raise RuntimeError(f"feature cache {self.folder}: rows {rows[~self.filled[rows]].tolist()} are not filled")
-        order = np.argsort(rows, kind="stable")  # ascending offsets: sequential reads on disk
-        g, P = np.empty((len(rows),) + self.g.shape[1:], np.float16), np.empty((len(rows),) + self.P.shape[1:], np.float16)
-        g[order], P[order] = self.g[rows[order]], self.P[rows[order]]
-        return torch.from_numpy(g), torch.from_numpy(P)
-
     def write(self, rows: np.ndarray, g: torch.Tensor, P: torch.Tensor) -> None:
-        """Store fp16 rows; the data reaches the file before `filled` says so."""
-        rows = np.asarray(rows, dtype=np.int64)
-        g, P = g.detach().to("cpu", torch.float16).numpy(), P.detach().to("cpu", torch.float16).numpy()
+        """Queue fp16 rows for storing; returns without waiting for the device or the disk."""
+        self._raise_error()
+        rows = np.asarray(rows, dtype=np.int64).copy()
+        pin = g.device.type == "cuda"
+        host = [torch.empty(t.shape, dtype=torch.float16, pin_memory=pin) for t in (g, P)]
+        for dst, src in zip(host, (g, P)):
+            dst.copy_(src.detach(), non_blocking=pin)
+        event = None
+        if pin:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(g.device))
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=2)  # at most two batches in flight: bounded host memory
+            self._thread = threading.Thread(target=self._store_loop, name="feature-cache-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((rows, host[0], host[1], event))
+
+    def _store_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._store(*item)
+            except BaseException as e:  # reported to the training thread by the next write/commit
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _store(self, rows: np.ndarray, g: torch.Tensor, P: torch.Tensor, event) -> None:
+        if event is not None:
+            event.synchronize()  # the non-blocking copies have landed in host memory
+        g, P = g.numpy(), P.numpy()
         if not (np.isfinite(g).all() and np.isfinite(P).all()):
             raise SystemExit(f"error: CLIP features of training rows {rows.tolist()[:8]} are not finite in fp16 "
                              "(overflow?); train without --cache-image-features")
-        self.g[rows] = g
-        self.P[rows] = P
-        self.g.flush()
+        order = np.argsort(rows, kind="stable")  # ascending file offsets
+        self.g[rows[order]] = g[order]
+        self.P[rows[order]] = P[order]
+        self.g.flush()  # data first (msync; per batch, so dirty memory stays small)...
         self.P.flush()
-        self.filled[rows] = True
+        self.filled[rows] = True  # ...then the flags that vouch for it
         self.filled.flush()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, SystemExit):
+                raise error
+            raise SystemExit(f"error: writing the feature cache {self.folder} failed: {error!r}; free disk space or "
+                             "pass another --feature-cache-dir (rows already marked filled are intact)") from error
+
+    def commit(self) -> None:
+        """Wait until every queued batch is stored and marked filled; raise the writer's error if any."""
+        if self._queue is not None:
+            self._queue.join()
+        self._raise_error()
+
+    def close(self) -> None:
+        """Store what was queued and stop the writer thread."""
+        try:
+            self.commit()
+        finally:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+                self._thread = self._queue = None
+
+
+class CacheReader:
+    """Read-only memory maps of a cache folder, opened lazily in each process that uses them (DataLoader
+    workers included: pickling drops the maps). `filled` is read afresh at every call, so rows stored
+    since are seen."""
+
+    def __init__(self, folder):
+        self.folder, self._maps = Path(folder), None
+
+    def __getstate__(self):
+        return {"folder": self.folder, "_maps": None}
+
+    def _arrays(self):
+        if self._maps is None:
+            self._maps = tuple(np.load(self.folder / name, mmap_mode="r") for name in FILES)
+        return self._maps
+
+    def is_filled(self, i: int) -> bool:
+        return bool(self._arrays()[2][i])
+
+    def rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16 (g, P) of filled `rows`, in the order given (one gather per array: pass them ascending
+        for sequential reads)."""
+        g, P, _ = self._arrays()
+        rows = np.asarray(rows, dtype=np.int64)
+        return torch.from_numpy(g[rows]), torch.from_numpy(P[rows])  # a fancy index copies once, into fresh arrays
 
 
 class CachedRowsDataset(Dataset):
-    """Wraps ImageNetPairsDataset: samples carry `index`; a filled row's sample has no image (not decoded).
+    """Wraps ImageNetPairsDataset: samples carry `index`; a filled row's sample has no image (the image is
+    not decoded), its `g` and `P` are read for the whole batch by `collate_cached` in the same process
+    (a DataLoader worker: the reads run in parallel with the training step)."""
 
-    `filled.npy` is opened read-only lazily in each process (DataLoader workers included) and read at
-    every `__getitem__`, so rows written by the training process since are seen.
-    """
-
-    def __init__(self, base, filled_path):
-        self.base, self.filled_path, self._filled = base, Path(filled_path), None
+    def __init__(self, base, reader: CacheReader):
+        self.base, self.reader = base, reader
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_filled"] = None  # each worker maps the file itself
-        return state
-
     def __getitem__(self, i: int) -> dict:
-        if self._filled is None:
-            self._filled = np.load(self.filled_path, mmap_mode="r")
-        sample = dict(self.base.pairs[i]) if self._filled[i] else self.base[i]
+        sample = dict(self.base.pairs[i]) if self.reader.is_filled(i) else self.base[i]
         sample["index"] = i
         return sample
 
 
-def collate_cached(samples: list[dict]) -> dict:
-    """Batch of CachedRowsDataset samples: `index` [b], `image_rows` [k] (batch positions that carry an
-    image), `image` [k, 3, H, W] (an empty tensor when k = 0), the rest as lists."""
+def collate_cached(samples: list[dict], reader: CacheReader) -> dict:
+    """Batch of CachedRowsDataset samples: `index` [b]; `image_rows` [k] (batch positions that carry an
+    image) with `image` [k, 3, H, W]; `cached_rows` [b - k] with their fp16 `g` [b - k, D] and
+    `P` [b - k, N+1, W] read from `reader` (g[j] is the row of batch position cached_rows[j]); empty tensors where there are none; the rest as lists."""
     rows = [j for j, s in enumerate(samples) if "image" in s]
+    # cached positions in ascending file row order: sequential reads, and no reordering copy
+    cached = sorted((j for j, s in enumerate(samples) if "image" not in s), key=lambda j: samples[j]["index"])
+    g, P = reader.rows([samples[j]["index"] for j in cached]) if cached else (torch.empty(0), torch.empty(0))
     out = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
            "image_rows": torch.tensor(rows, dtype=torch.long),
-           "image": torch.stack([samples[j]["image"] for j in rows]) if rows else torch.empty(0)}
+           "image": torch.stack([samples[j]["image"] for j in rows]) if rows else torch.empty(0),
+           "cached_rows": torch.tensor(cached, dtype=torch.long), "g": g, "P": P}
     for k in samples[0]:
         if k not in ("index", "image"):
             out[k] = [s[k] for s in samples]

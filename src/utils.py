@@ -43,6 +43,13 @@ def atomic_write_json(obj: Any, path, indent: int | None = 2) -> None:
     _atomic_replace(Path(path), lambda f: f.write(data))
 
 
+def report_json(results: Any, path) -> None:
+    """A benchmark's figures to `path` (atomic; nothing when path is None), saying where they went."""
+    if path:
+        atomic_write_json(results, path)
+        print(f"wrote {path}")
+
+
 def atomic_write_bytes(data: bytes, path) -> None:
     _atomic_replace(Path(path), lambda f: f.write(data))
 

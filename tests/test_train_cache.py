@@ -259,3 +259,106 @@ def test_unusable_cache_dir_is_named(data8, tiny_clip_path, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match=f"--feature-cache-dir {blocker}.*drop --cache-image-features"):
         train.main(args_for(data8, tiny_clip_path, tmp_path / "m", blocker, "--batch-size", 4, "--epochs", 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer thread, commits, reads in DataLoader workers
+
+def _tiny_cache(tmp_path: Path, n: int = 6) -> train_cache.FeatureCache:
+    meta = {"format_version": train_cache.FORMAT_VERSION, "num_images": n, "g_shape": [n, 3], "P_shape": [n, 2, 4]}
+    return train_cache.FeatureCache(train_cache.prepare_cache(tmp_path / "c", meta), meta)
+
+
+def test_queued_rows_are_stored_then_marked_filled(tmp_path, monkeypatch):
+    cache = _tiny_cache(tmp_path)
+    g, P = torch.randn(2, 3), torch.randn(2, 2, 4)
+    order = []  # the data reaches the file before `filled` vouches for it
+    for name in ("g", "P", "filled"):
+        arr = getattr(cache, name)
+        monkeypatch.setattr(cache, name, _Spy(arr, name, order))
+    g0 = g.clone()
+    cache.write(np.array([4, 1]), g, P)
+    g[:] = 0  # the caller may reuse its tensors at once: write took its own copy
+    cache.commit()
+    assert order == ["g:set", "P:set", "g:flush", "P:flush", "filled:set", "filled:flush"]
+    g_file, P_file, filled = open_arrays(cache.folder)
+    assert filled.tolist() == [False, True, False, False, True, False]
+    assert np.array_equal(g_file[[4, 1]], g0.half().numpy())
+    assert np.array_equal(P_file[[4, 1]], P.half().numpy())
+    cache.close()
+    assert cache._thread is None
+
+
+class _Spy:
+    """A memory-mapped array that records item assignments and flushes."""
+
+    def __init__(self, arr, name, log):
+        self.arr, self.name, self.log = arr, name, log
+
+    def __setitem__(self, key, value):
+        self.log.append(f"{self.name}:set")
+        self.arr[key] = value
+
+    def flush(self):
+        self.log.append(f"{self.name}:flush")
+        self.arr.flush()
+
+
+def test_writer_failure_is_raised_and_marks_nothing(tmp_path, monkeypatch):
+    cache = _tiny_cache(tmp_path)
+    cache.write(np.array([0]), torch.randn(1, 3), torch.randn(1, 2, 4))
+    cache.commit()
+
+    def disk_full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "_store", disk_full)
+    cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
+    cache._queue.join()
+    with pytest.raises(SystemExit, match=f"writing the feature cache {cache.folder} failed.*No space left"):
+        cache.write(np.array([5]), torch.randn(1, 3), torch.randn(1, 2, 4))  # the next write reports it
+    cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
+    with pytest.raises(SystemExit, match=f"writing the feature cache {cache.folder} failed.*No space left"):
+        cache.commit()
+    assert open_arrays(cache.folder)[2].tolist() == [True] + [False] * 5
+    monkeypatch.undo()
+    bad = torch.full((1, 3), float("inf"))
+    cache.write(np.array([3]), bad, torch.zeros(1, 2, 4))
+    with pytest.raises(SystemExit, match=r"training rows \[3\] are not finite"):
+        cache.close()
+    assert open_arrays(cache.folder)[2].sum() == 1
+
+
+def test_cached_samples_and_collate(tmp_path, data8, tiny_clip):
+    base = datasets.ImageNetPairsDataset(data8, data8 / "pairs.json", build_transform("targetpad", tiny_clip.image_size))
+    meta = train_cache.cache_meta(tiny_clip, "targetpad", tiny_clip.image_size, base.names)
+    cache = train_cache.FeatureCache(train_cache.prepare_cache(tmp_path / "c", meta), meta)
+    g = torch.randn(len(base), *meta["g_shape"][1:]).half()
+    P = torch.randn(len(base), *meta["P_shape"][1:]).half()
+    cache.write(np.array([1, 5]), g[[1, 5]], P[[1, 5]])
+    cache.close()
+    reader = train_cache.CacheReader(cache.folder)
+    ds = train_cache.CachedRowsDataset(base, reader)
+    samples = [ds[i] for i in (5, 0, 1, 2)]
+    assert ["image" in s for s in samples] == [False, True, False, True]
+    batch = train_cache.collate_cached(samples, reader)
+    assert batch["index"].tolist() == [5, 0, 1, 2]
+    assert batch["image_rows"].tolist() == [1, 3] and batch["cached_rows"].tolist() == [2, 0]  # file row order
+    assert torch.equal(batch["g"], g[[1, 5]]) and torch.equal(batch["P"], P[[1, 5]])
+    assert torch.equal(batch["image"], torch.stack([base[0]["image"], base[2]["image"]]))
+    assert batch["img_id"] == [base.pairs[i]["img_id"] for i in (5, 0, 1, 2)]
+    only_images = train_cache.collate_cached([ds[0], ds[2]], reader)
+    assert only_images["g"].numel() == 0 and only_images["cached_rows"].numel() == 0
+    # the gathered rows in any order equal a row-by-row read
+    order = [5, 1, 1, 5]
+    g_got, P_got = reader.rows(order)
+    assert torch.equal(g_got, g[order]) and torch.equal(P_got, P[order])
+
+
+def test_worker_reads_train_like_main_process_reads(runs, data8, tiny_clip_path, tmp_path):
+    root, _ = runs
+    argv = args_for(data8, tiny_clip_path, tmp_path / "w", tmp_path / "cache", "--batch-size", 4, "--epochs", 2)
+    train.main([*argv[:argv.index("--workers") + 1], "2", *argv[argv.index("--workers") + 2:]])
+    assert [r["loss"] for r in read_log(tmp_path / "w")] == [r["loss"] for r in read_log(root / "cached")]
+    want, got = state(root / "cached"), state(tmp_path / "w")
+    assert all(torch.equal(want[k], got[k]) for k in want)
