@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cli import FlagParser, add_clip_args
-from clip_loader import ClipLoadError, build_tiny_clip, canonical_model_name, load_clip
+from clip_loader import ClipLoadError, build_openai_model, build_tiny_clip, canonical_model_name, load_clip
 
 
 def test_openai_state_dict_loads_with_inferred_architecture(tiny_clip_path):
@@ -22,6 +22,30 @@ def test_openai_state_dict_loads_with_inferred_architecture(tiny_clip_path):
     assert not clip.model.training  # stays in eval mode
     # QuickGELU, as OpenAI trained it
     assert "QuickGELU" in type(clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_fast_openai_build_equals_open_clips_build(tiny_clip_path, monkeypatch):
+    import clip_loader
+
+    sd = torch.load(tiny_clip_path, weights_only=True)
+    sd["input_resolution"] = torch.tensor(32)  # as OpenAI's TorchScript archives carry it
+    built_on = []
+    original = clip_loader.build_model_from_openai_state_dict
+    monkeypatch.setattr(clip_loader, "build_model_from_openai_state_dict",
+                        lambda *a, **k: built_on.append(torch.get_default_device().type) or original(*a, **k))
+    fast, plain = build_openai_model(dict(sd)), build_openai_model(dict(sd), fast=False)
+    assert built_on == ["meta", "cpu"]  # the fast way really skipped the initialisation
+    a, b = fast.state_dict(keep_vars=True), plain.state_dict(keep_vars=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype and type(a[k]) is type(b[k]) for k in a)
+    assert [p.requires_grad for p in fast.parameters()] == [p.requires_grad for p in plain.parameters()]
+    # the non-persistent causal mask, rebuilt rather than loaded
+    buffers = dict(fast.named_buffers()), dict(plain.named_buffers())
+    assert buffers[0].keys() == buffers[1].keys() and "attn_mask" in buffers[0]
+    assert all(torch.equal(buffers[0][k], buffers[1][k]) for k in buffers[0])
+    assert not fast.training and all(p.device.type == "cpu" for p in fast.parameters())
+    ids = torch.randint(0, 49408, (2, 77))
+    torch.testing.assert_close(fast.encode_text(ids), plain.encode_text(ids), rtol=0, atol=0)
 
 
 def test_torchscript_archive_loads(tmp_path):
