@@ -138,8 +138,9 @@ class _Base(Dataset):
         return self._queries
 
     @property
-    def gallery_paths(self) -> list[Path]:
-        """Image file of every gallery name, in the order of `.names`."""
+    def gallery_paths(self) -> Sequence[Path]:
+        """Image file of every gallery name, in the order of `.names` (a list; for CIRCO a FileList,
+        the same Paths made when read)."""
         return self._gallery_paths
 
     @property
@@ -259,6 +260,84 @@ class CIRRDataset(_Base):
             self._query_paths = [root / name_to_rel[q["reference_name"]] for q in self._queries]
 
 
+class FileList(Sequence[Path]):
+    """`folder / name` for each of `file_names`, as a read-only sequence of Paths made when read.
+
+    CIRCO's gallery has 123,403 files: building their Path objects up front costs over a second per
+    dataset, and a run served by the feature cache reads none of them. `strings()` gives the same
+    files as plain strings (what `os.stat` takes), without making Paths.
+    """
+
+    __slots__ = ("folder", "file_names")
+
+    def __init__(self, folder, file_names: Sequence[str]):
+        self.folder, self.file_names = Path(folder), list(file_names)
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.folder / n for n in self.file_names[i]]
+        return self.folder / self.file_names[i]
+
+    def __iter__(self):
+        folder = self.folder
+        return (folder / n for n in self.file_names)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, FileList):
+            return self.folder == other.folder and self.file_names == other.file_names
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # mutable-looking like the list it stands for
+
+    def __repr__(self) -> str:
+        return f"FileList({str(self.folder)!r}, {len(self)} files)"
+
+    def strings(self) -> list[str]:
+        """The files as strings, `os.path.join(folder, name)` each (same files as the Paths)."""
+        folder = str(self.folder)
+        prefix = os.path.join(folder, "")
+        isabs = os.path.isabs
+        return [n if isabs(n) else prefix + n for n in self.file_names]
+
+
+# The last CIRCO gallery annotation parsed: (path, raw bytes, names, file names). A query-mode and a
+# gallery-mode dataset of one evaluation read the same 30 MB file; the second reuses the parse when
+# the bytes are identical (compared in full, so an edited file is always parsed again).
+_circo_gallery_memo: tuple | None = None
+
+
+def _circo_gallery(info_path: Path, root: Path) -> tuple[list[str], list[str]]:
+    """(names, file names) of CIRCO's gallery annotation, checked; fresh lists on every call."""
+    global _circo_gallery_memo
+    _require(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation", is_dir=False,
+             hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
+    with open(info_path, "rb") as f:
+        raw = f.read()
+    memo = _circo_gallery_memo
+    if memo is not None and memo[0] == str(info_path) and memo[1] == raw:
+        return list(memo[2]), list(memo[3])
+    try:
+        info = json.loads(raw.decode("utf-8"))  # what _read_json's open(encoding="utf-8") + json.load does
+    except json.JSONDecodeError as e:
+        raise AnnotationFormatError(f"{info_path}: not valid JSON ({e})") from e
+    if not isinstance(info, dict) or "images" not in info:
+        raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
+    _check_entries(info["images"], ("id", "file_name"), info_path)
+    names = [str(im["id"]) for im in info["images"]]
+    file_names = [im["file_name"] for im in info["images"]]
+    bad = next((i for i, n in enumerate(file_names) if not isinstance(n, str)), None)
+    if bad is not None:
+        raise AnnotationFormatError(f"{info_path}: entry {bad} has a file_name that is not a string: "
+                                    f"{str(info['images'][bad])[:200]}")
+    _circo_gallery_memo = (str(info_path), raw, tuple(names), tuple(file_names))
+    return names, file_names
+
+
 class CIRCODataset(_Base):
     """CIRCO (SPEC 11). split: val or test.
 
@@ -279,13 +358,8 @@ class CIRCODataset(_Base):
         image_dir = _require(root / "COCO2017_unlabeled" / "unlabeled2017", CIRCO_LAYOUT, root,
                              "CIRCO image folder", is_dir=True)
         info_path = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
-        info = _read_json(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation",
-                          hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
-        if not isinstance(info, dict) or "images" not in info:
-            raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
-        _check_entries(info["images"], ("id", "file_name"), info_path)
-        self.names = [str(im["id"]) for im in info["images"]]
-        self._gallery_paths = [image_dir / im["file_name"] for im in info["images"]]
+        self.names, file_names = _circo_gallery(info_path, root)
+        self._gallery_paths = FileList(image_dir, file_names)
         self._queries, self._query_paths = [], []
         if mode == "query":
             ann_path = root / "annotations" / f"{split}.json"

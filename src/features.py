@@ -155,18 +155,24 @@ def _clip_fingerprint(clip) -> dict:
 def _images_fingerprint(dataset) -> str | None:
     """Hash of the gallery image files' sizes and modification times: images regenerated or replaced
     under the same names make the cache stale. A missing file counts as changed (its error then
-    comes from the encoder, never hidden by a cache hit)."""
+    comes from the encoder, never hidden by a cache hit).
+
+    One stat per file, on plain strings (datasets.FileList.strings(): no Path objects for CIRCO's
+    123,403 files), hashed as one block; the same digest as hashing each file's line in turn."""
     paths = getattr(dataset, "gallery_paths", None)
     if paths is None:
         return None
-    h = hashlib.sha256()
-    for p in paths:
+    strings = getattr(paths, "strings", None)
+    files = strings() if strings is not None else [os.fspath(p) for p in paths]
+    stat = os.stat
+    lines = []
+    for p in files:
         try:
-            st = os.stat(p)
-            h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+            st = stat(p)
+            lines.append(f"{st.st_size}:{st.st_mtime_ns}\n")
         except OSError:
-            h.update(b"missing\n")
-    return h.hexdigest()
+            lines.append("missing\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def dataset_label(dataset) -> str:
@@ -219,7 +225,10 @@ def _load_cache_file(path: Path, fmt: str, what: str) -> dict | None:
         log(f"{what}: no file {path}; computing")
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read when used (a CPU run's similarity, the copy to a GPU), not first
+        # copied into fresh memory (the ViT-L/14 CIRCO cache is 380 MB); a private mapping, so
+        # writes go to memory and an atomically replaced file leaves the mapping intact
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is simply not a usable cache
         log(f"{what}: {path} is unreadable ({type(e).__name__}); recomputing and overwriting it")
         return None
@@ -227,6 +236,20 @@ def _load_cache_file(path: Path, fmt: str, what: str) -> dict | None:
         log(f"{what}: {path} is not a {what} file; recomputing and overwriting it")
         return None
     return obj
+
+
+def _joined(names: Sequence[str]) -> str:
+    """The gallery names as one string (NUL-separated), as a cache file stores them: unpickling one
+    string is instant where 123,403 strings take the weights-only unpickler over a second."""
+    return "\x00".join(names)
+
+
+def _same_names(obj: dict, names: list[str]) -> bool:
+    """Whether a gallery cache file holds `names`: as one joined string, or (older files) a list."""
+    joined = obj.get("joined_names")
+    if isinstance(joined, str):
+        return joined == _joined(names)
+    return obj.get("names") == names
 
 
 def _read_cache(path: Path, meta: dict, names: list[str]) -> torch.Tensor | None:
@@ -240,7 +263,7 @@ def _read_cache(path: Path, meta: dict, names: list[str]) -> torch.Tensor | None
         log(f"gallery cache: {path} is stale ({', '.join(changed)} changed); recomputing")
         return None
     feats = obj.get("features")
-    if obj.get("names") != names or not isinstance(feats, torch.Tensor) or feats.dim() != 2 \
+    if not _same_names(obj, names) or not isinstance(feats, torch.Tensor) or feats.dim() != 2 \
             or feats.shape[0] != len(names):
         log(f"gallery cache: {path} does not hold features for these {len(names)} names; recomputing")
         return None
@@ -334,7 +357,7 @@ def gallery_features(clip, dataset, batch_size: int = 32, workers: int = 8, devi
                              keep=refs if fresh_tokens else None)
         feats, tokens = got if fresh_tokens else (got, tokens)
         if cache_dir is not None and _write(path, {"format": CACHE_FORMAT, "key": _cache_key(meta), "meta": meta,
-                                                   "names": names, "features": feats.cpu()}, "gallery cache"):
+                                                   "joined_names": _joined(names), "features": feats.cpu()}, "gallery cache"):
             counters["cache_writes"] += 1
     else:
         counters["cache_hits"] += 1

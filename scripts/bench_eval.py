@@ -1,0 +1,333 @@
+"""Time a full CIRCO validation (`evaluate.main --dataset circo`) with a warm feature cache, phase by phase.
+
+Builds a CIRCO root laid out as the real one: the real `annotations/val.json` when present (else a
+synthetic one with the same fields), an `image_info_unlabeled2017.json` listing `--gallery-size`
+images (default 123,403, COCO 2017 unlabeled) that include every id the val queries use, and one
+file per image (hard links to one small JPEG). CLIP is a tiny random one whose embedding size is
+ViT-L/14's (D = 768), so the gallery cache has the real size (123,403 x 768 float32); the FTI4CIR
+network is freshly initialised. Then runs evaluate.main once cold (fills the gallery and
+reference-token caches: tiny-tower time, not a ViT-L figure) and `--repeats` times warm.
+
+Everything but the CLIP towers is real-size: cache validation and loading, the annotation files,
+the 220 query compositions (tiny text tower here; a ViT-L text tower does 220 queries in
+milliseconds on a GPU), the similarity against 123,403 x 768 and the CIRCO metrics. The reference
+tokens are the tiny tower's size ([220, 17, 128]); `--token-file-check` also times loading a file of
+ViT-L/14's size ([220, 257, 1024] float32, ~231 MB) to show what that phase costs there.
+
+Every gallery image is the same file, so every gallery feature is the same: the metrics printed
+(equal in every run, checked) mean nothing. Each run starts without the in-process memo of the
+gallery annotation, as a fresh process would. The phases are timed by wrapping the functions
+evaluate.py calls (inclusive times; indented rows are part of the row above). `--work-dir` keeps
+the data, models and caches for the next invocation (building 123,403 links takes seconds, the
+cold run minutes); without it all goes to a temporary folder that is removed.
+
+    python scripts/bench_eval.py [--gallery-size 123403] [--repeats 3] [--device cpu] [--threads 1]
+                                 [--work-dir DIR] [--token-file-check] [--json PATH|-]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (REPO / "src", REPO / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+import evaluate  # noqa: E402
+import features  # noqa: E402
+from make_toy_data import placeholder_image, write_circo_image_info  # noqa: E402
+from utils import report_json  # noqa: E402
+
+# the real annotation files, where tests/conftest.py looks for them
+REAL_VAL = Path(os.environ.get("FTI4CIR_ANNOTATIONS", REPO.parent / "shared" / "data")) / "CIRCO" / "annotations" / "val.json"
+MANIFEST = "bench_eval_manifest.json"
+WORDS = "red blue dog cat two three bigger smaller remove add wooden outdoor darker brighter people".split()
+
+# (label, module, function, parent label): the phases timed by wrapping these functions.
+PHASES = [
+    ("load CLIP", evaluate, "clip_from_args", None),
+    ("load network", evaluate, "load_model", None),
+    ("datasets (annotation JSONs)", evaluate, "open_dataset", None),
+    ("gallery_features", evaluate, "gallery_features", None),
+    ("cache key (meta)", features, "gallery_cache_meta", "gallery_features"),
+    ("image stats", features, "_images_fingerprint", "cache key (meta)"),
+    ("CLIP weights hash", features, "_clip_fingerprint", "cache key (meta)"),
+    ("read gallery cache", features, "_read_cache", "gallery_features"),
+    ("read token cache", features, "_read_token_cache", "gallery_features"),
+    ("compose queries", evaluate, "query_features", None),
+    ("CIRCO metrics", evaluate, "circo_metrics", None),
+    ("similarity + top-50", evaluate.M, "topk_indices", "CIRCO metrics"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+class PhaseTimer:
+    """Wraps module functions so every call adds its wall time (inclusive) to a label."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._undo = []
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, module, name: str, label: str) -> None:
+        fn = getattr(module, name)
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self.totals[label] += time.perf_counter() - t
+                self.calls[label] += 1
+
+        setattr(module, name, timed)
+        self._undo.append((module, name, fn))
+
+    def reset(self):
+        self.totals.clear()
+        self.calls.clear()
+
+    def restore(self):
+        for module, name, fn in reversed(self._undo):
+            setattr(module, name, fn)
+        self._undo.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CIRCO root
+
+def _val_entries(seed: int) -> tuple[list[dict], str]:
+    if REAL_VAL.is_file():
+        return json.loads(REAL_VAL.read_text()), str(REAL_VAL)
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(np.arange(1, 582_000), size=1200, replace=False).tolist()
+    entries = []
+    for q in range(220):  # CIRCO val: 220 queries, 1-14 ground truths each
+        pick = rng.choice(len(ids), size=2 + q % 14, replace=False)
+        gts = [int(ids[j]) for j in pick[1:]]
+        entries.append({"reference_img_id": int(ids[pick[0]]), "target_img_id": gts[0],
+                        "relative_caption": " ".join(rng.choice(WORDS, size=6)),
+                        "shared_concept": " ".join(rng.choice(WORDS, size=4)), "gt_img_ids": gts, "id": q})
+    return entries, "synthetic"
+
+
+def build_circo_root(work: Path, gallery_size: int, seed: int) -> tuple[Path, str]:
+    """`work`/CIRCO, reused when `work` already holds one of the same size and source."""
+    root = work / "CIRCO"
+    entries, source = _val_entries(seed)
+    want = {"gallery_size": gallery_size, "seed": seed, "val": source}
+    manifest = work / MANIFEST
+    image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
+    if manifest.is_file() and json.loads(manifest.read_text()) == want and image_dir.is_dir() \
+            and len(os.listdir(image_dir)) == gallery_size:
+        return root, source
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "val.json").write_text(json.dumps(entries))
+    if source != "synthetic" and (REAL_VAL.parent / "test.json").is_file():
+        shutil.copy(REAL_VAL.parent / "test.json", root / "annotations" / "test.json")
+    used = {int(e["reference_img_id"]) for e in entries}
+    used |= {int(g) for e in entries for g in e["gt_img_ids"] if str(g) != ""}
+    if gallery_size < len(used):
+        raise SystemExit(f"--gallery-size {gallery_size} is smaller than the {len(used)} ids the val queries use")
+    rng = np.random.default_rng(seed)
+    pool = np.setdiff1d(np.arange(1, max(600_000, 2 * gallery_size)), np.fromiter(used, dtype=np.int64))
+    extra = rng.choice(pool, size=gallery_size - len(used), replace=False).tolist()
+    ids = sorted(used | {int(i) for i in extra})
+    write_circo_image_info(root, ids, size=(48, 32))
+    image_dir.mkdir(parents=True)
+    one = work / "one.jpg"
+    placeholder_image("bench_eval").save(one, format="JPEG", quality=90)
+    link = os.link
+    for i in ids:
+        target = image_dir / f"{i:012d}.jpg"
+        try:
+            link(one, target)
+        except OSError:  # a file system without hard links (or over the link limit): copies
+            link = shutil.copyfile
+            link(one, target)
+    manifest.write_text(json.dumps(want))
+    return root, source
+
+
+def build_models(work: Path, dim: int, text_layers: int) -> tuple[Path, Path]:
+    from checkpoint import save_network
+    from clip_loader import load_clip, save_tiny_clip
+    from models import FTI4CIR
+
+    # FTI4CIR needs the text width E == D; the visual tower stays tiny (W = 128, 17 tokens)
+    tag = f"d{dim}-t{text_layers}"
+    clip_path, net_path = work / f"tiny_clip-{tag}.pt", work / f"fti4cir-{tag}.pt"
+    if not clip_path.is_file():
+        save_tiny_clip(clip_path, seed=0, embed_dim=dim, text_width=dim, text_layers=text_layers)
+    if not net_path.is_file():
+        clip = load_clip("ViT-L/14", clip_path, device="cpu")
+        torch.manual_seed(0)
+        save_network(FTI4CIR.for_clip(clip), net_path)
+    return clip_path, net_path
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+def run_once(argv: list[str], timer: PhaseTimer, quiet: bool) -> tuple[float, dict, dict[str, float]]:
+    """One evaluate.main, as a fresh process would run it (no in-process memo of the annotations)."""
+    timer.reset()
+    datasets._circo_gallery_memo = None
+    sink = io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        metrics = evaluate.main(argv)
+    total = time.perf_counter() - t
+    return total, metrics, dict(timer.totals)
+
+
+def table(rows: list[tuple[str, float]], total: float, title: str, calls: dict[str, int]) -> str:
+    depth = {label: 0 for label, *_ in PHASES}
+    for label, _, _, parent in PHASES:
+        if parent is not None:
+            depth[label] = depth[parent] + 1
+    lines = [title, f"  {'phase':<34}{'seconds':>9}{'share':>8}"]
+    top = 0.0
+    for label, sec in rows:
+        n = calls.get(label, 0)
+        name = "  " * depth[label] + label + (f" (x{n})" if n > 1 else "")
+        lines.append(f"  {name:<34}{sec:9.3f}{100 * sec / total:7.1f}%")
+        if depth[label] == 0:
+            top += sec
+    lines.append(f"  {'other (argparse, JSON out, ...)':<34}{total - top:9.3f}{100 * (total - top) / total:7.1f}%")
+    lines.append(f"  {'TOTAL evaluate.main':<34}{total:9.3f}")
+    return "\n".join(lines)
+
+
+def token_file_check(work: Path, refs: int = 220, tokens: int = 257, width: int = 1024, dim: int = 768) -> float:
+    """Seconds to torch.load a reference-token file of ViT-L/14's size (what the tiny tower cannot show)."""
+    path = work / "vitl_tokens_check.pt"
+    torch.save({"format": features.TOKEN_CACHE_FORMAT, "key": "x", "names": [str(i) for i in range(refs)],
+                "g": torch.randn(refs, dim), "P": torch.randn(refs, tokens, width)}, path)
+    t = time.perf_counter()
+    torch.load(path, map_location="cpu", weights_only=True)
+    sec = time.perf_counter() - t
+    path.unlink()
+    return sec
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Time CIRCO validation with a warm feature cache, by phase.")
+    p.add_argument("--gallery-size", type=int, default=123_403, help="gallery images (COCO 2017 unlabeled: 123,403)")
+    p.add_argument("--dim", type=int, default=768, help="CLIP embedding size D (ViT-L/14: 768)")
+    p.add_argument("--text-layers", type=int, default=1,
+                   help="text transformer blocks of the tiny CLIP (ViT-L has 12: milliseconds for 220 queries on a "
+                        "GPU, seconds on a CPU, so few here)")
+    p.add_argument("--repeats", type=int, default=3, help="warm runs (the median is reported)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default). 1 by default: on a shared machine, small ops with "
+                        "2+ threads wait on descheduled threads (the compose phase ran 3-20x slower)")
+    p.add_argument("--batch-size", type=int, default=256, help="cold run: images per forward pass")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="cold run: DataLoader workers")
+    p.add_argument("--work-dir", default=None,
+                   help="build (and keep, for the next run) the data, models and cache here; default: a temp dir, removed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-file-check", action="store_true",
+                   help="also time loading a ViT-L/14-size reference-token file (~231 MB)")
+    p.add_argument("--verbose", action="store_true", help="show evaluate.py's own output")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here ('-': stdout)")
+    args = p.parse_args(argv)
+    if args.text_layers < 1:
+        p.error("--text-layers must be >= 1 (open_clip builds no text tower without a block)")
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    tmp = None
+    if args.work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="bench_eval_")
+        work = Path(tmp)
+    else:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        root, source = build_circo_root(work, args.gallery_size, args.seed)
+        clip_path, net_path = build_models(work, args.dim, args.text_layers)
+        setup_s = time.perf_counter() - t
+        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        print(f"CIRCO val ({source}), gallery {args.gallery_size}, D={args.dim}, device {device}, "
+              f"torch threads {torch.get_num_threads()}; data + models ready in {setup_s:.1f} s ({work})", flush=True)
+        base = ["--dataset", "circo", "--circo-path", str(root), "--clip-weights", str(clip_path),
+                "--model-path", str(net_path), "--device", str(device), "--cache-dir", str(work / "cache"),
+                "--cache-reference-tokens", "--save-path", str(work / "out"), "--no-progress"]
+        timer = PhaseTimer(device)
+        for label, module, name, _ in PHASES:
+            timer.wrap(module, name, label)
+        try:
+            cold_argv = base + ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+            for k in features.counters:
+                features.counters[k] = 0
+            cold, cold_metrics, cold_phases = run_once(cold_argv, timer, not args.verbose)
+            cold_calls = dict(timer.calls)
+            encoded = features.counters["gallery_images_encoded"]
+            warm = []
+            for _ in range(max(1, args.repeats)):
+                warm.append(run_once(base + ["--workers", "0"], timer, not args.verbose))
+            warm_calls = dict(timer.calls)
+        finally:
+            timer.restore()
+        if any(m != cold_metrics for _, m, _ in warm):
+            raise SystemExit("warm runs gave other metrics than the cold run")
+        order = [label for label, *_ in PHASES]
+        title = ("cold run (fills the caches; tiny-tower encoding, NOT a ViT-L figure):" if encoded else
+                 "first run (the caches in --work-dir were already warm: nothing encoded):")
+        print(table([(k, cold_phases.get(k, 0.0)) for k in order], cold, title, cold_calls))
+        mid = sorted(range(len(warm)), key=lambda i: warm[i][0])[len(warm) // 2]
+        w_total, _, w_phases = warm[mid]
+        print(table([(k, w_phases.get(k, 0.0)) for k in order], w_total,
+                    f"warm run (median of {len(warm)}: {', '.join(f'{w[0]:.2f}' for w in warm)} s):", warm_calls))
+        print("metrics:", ", ".join(f"{k} {v:.2f}" for k, v in cold_metrics.items()))
+        result = {"gallery_size": args.gallery_size, "dim": args.dim, "device": str(device), "val": source,
+                  "cold_s": cold, "cold_encoded_images": encoded, "cold_phases_s": cold_phases, "warm_s": [w[0] for w in warm],
+                  "warm_median_s": w_total, "warm_phases_s": w_phases, "metrics": cold_metrics}
+        if args.token_file_check:
+            result["vitl_token_file_load_s"] = token_file_check(work)
+            print(f"loading a ViT-L/14-size reference-token file (220 x 257 x 1024 fp32): "
+                  f"{result['vitl_token_file_load_s']:.3f} s")
+        if args.json == "-":
+            print(json.dumps(result, indent=2))
+        else:
+            report_json(result, args.json)
+        return result
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

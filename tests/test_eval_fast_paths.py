@@ -1,0 +1,208 @@
+"""The fast paths of a warm-cache evaluation (scripts/bench_eval.py) against the plain code they
+replace: CIRCO's lazily built gallery paths, its memoised gallery annotation, the image fingerprint
+on plain strings, and the gallery cache's joined names (older files' name lists still read)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import features
+from datasets import AnnotationFormatError, CIRCODataset, FileList
+from transforms import build_transform
+from utils import atomic_torch_save
+
+
+def _image(path: Path, seed: int, size=(24, 18)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _circo(root: Path, ids: list[int], with_images: bool = True) -> Path:
+    info = {"info": {"description": "test"}, "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]}
+    ann = root / "COCO2017_unlabeled" / "annotations"
+    ann.mkdir(parents=True, exist_ok=True)
+    (ann / "image_info_unlabeled2017.json").write_text(json.dumps(info))
+    (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True, exist_ok=True)
+    if with_images:
+        for k, i in enumerate(ids):
+            _image(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg", k)
+    queries = [{"id": 0, "reference_img_id": ids[0], "target_img_id": ids[1], "relative_caption": "is red",
+                "shared_concept": "a dog", "gt_img_ids": [ids[1], ids[2]]}]
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / "val.json").write_text(json.dumps(queries))
+    return root
+
+
+def _info_path(root: Path) -> Path:
+    return root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+
+
+def _plain_fingerprint(paths) -> str:
+    """features._images_fingerprint as it was: one hash update per file, os.stat on each Path."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(b"missing\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# FileList
+
+def test_file_list_is_the_plain_path_list(tmp_path):
+    folder = tmp_path / "imgs"
+    names = ["a.jpg", "sub/b.jpg", str(tmp_path / "elsewhere" / "c.jpg"), "d.png"]
+    plain = [folder / n for n in names]
+    fl = FileList(folder, names)
+    assert len(fl) == len(plain) and list(fl) == plain and fl == plain and fl == tuple(plain)
+    assert [fl[i] for i in range(len(fl))] == plain and fl[-1] == plain[-1] and fl[1:3] == plain[1:3]
+    assert fl != plain[:-1] and fl != list(reversed(plain)) and fl.index(plain[2]) == 2 and plain[1] in fl
+    # the strings are os.path.join's, and name the same files as the Paths (the absolute one too)
+    assert fl.strings() == [os.path.join(str(folder), n) for n in names]
+    assert [Path(s) for s in fl.strings()] == plain
+    again = pickle.loads(pickle.dumps(fl))  # DataLoader workers get a pickled dataset
+    assert again == fl and list(again) == plain
+    with pytest.raises(IndexError):
+        fl[len(names)]
+    names.append("e.jpg")  # the list was copied: the caller's list is not the dataset's
+    assert len(fl) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the CIRCO gallery annotation, parsed once for a gallery and a query dataset
+
+def test_circo_gallery_parse_and_memo(tmp_path):
+    pre = build_transform("targetpad", 32)
+    root = _circo(tmp_path / "CIRCO", [5, 17, 300, 4000, 12], with_images=False)
+    image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
+    datasets._circo_gallery_memo = None
+    g = CIRCODataset(root, "val", "gallery", pre)
+    q = CIRCODataset(root, "val", "query", pre)  # from the memo
+    for ds in (g, q):
+        assert ds.names == ["5", "17", "300", "4000", "12"]
+        assert list(ds.gallery_paths) == [image_dir / f"{i:012d}.jpg" for i in (5, 17, 300, 4000, 12)]
+    assert q.query_paths == [image_dir / f"{5:012d}.jpg"] and q.queries[0]["gt_img_ids"] == ["17", "300"]
+    g.names.append("x")  # each dataset has its own lists
+    assert CIRCODataset(root, "val", "gallery", pre).names == q.names and len(q.names) == 5
+
+    # the same size and modification time, other content: parsed again (bytes compared, not stat)
+    info = _info_path(root)
+    st = os.stat(info)
+    info.write_text(info.read_text().replace('"id": 17', '"id": 71').replace('"id": 300', '"id": 301'))
+    os.utime(info, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(info).st_size == st.st_size
+    assert CIRCODataset(root, "val", "gallery", pre).names == ["5", "71", "301", "4000", "12"]
+    with pytest.raises(AnnotationFormatError, match="not in"):  # the query's ids are gone from the gallery
+        CIRCODataset(root, "val", "query", pre)
+
+    # another root with identical bytes: its own folder
+    other = _circo(tmp_path / "other", [5, 71, 301, 4000, 12], with_images=False)
+    _info_path(other).write_bytes(info.read_bytes())
+    assert CIRCODataset(other, "val", "gallery", pre).gallery_paths[0].parent == \
+        other / "COCO2017_unlabeled" / "unlabeled2017"
+
+    # broken files are still reported, memo or not
+    info.write_text("{not json")
+    with pytest.raises(AnnotationFormatError, match="not valid JSON"):
+        CIRCODataset(root, "val", "gallery", pre)
+    info.write_text(json.dumps({"images": [{"id": 1, "file_name": 7}]}))
+    with pytest.raises(AnnotationFormatError, match="file_name"):
+        CIRCODataset(root, "val", "gallery", pre)
+    info.write_text(json.dumps({"images": [{"id": 1}]}))
+    with pytest.raises(AnnotationFormatError, match="lacks"):
+        CIRCODataset(root, "val", "gallery", pre)
+
+
+# ---------------------------------------------------------------------------------------------
+# the image fingerprint of the cache key
+
+class _ListGallery:
+    def __init__(self, paths):
+        self.gallery_paths = list(paths)
+
+
+def test_images_fingerprint_equals_the_plain_loop(tmp_path):
+    ids = [3, 1, 2, 10, 7]
+    root = _circo(tmp_path / "CIRCO", ids)
+    g = CIRCODataset(root, "val", "gallery", build_transform("targetpad", 32))
+    paths = list(g.gallery_paths)
+    (paths[2]).unlink()  # a missing file has its own line
+    fp = features._images_fingerprint(g)
+    assert fp == _plain_fingerprint(paths) == features._images_fingerprint(_ListGallery(paths))
+    assert features._images_fingerprint(_ListGallery(map(str, paths))) == fp
+    assert features._images_fingerprint(object()) is None
+
+    # an image replaced under its name (new mtime), or restored: another fingerprint each time
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    changed = features._images_fingerprint(g)
+    assert changed != fp and changed == _plain_fingerprint(paths)
+    _image(paths[2], 99)
+    restored = features._images_fingerprint(g)
+    assert restored not in (fp, changed) and restored == _plain_fingerprint(paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# the gallery cache file: names joined, older name lists still read, mmap-loaded features
+
+def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
+    root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
+    cache = tmp_path / "cache"
+    pre = build_transform("targetpad", tiny_clip.image_size)
+    c = features.counters
+
+    def run():
+        before = c["gallery_images_encoded"]
+        capsys.readouterr()
+        ds = CIRCODataset(root, "val", "gallery", pre)
+        names, feats = features.gallery_features(tiny_clip, ds, 4, 0, "cpu", "fp32", cache, progress=False)
+        return names, feats, c["gallery_images_encoded"] - before, capsys.readouterr().out
+
+    names, feats, n, _ = run()
+    assert n == 6
+    (path,) = cache.glob("*.pt")
+    obj = torch.load(path, weights_only=True)
+    assert obj["joined_names"] == "\x00".join(names) and "names" not in obj
+    names2, feats2, n, log = run()
+    assert n == 0 and "hit" in log and names2 == names and torch.equal(feats2, feats)
+
+    # writing into the returned (memory-mapped) features changes neither the file nor the next read
+    feats2.zero_()
+    _, feats3, n, _ = run()
+    assert n == 0 and torch.equal(feats3, feats)
+
+    # an older file: the names as a list, still a hit; a wrong list or joined string is not
+    del obj["joined_names"]
+    obj["names"] = list(names)
+    atomic_torch_save(obj, path)
+    _, feats4, n, log = run()
+    assert n == 0 and "hit" in log and torch.equal(feats4, feats)
+    obj["names"] = list(reversed(names))
+    atomic_torch_save(obj, path)
+    _, _, n, log = run()
+    assert n == 6 and "does not hold features" in log
+    obj = torch.load(path, weights_only=True)
+    obj["joined_names"] = "\x00".join(reversed(names))
+    atomic_torch_save(obj, path)
+    _, _, n, log = run()
+    assert n == 6 and "does not hold features" in log
+
+    # an image changed under its name: stale, recomputed
+    img = root / "COCO2017_unlabeled" / "unlabeled2017" / f"{15:012d}.jpg"
+    _image(img, 1234, size=(30, 20))
+    _, feats5, n, log = run()
+    assert n == 6 and "images_sha256" in log and not torch.equal(feats5[2], feats[2])
+    assert torch.equal(feats5[[0, 1, 3, 4, 5]], feats[[0, 1, 3, 4, 5]])
