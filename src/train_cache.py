@@ -169,10 +169,6 @@ class FeatureCache:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    @property
-    def filled_path(self) -> Path:
-        return self.folder / "filled.npy"
-
     def num_filled(self) -> int:
         return int(np.count_nonzero(self.filled))
 
