@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import open_clip  # noqa: E402
 
 from clip_loader import FrozenCLIP, build_tiny_clip, canonical_model_name  # noqa: E402
+from datasets import combine_text_features  # noqa: E402
 from models import FTI4CIR  # noqa: E402
 from reference import query_feature, training_losses  # noqa: E402
 from transforms import build_transform  # noqa: E402
@@ -110,7 +111,7 @@ def bench_training(clip, net, args, device, results):
 
     def fast_loss():
         with torch.no_grad():
-            g, P = clip.encode_image_tokens(images)
+            g, P = clip.encode_visual(images)
         return net(clip, g, P, texts)["total"]
 
     def baseline_loss():
@@ -128,7 +129,7 @@ def bench_training(clip, net, args, device, results):
     # pieces of the fast step, each timed on its own
     with autocast():
         with torch.no_grad():
-            g, P = clip.encode_image_tokens(images)
+            g, P = clip.encode_visual(images)
     pieces = {}
     pieces["visual tower (one pass, g and P)"], _ = _timed(lambda: _vis(clip, images, autocast), device, args.repeats, 1)
     pieces["attribute transformer + selection + mappers"], _ = _timed(lambda: _pw(net, g, P, autocast), device, args.repeats, 1)
@@ -171,7 +172,7 @@ def bench_training(clip, net, args, device, results):
         # same loss on the same batch (dropout off, fp32): the fast path is the faithful path
         net.eval()
         with torch.no_grad():
-            fast = float(net(clip, *clip.encode_image_tokens(images), texts)["total"])
+            fast = float(net(clip, *clip.encode_visual(images), texts)["total"])
             base = float(training_losses(net, clip, images, subjects, attributes)["total"])
         net.train()
         res.update(loss_fast_fp32=fast, loss_baseline_fp32=base)
@@ -180,7 +181,7 @@ def bench_training(clip, net, args, device, results):
 
 def _vis(clip, images, autocast):
     with autocast(), torch.no_grad():
-        return clip.encode_image_tokens(images)
+        return clip.encode_visual(images)
 
 
 def _pw(net, g, P, autocast):
@@ -198,12 +199,12 @@ def bench_inference(clip, net, args, device, results):
 
     def query():
         with torch.no_grad():
-            g, P = clip.encode_image_tokens(images)
-            return net.query_features(clip, g, P, texts)
+            g, P = clip.encode_visual(images)
+            return combine_text_features(net.compose(clip, g, P, [(t,) for t in texts]))
 
     def query_baseline():
         with torch.no_grad():
-            g, P = clip.encode_image_tokens(images)
+            g, P = clip.encode_visual(images)
             g2 = clip.model.encode_image(images)  # the authors' second visual pass
             return torch.stack([query_feature(net, clip, g2[b], P[b], texts[b]) for b in range(B)])
 
@@ -212,11 +213,11 @@ def bench_inference(clip, net, args, device, results):
             return clip.encode_image(images)
 
     with torch.no_grad():
-        g_ref, P_ref = clip.encode_image_tokens(images)
+        g_ref, P_ref = clip.encode_visual(images)
 
     def query_from_tokens():  # --cache-reference-tokens: the references' tower outputs are already there
         with torch.no_grad():
-            return net.query_features(clip, g_ref, P_ref, texts)
+            return combine_text_features(net.compose(clip, g_ref, P_ref, [(t,) for t in texts]))
 
     t_q, q = _timed(query, device, args.repeats, 1)
     t_qt, _ = _timed(query_from_tokens, device, args.repeats, 1)
@@ -374,7 +375,7 @@ def count_step(clip, net, fast: bool, images, subjects, attributes) -> dict:
     def loss():
         if fast:  # bench_training's fast_loss
             with torch.no_grad():
-                g, P = clip.encode_image_tokens(images)
+                g, P = clip.encode_visual(images)
             return net(clip, g, P, texts)["total"]
         return training_losses(net, clip, images, subjects, attributes)["total"]
 

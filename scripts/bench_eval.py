@@ -49,9 +49,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import datasets  # noqa: E402
+import cli  # noqa: E402
 import evaluate  # noqa: E402
+import evaluation  # noqa: E402
 import features  # noqa: E402
+import gallery_cache  # noqa: E402
+import metrics  # noqa: E402
+from clip_loader import FrozenCLIP  # noqa: E402
 from make_toy_data import placeholder_image, write_circo_image_info  # noqa: E402
 from utils import report_json  # noqa: E402
 
@@ -62,18 +66,19 @@ WORDS = "red blue dog cat two three bigger smaller remove add wooden outdoor dar
 
 # (label, module, function, parent label): the phases timed by wrapping these functions.
 PHASES = [
-    ("load CLIP", evaluate, "clip_from_args", None),
-    ("load network", evaluate, "load_model", None),
-    ("datasets (annotation JSONs)", evaluate, "open_dataset", None),
-    ("gallery_features", evaluate, "gallery_features", None),
-    ("cache key (meta)", features, "gallery_cache_meta", "gallery_features"),
-    ("image stats", features, "_images_fingerprint", "cache key (meta)"),
-    ("CLIP weights hash", features, "_clip_fingerprint", "cache key (meta)"),
-    ("read gallery cache", features, "_read_cache", "gallery_features"),
-    ("read token cache", features, "_read_token_cache", "gallery_features"),
-    ("compose queries", evaluate, "query_features", None),
-    ("CIRCO metrics", evaluate, "circo_metrics", None),
-    ("similarity + top-50", evaluate.M, "topk_indices", "CIRCO metrics"),
+    ("load CLIP", cli, "clip_from_args", None),
+    ("load network", cli, "load_model", None),
+    ("datasets (annotation JSONs)", evaluation, "open_benchmark", None),
+    ("gallery_features", evaluation, "gallery_features", None),
+    ("cache key (meta)", features, "cache_meta", "gallery_features"),
+    ("image stats", gallery_cache, "images_fingerprint", "cache key (meta)"),
+    ("CLIP weights hash", FrozenCLIP, "fingerprint", "cache key (meta)"),
+    ("read gallery cache", gallery_cache.GalleryCache, "read", "gallery_features"),
+    ("read token cache", gallery_cache.GalleryCache, "read_references", "gallery_features"),
+    ("encode gallery", features, "encode_gallery", "gallery_features"),
+    ("compose queries", evaluation, "query_features", None),
+    ("CIRCO metrics", evaluation, "circo_metrics", None),
+    ("similarity + top-50", metrics, "topk_indices", "CIRCO metrics"),
 ]
 
 
@@ -199,9 +204,8 @@ def build_models(work: Path, dim: int, text_layers: int) -> tuple[Path, Path]:
 # runs
 
 def run_once(argv: list[str], timer: PhaseTimer, quiet: bool) -> tuple[float, dict, dict[str, float]]:
-    """One evaluate.main, as a fresh process would run it (no in-process memo of the annotations)."""
+    """One evaluate.main, as a fresh process would run it."""
     timer.reset()
-    datasets._circo_gallery_memo = None
     sink = io.StringIO()
     t = time.perf_counter()
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
@@ -231,7 +235,7 @@ def table(rows: list[tuple[str, float]], total: float, title: str, calls: dict[s
 def token_file_check(work: Path, refs: int = 220, tokens: int = 257, width: int = 1024, dim: int = 768) -> float:
     """Seconds to torch.load a reference-token file of ViT-L/14's size (what the tiny tower cannot show)."""
     path = work / "vitl_tokens_check.pt"
-    torch.save({"format": features.TOKEN_CACHE_FORMAT, "key": "x", "names": [str(i) for i in range(refs)],
+    torch.save({"format": gallery_cache.TOKEN_CACHE_FORMAT, "key": "x", "names": [str(i) for i in range(refs)],
                 "g": torch.randn(refs, dim), "P": torch.randn(refs, tokens, width)}, path)
     t = time.perf_counter()
     torch.load(path, map_location="cpu", weights_only=True)
@@ -290,11 +294,9 @@ def main(argv=None) -> dict:
             timer.wrap(module, name, label)
         try:
             cold_argv = base + ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-            for k in features.counters:
-                features.counters[k] = 0
             cold, cold_metrics, cold_phases = run_once(cold_argv, timer, not args.verbose)
             cold_calls = dict(timer.calls)
-            encoded = features.counters["gallery_images_encoded"]
+            encoded = args.gallery_size if cold_calls.get("encode gallery") else 0
             warm = []
             for _ in range(max(1, args.repeats)):
                 warm.append(run_once(base + ["--workers", "0"], timer, not args.verbose))

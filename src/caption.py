@@ -1,4 +1,4 @@
-"""Caption the ImageNet test images with BLIP and write the training pairs of SPEC 8.
+"""Caption the ImageNet test images with BLIP and write the training pairs of METHOD §8.
 
     python src/caption.py --imagenet-path ./data/ImageNet            # one GPU (or CPU)
     torchrun --nproc-per-node 8 src/caption.py --imagenet-path ...   # one shard per GPU
@@ -25,18 +25,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, SpacyUnavailable, Tagger, build_pairs
-from datasets import ImageLoadError, load_image
+from cli import FlagParser, script_main
+from datasets import IMAGENET_FILE_RE, DatasetLayoutError, ImageLoadError, imagenet_file_name, load_image
+from errors import ConfigError, UserError
+from logs import get_logger
+from precision import DTYPES, weights_dtype
 from transforms import build_transform
 from utils import atomic_write_json, resolve_device
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # HF port of BLIP ViT-B, CapFilt-L
 PROMPT = "a picture of "  # BLIP's captioning prompt; stripped from every caption
-IMAGE_RE = re.compile(r"^ILSVRC2012_test_(\d{8})\.JPEG$")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+log = get_logger("caption")
 
 
-def image_name(img_id: str) -> str:
-    return f"ILSVRC2012_test_{img_id}.JPEG"
+class CaptionError(UserError):
+    """The progress files do not allow the step asked for (the message says what to run)."""
 
 
 # ----------------------------------------------------------------------------- image ids, shards
@@ -45,13 +49,13 @@ def discover_ids(imagenet_path: Path, limit: int | None = None) -> list[str]:
     """Sorted 8-digit ids of `<imagenet_path>/test/ILSVRC2012_test_XXXXXXXX.JPEG`, the first `limit`."""
     folder = Path(imagenet_path) / "test"
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise DatasetLayoutError(
             f"image folder {folder} not found: --imagenet-path must hold test/ILSVRC2012_test_XXXXXXXX.JPEG "
             "(the ILSVRC2012 test set, see the README's data layout)"
         )
-    ids = sorted(m.group(1) for m in map(IMAGE_RE.match, os.listdir(folder)) if m)
+    ids = sorted(m.group(1) for m in map(IMAGENET_FILE_RE.match, os.listdir(folder)) if m)
     if not ids:
-        raise FileNotFoundError(f"no ILSVRC2012_test_XXXXXXXX.JPEG files in {folder}")
+        raise DatasetLayoutError(f"no ILSVRC2012_test_XXXXXXXX.JPEG files in {folder}")
     return ids[:limit] if limit is not None else ids
 
 
@@ -61,7 +65,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise SystemExit(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
+        raise ConfigError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -96,7 +100,7 @@ def read_progress(out: Path) -> Progress:
                 rec = json.loads(line)
                 img_id = rec["img_id"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: not a caption record ({err}); fix or delete that line") from err
+                raise CaptionError(f"{path}:{n}: not a caption record ({err}); fix or delete that line") from err
             if "caption" in rec:
                 captions.setdefault(img_id, rec["caption"])
             else:
@@ -139,7 +143,7 @@ class ImageNetTestImages(Dataset):
 
     def __getitem__(self, index: int):
         img_id = self.ids[index]
-        path = self.folder / image_name(img_id)
+        path = self.folder / imagenet_file_name(img_id)
         try:
             image = load_image(path)
         except ImageLoadError as err:
@@ -168,7 +172,7 @@ def load_blip(name: str, device: torch.device, dtype: torch.dtype):
         model = BlipForConditionalGeneration.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise SystemExit(
+        raise ConfigError(
             f"cannot load BLIP from {name!r} ({err}). Pass --blip-model a folder written by "
             "save_pretrained (model + tokenizer) or a hub id this machine can download."
         ) from err
@@ -177,7 +181,7 @@ def load_blip(name: str, device: torch.device, dtype: torch.dtype):
 
 
 class Captioner:
-    """Batched BLIP beam-search captioning with the authors' settings (SPEC 8)."""
+    """Batched BLIP beam-search captioning with the authors' settings (METHOD §8)."""
 
     def __init__(self, model, tokenizer, prompt: str = PROMPT, num_beams: int = 3,
                  min_length: int = 10, max_length: int = 25):
@@ -217,13 +221,6 @@ def strip_prompt(text: str, prompt: str) -> str:
     return text.strip()
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # fp16 keeps 3 more mantissa bits than bf16, so beam search stays closer to fp32.
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 # ----------------------------------------------------------------------------- merge
 
 def merge(out: Path, progress: Progress, ids: list[str] | None, tagger: Tagger,
@@ -233,20 +230,20 @@ def merge(out: Path, progress: Progress, ids: list[str] | None, tagger: Tagger,
         ids = sorted(set(progress.captions) | set(progress.errors))
     missing = [i for i in ids if i not in progress.captions and i not in progress.errors]
     if missing:
-        raise SystemExit(
+        raise CaptionError(
             f"{len(missing)} of {len(ids)} images have no caption in {out}.partial*.jsonl "
-            f"(first: {image_name(missing[0])}); run src/caption.py without --split-only to caption them"
+            f"(first: {imagenet_file_name(missing[0])}); run src/caption.py without --split-only to caption them"
         )
     bad = [i for i in ids if i not in progress.captions]
     if bad and not skip_bad:
-        raise SystemExit(
+        raise CaptionError(
             f"{len(bad)} images were recorded as unreadable (first: {progress.errors[bad[0]]}); "
             "fix them and rerun, or pass --skip-bad-images to leave them out"
         )
     pairs, counts = build_pairs({i: progress.captions[i] for i in ids if i in progress.captions}, tagger)
     atomic_write_json(pairs, out)
     counts["bad_images"] = len(bad)
-    print(f"wrote {out}: {counts['pairs']} pairs from {counts['captions']} captions "
+    log.info(f"wrote {out}: {counts['pairs']} pairs from {counts['captions']} captions "
           f"({counts['short']} under 4 words, {counts['no_noun']} without a noun, "
           f"{counts['dropped_equal']} dropped as subject == attribute, {len(bad)} unreadable images)")
     return counts
@@ -261,10 +258,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--imagenet-path", "--imagenet_path", type=Path, default=Path("./data/ImageNet"),
+def build_parser() -> FlagParser:
+    p = FlagParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--imagenet-path", type=Path, default=Path("./data/ImageNet"),
                    help="folder holding test/ILSVRC2012_test_XXXXXXXX.JPEG")
     p.add_argument("--out", type=Path, default=None, help="merged pairs JSON (default <imagenet-path>/pairs.json)")
     p.add_argument("--limit", type=positive_int, default=None, help="caption only the first N ids (sorted)")
@@ -291,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@script_main
 def main(argv=None, tagger: Tagger | None = None) -> dict:
     """Run the caption step; `tagger` replaces spaCy (tests). Returns a summary dict."""
     args = build_parser().parse_args(argv)
     if args.split_only and args.caption_only:
-        raise SystemExit("--split-only and --caption-only exclude each other")
+        raise ConfigError("--split-only and --caption-only exclude each other")
     out = args.out if args.out is not None else args.imagenet_path / "pairs.json"
     need_split = not args.caption_only
     if need_split and tagger is None:
@@ -304,13 +301,13 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
         except SpacyUnavailable as err:
             hint = "" if args.split_only else (
                 " Or caption now with --caption-only and split later with --split-only where spaCy is installed.")
-            raise SystemExit(f"{err}{hint}") from err
+            raise ConfigError(f"{err}{hint}") from err
 
     if args.split_only:
         has_images = (args.imagenet_path / "test").is_dir()
         ids = discover_ids(args.imagenet_path, args.limit) if has_images else None
         if ids is None:
-            print(f"{args.imagenet_path / 'test'} not found: splitting every recorded caption")
+            log.info(f"{args.imagenet_path / 'test'} not found: splitting every recorded caption")
         return {"merged": merge(out, read_progress(out), ids, tagger, args.skip_bad_images)}
 
     ids = discover_ids(args.imagenet_path, args.limit)
@@ -320,7 +317,7 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
     accepted = done.captions.keys() | (done.errors.keys() if args.skip_bad_images else set())
     todo = [i for i in mine if i not in accepted]
     own_file = progress_path(out, shard, num_shards)
-    print(f"shard {shard}/{num_shards}: {len(mine)} images, {len(mine) - len(todo)} already captioned, "
+    log.info(f"shard {shard}/{num_shards}: {len(mine)} images, {len(mine) - len(todo)} already captioned, "
           f"{len(todo)} to go -> {own_file}")
 
     summary = {"captioned": 0, "skipped": [], "seconds": 0.0}
@@ -330,18 +327,18 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
     progress = read_progress(out)
     skipped = [progress.errors[i] for i in mine if i not in progress.captions and i in progress.errors]
     if skipped:
-        print(f"skipped {len(skipped)} unreadable images (recorded as such in the progress files):")
+        log.info(f"skipped {len(skipped)} unreadable images (recorded as such in the progress files):")
         for reason in skipped:
-            print(f"  {reason}")
+            log.info(f"  {reason}")
     summary["skipped"] = skipped
     left = [i for i in ids if i not in progress.captions and i not in progress.errors]
     if left:
         then = "run --split-only" if args.caption_only else "the last shard to finish writes the pairs"
-        print(f"{len(left)} images still have no caption (other shards); once they have, {then}")
+        log.info(f"{len(left)} images still have no caption (other shards); once they have, {then}")
     elif need_split:
         summary["merged"] = merge(out, progress, ids, tagger, args.skip_bad_images)
     else:
-        print(f"all {len(ids)} images captioned; split them with --split-only")
+        log.info(f"all {len(ids)} images captioned; split them with --split-only")
     return summary
 
 
@@ -354,10 +351,10 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, tokenizer = load_blip(args.blip_model, device, pick_dtype(args.dtype, device))
+    model, tokenizer = load_blip(args.blip_model, device, weights_dtype(args.dtype, device))
     model_size = model.config.vision_config.image_size
     if model_size != args.image_size:
-        raise SystemExit(f"--image-size {args.image_size} differs from the BLIP model's {model_size}; "
+        raise ConfigError(f"--image-size {args.image_size} differs from the BLIP model's {model_size}; "
                          f"pass --image-size {model_size}")
     captioner = Captioner(model, tokenizer, num_beams=args.num_beams,
                           min_length=args.min_length, max_length=args.max_length)
@@ -378,7 +375,7 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
             count += len(batch_ids)
             bar.update(len(batch_ids) + len(bad))
     seconds = time.perf_counter() - start
-    print(f"captioned {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
+    log.info(f"captioned {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.2f} images/s)")
     return {"captioned": count, "seconds": seconds}
 
 

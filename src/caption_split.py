@@ -1,4 +1,4 @@
-"""Split a BLIP caption into a (subject, attribute) pair (SPEC 8), quirks included.
+"""Split a BLIP caption into a (subject, attribute) pair (METHOD §8), quirks included.
 
 A *tagger* is any callable `text -> list of (word, pos)` with Universal POS tags (spaCy's
 `token.pos_`). It may also offer `pipe(texts) -> iterable of such lists`, which is used to tag many
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
+from errors import UserError
+
 Tagged = list[tuple[str, str]]
 Tagger = Callable[[str], Tagged]
 
@@ -16,7 +18,7 @@ DEFAULT_SPACY_MODEL = "en_core_web_sm"
 MIN_WORDS = 4  # captions with fewer whitespace words are not POS-tagged (rule 2)
 
 
-class SpacyUnavailable(RuntimeError):
+class SpacyUnavailable(UserError, RuntimeError):
     """spaCy or its English model is not installed."""
 
 
@@ -47,7 +49,7 @@ def split_tagged(caption: str, tagged: Sequence[tuple[str, str]]) -> tuple[str, 
 
 
 def split_caption(caption: str, tagger: Tagger) -> tuple[str, str]:
-    """Rules 1-3 of SPEC 8 for one caption. Rule 4 (drop subject == attribute) is the caller's."""
+    """Rules 1-3 of METHOD §8 for one caption. Rule 4 (drop subject == attribute) is the caller's."""
     caption = drop_trailing_repeats(caption)
     if len(caption.split()) < MIN_WORDS:
         return caption, caption
@@ -110,7 +112,7 @@ def load_spacy(model: str = DEFAULT_SPACY_MODEL):
         import spacy
     except ImportError as err:
         raise SpacyUnavailable(
-            "spaCy is not installed; the caption split needs it (SPEC 8). Install it with "
+            "spaCy is not installed; the caption split needs it (docs/METHOD.md §8). Install it with "
             f"`pip install spacy` and its English model with `python -m spacy download {model}` "
             "(the model is not on PyPI; the download needs network access)."
         ) from err

@@ -1,4 +1,5 @@
-"""FTI4CIR checkpoints: this repository's format, and the authors' released file.
+"""FTI4CIR checkpoints: this repository's format, the authors' released file, and the pieces of a
+training checkpoint besides the weights (every process's random-number state, linking files).
 
 This repo's format is a plain dict, loadable with `torch.load(weights_only=True)`:
 `{"format": "fti4cir", "format_version": 1, "config": {...FTI4CIRConfig...}, "state_dict": {...}}`;
@@ -11,14 +12,19 @@ this repo's names explicitly, with shape checks.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import random
+import shutil
 import types
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from errors import UserError
 from models import FTI4CIR, FTI4CIRConfig
 from utils import atomic_torch_save
 
@@ -26,7 +32,7 @@ FORMAT = "fti4cir"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what was expected."""
 
 
@@ -96,6 +102,42 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
         net = build_network(obj["config"], obj["state_dict"], path)
         info = {"format": FORMAT, "config": obj["config"], **{k: obj[k] for k in ("epoch", "global_step") if k in obj}}
     return net.to(device).eval(), info
+
+
+# ---------------------------------------------------------------------------------------------
+# training state besides the weights
+
+def capture_rng(device: torch.device) -> dict:
+    """This process's random streams (torch, Python, NumPy, CUDA), as plain lists and tensors so that a
+    checkpoint holding them still loads with weights_only=True."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    """Puts back what capture_rng took."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if torch.device(device).type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src, atomically (a hard link, else a copy), without a second torch.save."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,21 @@
-"""Command-line pieces shared by every script: one parser class, the CLIP flags, the device flag."""
+"""Command-line pieces shared by the scripts: the parser class, the flag groups several scripts take
+(CLIP, device, dataset roots, evaluation), turning parsed flags into library objects, and the script
+boundary that turns a `UserError` into one `error: ...` line."""
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
+from pathlib import Path
+from typing import Sequence
 
-from clip_loader import CLIP_FORMATS, ClipLoadError, load_clip
+from clip_loader import CLIP_FORMATS, load_clip
+from datasets import BENCHMARKS, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
+from errors import ConfigError, UserError
+from logs import get_logger, setup_logging
+
+log = get_logger("cli")
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -31,6 +42,24 @@ class FlagParser(argparse.ArgumentParser):
         return super().parse_known_args(self._normalise(args), namespace)
 
 
+def script_main(main):
+    """The script boundary: a `UserError` raised anywhere below `main` ends the script with
+    `error: <message>` (exit status 1) instead of a traceback; the log goes to stdout."""
+
+    @functools.wraps(main)
+    def run(argv=None, *args, **kwargs):
+        setup_logging()
+        try:
+            return main(argv, *args, **kwargs)
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP and device
+
 def add_clip_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("CLIP")
     g.add_argument("--clip-model", "--model", "--clip_model_name", dest="clip_model", default="ViT-L/14",
@@ -47,8 +76,142 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def clip_from_args(args, device):
-    """load_clip from the CLIP flags; a loading problem exits with its message (no traceback)."""
+    """load_clip from the CLIP flags (a loading problem is a ClipLoadError, a UserError)."""
+    return load_clip(args.clip_model, args.clip_weights, device=device, clip_format=args.clip_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset roots
+
+ROOT_FLAGS = {"imagenet": ("--imagenet-path", "--ImageNetPath"), "fashioniq": ("--fashioniq-path", "--Fashion_IQ_path"),
+              "cirr": ("--cirr-path", "--CIRR_path"), "circo": ("--circo-path", "--CIRCO_path")}
+ROOT_HELP = {"imagenet": "ImageNet root (test/ILSVRC2012_test_XXXXXXXX.JPEG)",
+             "fashioniq": "FashionIQ root (captions/, image_splits/, dress/, shirt/, toptee/)",
+             "cirr": "CIRR root (dev/, test1/, cirr/captions, cirr/image_splits)",
+             "circo": "CIRCO root (annotations/, COCO2017_unlabeled/)"}
+
+
+def add_root_args(parser, names: Sequence[str] = BENCHMARKS, defaults: dict | None = None) -> None:
+    """`--<name>-path` for each dataset in `names` (the authors' spellings as aliases)."""
+    group = parser.add_argument_group("dataset roots (layouts: README)")
+    for name in names:
+        default = DEFAULT_ROOTS[name] if defaults is None else defaults.get(name)
+        group.add_argument(*ROOT_FLAGS[name], dest=f"{name}_path", default=default, help=ROOT_HELP[name])
+
+
+def dataset_root(args, name: str) -> Path:
+    """The root folder `args` give for dataset `name`, which must exist."""
+    root = Path(getattr(args, f"{name}_path"))
+    if not root.is_dir():
+        raise ConfigError(f"{name} root {root} not found; pass {ROOT_FLAGS[name][0]} (the layout is in the README)")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation (evaluate.py and test.py)
+
+def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BENCHMARKS,
+                  default_save_path: str = "./results") -> None:
+    """The flags evaluate.py and test.py share (the authors' spellings accepted as aliases)."""
+    from features import BASELINES
+    from gallery_cache import DEFAULT_CACHE_DIR
+    from precision import PRECISIONS
+    from transforms import PREPROCESS_TYPES
+
+    parser.add_argument("--dataset", required=True, type=str.lower, choices=list(datasets), help="benchmark")
+    add_root_args(parser)
+    parser.add_argument("--categories", nargs="+", choices=list(FASHIONIQ_CATEGORIES), default=list(FASHIONIQ_CATEGORIES),
+                        help="FashionIQ categories, each evaluated on its own gallery; 'average' is their mean")
+    parser.add_argument("--save-examples", type=int, default=0, metavar="N",
+                        help="also draw N queries per benchmark (reference, text, top-5, target framed) as a PNG grid "
+                             "in <save-path>/examples/")
+    parser.add_argument("--model-path", default=None,
+                        help="FTI4CIR checkpoint: this repo's (src/train.py) or the authors' released file")
+    parser.add_argument("--baseline", choices=list(BASELINES), default=None,
+                        help="instead of the model: the reference image's CLIP embedding (image-only) or CLIP's "
+                             "embedding of the modification text (text-only); no --model-path needed")
+    add_clip_args(parser)
+    parser.add_argument("--preprocess-type", choices=list(PREPROCESS_TYPES), default="targetpad",
+                        help="image preprocessing: targetpad (ratio 1.25, the authors') or CLIP's own")
+    parser.add_argument("--save-path", default=default_save_path, help="folder for the output files")
+    add_device_arg(parser)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--workers", "--num-workers", dest="workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader worker processes (0: load in the main process); default min(8, CPUs)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="fp32: no autocast, the authors' inference; tf32: TF32 tensor cores (CUDA); "
+                             "bf16 (CUDA, CPU) / fp16 (CUDA): autocast, faster, rankings may differ slightly")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
+                        help="gallery features are cached here, keyed by CLIP weights, preprocessing, gallery "
+                             "and precision")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the gallery cache")
+    parser.add_argument("--cache-reference-tokens", action="store_true",
+                        help="keep the reference images' visual-tower outputs (g and the last block's tokens, fp32: "
+                             "~1 MB per reference for ViT-L/14, 2.2 GB for CIRR val) from the gallery pass, in memory and "
+                             "in --cache-dir, so composing the queries needs no visual pass (the next checkpoint: none at all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def eval_config_from_args(args, device, split: str = "val"):
+    """The EvalConfig that evaluate.py's / test.py's flags describe."""
+    from evaluation import EvalConfig
+    from features import Encoding
+
+    encoding = Encoding(batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
+                        progress=not args.no_progress)
+    return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type, encoding=encoding,
+                      cache_dir=None if args.no_cache else args.cache_dir, baseline=args.baseline,
+                      reference_tokens=args.cache_reference_tokens, examples=getattr(args, "save_examples", 0),
+                      examples_dir=Path(args.save_path) / "examples")
+
+
+def load_model(args, clip, device):
+    """The FTI4CIR network of --model-path, checked against CLIP; None for a baseline."""
+    from checkpoint import load_network
+
+    if args.baseline is not None:
+        if args.model_path:
+            log.info(f"--baseline {args.baseline}: --model-path {args.model_path} is not used")
+        return None
+    if not args.model_path:
+        raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
+                          "image-only|text-only is given")
+    net, info = load_network(args.model_path, device)
     try:
-        return load_clip(args.clip_model, args.clip_weights, device=device, clip_format=args.clip_format)
-    except ClipLoadError as e:
-        raise SystemExit(f"error: {e}")
+        net.check_clip(clip)
+    except ValueError as e:
+        raise ConfigError(f"--model-path {args.model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
+                          f"Pass the --clip-model/--clip-weights it was trained with") from e
+    extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
+    log.info(f"model: {args.model_path} ({info['format']} format{extra})")
+    return net
+
+
+def eval_setup(args):
+    """Device, precision check, CLIP and network (None for a baseline) from evaluate.py's / test.py's
+    flags; the dataset root is checked before CLIP is loaded."""
+    from precision import check_precision
+    from utils import resolve_device
+
+    device = resolve_device(args.device)
+    check_precision(args.precision, device)
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    dataset_root(args, args.dataset)
+    clip = clip_from_args(args, device)
+    return device, clip, load_model(args, clip, device)
+
+
+def write_validation_metrics(args, clip, net, device) -> dict[str, float]:
+    """The validation metrics evaluate.py's flags ask for, printed as a table and written as
+    `<save-path>/metrics_<dataset>[_<baseline>].json`."""
+    from evaluation import evaluate, format_table, metrics_path
+    from utils import atomic_write_json
+
+    metrics = evaluate(net, clip, args.dataset, dataset_root(args, args.dataset), eval_config_from_args(args, device))
+    what = f"baseline {args.baseline}" if args.baseline else f"model {args.model_path}"
+    print(f"\n{args.dataset} val, {what}, precision {args.precision}\n{format_table(args.dataset, metrics)}", flush=True)
+    path = metrics_path(args.save_path, args.dataset, args.baseline)
+    atomic_write_json(metrics, path)
+    log.info(f"wrote {path}")
+    return metrics

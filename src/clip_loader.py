@@ -1,12 +1,14 @@
 """Loading the frozen CLIP that FTI4CIR works over, and the few entry points into it that the method
-needs (SPEC 1 and 5): one visual pass giving both the global feature `g` and the last block's tokens
-`P`, and a text pass that starts from token embeddings (so pseudo-words can be put in).
+needs (METHOD §1 and §5): one visual pass giving both the global feature `g` and the visual tokens
+`P` (the last block's output), and a text pass that starts from token embeddings (so pseudo-words can
+be put in).
 
 Every script loads CLIP through `load_clip`; the network itself never holds CLIP, so CLIP is never
 inside DDP or the network's state dict.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import warnings
@@ -20,6 +22,8 @@ import open_clip
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
 from open_clip.tokenizer import SimpleTokenizer
 
+from errors import UserError
+
 # OpenAI spelling -> open_clip spelling. Anything else is taken as an open_clip name.
 _OPENAI_NAMES = {
     "ViT-B/32": "ViT-B-32",
@@ -31,7 +35,7 @@ CLIP_FORMATS = ("auto", "openai", "open_clip")
 STAR = "*"
 
 
-class ClipLoadError(RuntimeError):
+class ClipLoadError(UserError, RuntimeError):
     """CLIP weights could not be found or read; the message says what to pass."""
 
 
@@ -67,12 +71,32 @@ class FrozenCLIP(nn.Module):
         if len(star) != 1:
             raise ClipLoadError(f"the tokenizer splits {STAR!r} into {star}; the method needs one token")
         self.star_id = star[0]
+        self._fingerprint: dict | None = None
         self.train(False)
 
     def train(self, mode: bool = True):  # CLIP stays in eval mode whatever its owner does
         return super().train(False)
 
-    # sizes (SPEC symbols)
+    def fingerprint(self) -> dict:
+        """What features computed with this CLIP depend on, for the caches' keys: where the weights came
+        from, the weights file's size and modification time when they came from a file, a hash of a few
+        visual weights (catches weights swapped under an unchanged name, hub weights included) and the
+        input size."""
+        if self._fingerprint is None:
+            info = {"source": str(self.source)}
+            _, _, path = info["source"].partition(":")
+            if path and os.path.isfile(path):
+                st = os.stat(path)
+                info.update(weights_size=st.st_size, weights_mtime_ns=st.st_mtime_ns)
+            v = self.model.visual
+            h = hashlib.sha256()
+            for t in (v.proj, v.class_embedding, v.conv1.weight, v.ln_post.weight):
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            info.update(visual_weights_sha256=h.hexdigest(), image_size=self.image_size)
+            self._fingerprint = info
+        return dict(self._fingerprint)
+
+    # sizes (METHOD's symbols)
     @property
     def embed_dim(self) -> int:  # D
         return self.model.text_projection.shape[1]
@@ -99,8 +123,8 @@ class FrozenCLIP(nn.Module):
         return self.model.token_embedding.weight.device
 
     # image side
-    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of the visual tower: `g` [B, D] (not normalised) and `P` [B, N+1, W].
+    def encode_visual(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the visual tower: `g` [B, D] (not normalised) and the visual tokens `P` [B, N+1, W].
 
         `P` is the output of the last transformer block, before `ln_post` (code: the authors run every
         block, the last one too); `g` is `ln_post(P[:, 0]) @ proj`, exactly what `encode_image` gives.
@@ -112,12 +136,12 @@ class FrozenCLIP(nn.Module):
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
         x = v.ln_pre(x)
-        tokens = v.transformer(x)
-        g = v.ln_post(tokens[:, 0]) @ v.proj
-        return g, tokens
+        P = v.transformer(x)
+        g = v.ln_post(P[:, 0]) @ v.proj
+        return g, P
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode_image_tokens(images)[0]
+        return self.encode_visual(images)[0]
 
     # text side
     def tokenize(self, texts: list[str]) -> torch.Tensor:

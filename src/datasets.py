@@ -1,15 +1,17 @@
-"""Datasets of the four benchmarks used by FTI4CIR (SPEC 8, 11): dict samples, clear layout errors.
+"""Datasets of the four benchmarks used by FTI4CIR (METHOD §8, §11): dict samples, clear layout errors.
 
 Every class reads its annotation files once, at construction, and exposes the metadata without
 loading any image, so evaluation code never iterates a dataset to collect names:
 
 - `.names`    list[str], the split's gallery names (FashionIQ/CIRR names, CIRCO image ids as str,
               ImageNet pair img_ids), in gallery order (the order of gallery samples);
-- `.queries`  (query mode only) list of dicts, the query samples without their image.
+- `.queries`  (query mode only) list of dicts, the query samples without their image;
+- `.query_texts(query)` the text(s) a query's modification is written in (METHOD §10): FashionIQ's
+              two sentences built from its two captions, CIRR's and CIRCO's relative caption.
 
 `mode='gallery'` samples are `{"image", "name"}`; `mode='query'` samples are the `.queries` dict plus
 `"reference_image"`. Images are opened with PIL and passed as opened to `preprocess` (the targetpad
-transform converts to RGB itself after padding, SPEC 9). Folders and annotation files are checked at
+transform converts to RGB itself after padding, METHOD §9). Folders and annotation files are checked at
 construction (`DatasetLayoutError`, with the expected layout); individual image files when loaded
 (`ImageLoadError`, naming the file).
 """
@@ -17,15 +19,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from errors import UserError
+
 MODES = ("gallery", "query")
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+BENCHMARKS = ("fashioniq", "cirr", "circo")
+# the folders every script looks in when no root flag is given
+DEFAULT_ROOTS = {"imagenet": "./data/ImageNet", "fashioniq": "./data/FashionIQ", "cirr": "./data/CIRR",
+                 "circo": "./data/CIRCO"}
+IMAGENET_FILE_RE = re.compile(r"^ILSVRC2012_test_(\d{8})\.JPEG$")
 
 FASHIONIQ_LAYOUT = """\
 FashionIQ/
@@ -57,16 +68,41 @@ ImageNet/
 (plus the pairs JSON: a list of {"img_id": "00000001", "subject": "...", "attribute": "..."})"""
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset root, annotation file or image folder is missing."""
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(UserError, ValueError):
     """An annotation file exists but does not hold what the benchmark's format says."""
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(UserError, OSError):
     """An image file is missing or cannot be decoded."""
+
+
+def imagenet_file_name(img_id: str) -> str:
+    """The file of an ImageNet test image: `ILSVRC2012_test_<8-digit id>.JPEG`."""
+    return f"ILSVRC2012_test_{img_id}.JPEG"
+
+
+def fashioniq_texts(caption_1: str, caption_2: str) -> tuple[str, str]:
+    """FashionIQ's two modification texts for one query from its two captions (METHOD §10; Python's
+    `capitalize`, which also lower-cases the rest, as the authors' code (code))."""
+    c1 = caption_1.strip(".?, ")
+    c2 = caption_2.strip(".?, ")
+    return f"{c1.capitalize()} and {c2}", f"{c2} and {c1}"
+
+
+def combine_text_features(f: torch.Tensor) -> torch.Tensor:
+    """One L2-normalised float32 feature per query from its texts' features f [Q, T, D] (METHOD §10):
+    each text's feature normalised; with several texts, their mean normalised again."""
+    n = F.normalize(f.float(), dim=-1)
+    if n.shape[1] == 1:
+        return n[:, 0]
+    total = n[:, 0]
+    for t in range(1, n.shape[1]):
+        total = total + n[:, t]
+    return F.normalize(total / n.shape[1], dim=-1)
 
 
 def load_image(path) -> Image.Image:
@@ -148,6 +184,17 @@ class _Base(Dataset):
         """Reference image file of every query, in the order of `.queries`."""
         return self._query_paths if self.mode == "query" else []
 
+    @property
+    def label(self) -> str:
+        """e.g. 'cirr-val', 'fashioniq-val-dress', 'circo-test' (for logs and cache file names)."""
+        parts = [type(self).__name__.replace("Dataset", "").lower(), self.split]
+        parts += ["+".join(getattr(self, "categories", []))]
+        return "-".join(p for p in parts if p)
+
+    def query_texts(self, query: dict) -> tuple[str, ...]:
+        """The modification text(s) of one of `.queries` (the relative caption)."""
+        return (query["relative_caption"],)
+
     def __len__(self) -> int:
         return len(self.names) if self.mode == "gallery" else len(self._queries)
 
@@ -160,7 +207,7 @@ class _Base(Dataset):
 
 
 class FashionIQDataset(_Base):
-    """FashionIQ for one or more categories (SPEC 11).
+    """FashionIQ for one or more categories (METHOD §11).
 
     gallery: names of `image_splits/split.<cat>.<split>.json`, categories concatenated in the order
     given; images `<root>/<cat>/<name>.jpg`. query: `captions/cap.<cat>.<split>.json` entries as
@@ -208,12 +255,16 @@ class FashionIQDataset(_Base):
                     self._queries.append(q)
                     self._query_paths.append(image_dir / f"{e['candidate']}.jpg")
 
+    def query_texts(self, query: dict) -> tuple[str, str]:
+        """The two sentences made from the query's two captions; their features are combined (METHOD §10)."""
+        return fashioniq_texts(*query["relative_captions"])
+
 
 CIRR_SPLITS = {"train": "train", "val": "dev", "test1": "test1"}
 
 
 class CIRRDataset(_Base):
-    """CIRR (SPEC 11). split: train, val (images under dev/), test1 ('test' is accepted for test1).
+    """CIRR (METHOD §11). split: train, val (images under dev/), test1 ('test' is accepted for test1).
 
     gallery: keys of `cirr/image_splits/split.rc2.<split>.json`, image = root / value. query:
     `cirr/captions/cap.rc2.<split>.json` as `{"reference_name", "relative_caption", "pair_id",
@@ -305,26 +356,10 @@ class FileList(Sequence[Path]):
         return [n if isabs(n) else prefix + n for n in self.file_names]
 
 
-# The last CIRCO gallery annotation parsed: (path, raw bytes, names, file names). A query-mode and a
-# gallery-mode dataset of one evaluation read the same 30 MB file; the second reuses the parse when
-# the bytes are identical (compared in full, so an edited file is always parsed again).
-_circo_gallery_memo: tuple | None = None
-
-
 def _circo_gallery(info_path: Path, root: Path) -> tuple[list[str], list[str]]:
-    """(names, file names) of CIRCO's gallery annotation, checked; fresh lists on every call."""
-    global _circo_gallery_memo
-    _require(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation", is_dir=False,
-             hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
-    with open(info_path, "rb") as f:
-        raw = f.read()
-    memo = _circo_gallery_memo
-    if memo is not None and memo[0] == str(info_path) and memo[1] == raw:
-        return list(memo[2]), list(memo[3])
-    try:
-        info = json.loads(raw.decode("utf-8"))  # what _read_json's open(encoding="utf-8") + json.load does
-    except json.JSONDecodeError as e:
-        raise AnnotationFormatError(f"{info_path}: not valid JSON ({e})") from e
+    """(names, file names) of CIRCO's gallery annotation, checked."""
+    info = _read_json(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation",
+                      hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
     if not isinstance(info, dict) or "images" not in info:
         raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
     _check_entries(info["images"], ("id", "file_name"), info_path)
@@ -334,20 +369,22 @@ def _circo_gallery(info_path: Path, root: Path) -> tuple[list[str], list[str]]:
     if bad is not None:
         raise AnnotationFormatError(f"{info_path}: entry {bad} has a file_name that is not a string: "
                                     f"{str(info['images'][bad])[:200]}")
-    _circo_gallery_memo = (str(info_path), raw, tuple(names), tuple(file_names))
     return names, file_names
 
 
 class CIRCODataset(_Base):
-    """CIRCO (SPEC 11). split: val or test.
+    """CIRCO (METHOD §11). split: val or test.
 
     gallery: every image of `COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`, name =
     str(id), file under `COCO2017_unlabeled/unlabeled2017/`. query: `annotations/<split>.json` as
     `{"reference_name": str(reference_img_id), "relative_caption", "shared_concept", "query_id",
     and for val "target_name": str(target_img_id), "gt_img_ids": list of str}`.
+
+    `gallery`: a CIRCODataset of the same root whose parse of the 30 MB gallery annotation is reused
+    (a gallery-mode and a query-mode dataset of one evaluation read the same file).
     """
 
-    def __init__(self, root, split: str, mode: str, preprocess: Callable):
+    def __init__(self, root, split: str, mode: str, preprocess: Callable, gallery: "CIRCODataset | None" = None):
         _check_mode(mode)
         _check_preprocess(preprocess)
         if split not in ("val", "test"):
@@ -358,8 +395,11 @@ class CIRCODataset(_Base):
         image_dir = _require(root / "COCO2017_unlabeled" / "unlabeled2017", CIRCO_LAYOUT, root,
                              "CIRCO image folder", is_dir=True)
         info_path = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
-        self.names, file_names = _circo_gallery(info_path, root)
-        self._gallery_paths = FileList(image_dir, file_names)
+        if gallery is not None and Path(gallery.root) == root:
+            self.names, self._gallery_paths = list(gallery.names), gallery.gallery_paths
+        else:
+            self.names, file_names = _circo_gallery(info_path, root)
+            self._gallery_paths = FileList(image_dir, file_names)
         self._queries, self._query_paths = [], []
         if mode == "query":
             ann_path = root / "annotations" / f"{split}.json"
@@ -385,10 +425,10 @@ class CIRCODataset(_Base):
 
 
 class ImageNetPairsDataset(Dataset):
-    """ImageNet-1K test images with their BLIP subject/attribute pairs, for training (SPEC 8).
+    """ImageNet-1K test images with their BLIP subject/attribute pairs, for training (METHOD §8).
 
     Pairs JSON: list of `{"img_id", "subject", "attribute"}`; image
-    `<root>/test/ILSVRC2012_test_<img_id>.JPEG`, converted to RGB (SPEC 8) before `preprocess`.
+    `<root>/test/ILSVRC2012_test_<img_id>.JPEG`, converted to RGB (METHOD §8) before `preprocess`.
     Samples `{"image", "img_id", "subject", "attribute"}`; `.pairs` is the metadata, `.names` the ids.
     """
 
@@ -404,7 +444,7 @@ class ImageNetPairsDataset(Dataset):
                       for p in pairs]
         self.names = [p["img_id"] for p in self.pairs]
         present = set(os.listdir(self.image_dir))  # one listing instead of a stat per file
-        missing = [i for i in self.names if f"ILSVRC2012_test_{i}.JPEG" not in present]
+        missing = [i for i in self.names if imagenet_file_name(i) not in present]
         if missing:
             raise DatasetLayoutError(
                 f"{len(missing)} of {len(self.names)} images listed in {self.pairs_path} are missing from "
@@ -412,7 +452,7 @@ class ImageNetPairsDataset(Dataset):
                 f"missing images or regenerate the pairs file\nExpected layout (root = {root}):\n{IMAGENET_LAYOUT}")
 
     def _path(self, img_id: str) -> Path:
-        return self.image_dir / f"ILSVRC2012_test_{img_id}.JPEG"
+        return self.image_dir / imagenet_file_name(img_id)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -437,6 +477,3 @@ def collate(batch: Sequence[dict]) -> dict:
         values = [s[k] for s in batch]
         out[k] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
-
-
-collate_fn = collate

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from errors import ConfigError
 from utils import resolve_device
 
 
@@ -48,7 +49,7 @@ def init_distributed(device_name: str | None, timeout_minutes: float = 60.0) -> 
         if world > 1:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise SystemExit(f"WORLD_SIZE={world} but {missing} are not set; launch with torchrun")
+                raise ConfigError(f"WORLD_SIZE={world} but {missing} are not set; launch with torchrun")
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())

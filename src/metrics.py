@@ -1,4 +1,4 @@
-"""Retrieval metrics and test-server submission files for FashionIQ, CIRR and CIRCO (SPEC 10-12).
+"""Retrieval metrics and test-server submission files for FashionIQ, CIRR and CIRCO (METHOD §10-12).
 
 Pure functions of tensors and lists of names; no I/O. Features are L2-normalised by the caller, so
 the similarity is the dot product `query @ gallery.T`. Rankings come from `torch.topk` on query
@@ -12,10 +12,20 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from errors import UserError
+
+class MetricsError(UserError, ValueError):
+    """Features, names or annotations the metrics cannot be computed from (the message says which)."""
+
+
+class SubmissionError(MetricsError):
+    """A submission file a test server would reject (every problem listed)."""
+
+
 DEFAULT_CHUNK = 256
-CIRR_TOP = 50          # names per query in cirr.json / circo.json (SPEC 12)
+CIRR_TOP = 50          # names per query in cirr.json / circo.json (METHOD §12)
 CIRR_SUBSET_TOP = 3    # names per query in subset_cirr.json
-CIRCO_TOP = 50         # mAP / recall are computed over the top 50 (SPEC 11)
+CIRCO_TOP = 50         # mAP / recall are computed over the top 50 (METHOD §11)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -23,10 +33,10 @@ CIRCO_TOP = 50         # mAP / recall are computed over the top 50 (SPEC 11)
 
 def _prepare(query_feats: torch.Tensor, gallery_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if query_feats.dim() != 2 or gallery_feats.dim() != 2:
-        raise ValueError(f"features must be 2-D [N, D]; got query {tuple(query_feats.shape)}, "
+        raise MetricsError(f"features must be 2-D [N, D]; got query {tuple(query_feats.shape)}, "
                          f"gallery {tuple(gallery_feats.shape)}")
     if query_feats.shape[1] != gallery_feats.shape[1]:
-        raise ValueError(f"feature sizes differ: query D={query_feats.shape[1]}, gallery D={gallery_feats.shape[1]}")
+        raise MetricsError(f"feature sizes differ: query D={query_feats.shape[1]}, gallery D={gallery_feats.shape[1]}")
     g = gallery_feats
     if g.device.type == "cpu" and g.dtype in (torch.float16, torch.bfloat16):
         g = g.float()  # half-precision matmul on CPU is slow or unsupported
@@ -58,12 +68,12 @@ def topk_indices(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
     if exclude is not None:
         exclude = torch.as_tensor(exclude, dtype=torch.long)
         if exclude.shape != (n_q,):
-            raise ValueError(f"exclude must have shape [{n_q}], got {tuple(exclude.shape)}")
+            raise MetricsError(f"exclude must have shape [{n_q}], got {tuple(exclude.shape)}")
         if (exclude >= n_g).any():
-            raise ValueError(f"exclude holds index {int(exclude.max())} >= gallery size {n_g}")
+            raise MetricsError(f"exclude holds index {int(exclude.max())} >= gallery size {n_g}")
     available = n_g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
     if not 1 <= k <= available:
-        raise ValueError(f"k={k} must be between 1 and {available} (gallery of {n_g}"
+        raise MetricsError(f"k={k} must be between 1 and {available} (gallery of {n_g}"
                          f"{', one item excluded per query' if available < n_g else ''})")
     out = torch.empty((n_q, k), dtype=torch.long)
     for s in range(0, n_q, chunk):
@@ -77,21 +87,21 @@ def _index_of(names: Sequence, lookup: Mapping, what: str) -> torch.Tensor:
     """Gallery indices of `names`; a name absent from the gallery is an error naming it."""
     missing = [n for n in names if n not in lookup]
     if missing:
-        raise ValueError(f"{len(missing)} {what} not in the gallery, e.g. {missing[:5]}")
+        raise MetricsError(f"{len(missing)} {what} not in the gallery, e.g. {missing[:5]}")
     return torch.tensor([lookup[n] for n in names], dtype=torch.long)
 
 
 def _lookup(names: Sequence) -> dict:
     lookup = {n: i for i, n in enumerate(names)}
     if len(lookup) != len(names):
-        raise ValueError(f"gallery names are not unique ({len(names) - len(lookup)} duplicates)")
+        raise MetricsError(f"gallery names are not unique ({len(names) - len(lookup)} duplicates)")
     return lookup
 
 
 def _check_rows(n: int, **lists) -> None:
     for name, value in lists.items():
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries but there are {n} queries")
+            raise MetricsError(f"{name} has {len(value)} entries but there are {n} queries")
 
 
 def _percent(hits: torch.Tensor) -> float:
@@ -104,11 +114,11 @@ def _percent(hits: torch.Tensor) -> float:
 def fashioniq_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_names: Sequence[str],
                      target_names: Sequence[str], ks: Iterable[int] = (10, 50),
                      chunk: int = DEFAULT_CHUNK) -> dict[int, float]:
-    """Recall@K in percent for one FashionIQ category; the reference is NOT removed (SPEC 11)."""
+    """Recall@K in percent for one FashionIQ category; the reference is NOT removed (METHOD §11)."""
     ks = tuple(ks)
     _check_rows(query_feats.shape[0], target_names=target_names)
     if len(gallery_names) != gallery_feats.shape[0]:
-        raise ValueError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
+        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
     target = _index_of(target_names, _lookup(gallery_names), "target names")
     top = topk_indices(query_feats, gallery_feats, max(ks), chunk=chunk)
     hit = top == target[:, None]
@@ -121,7 +131,7 @@ def fashioniq_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
 def _member_index(group_members: Sequence[Sequence[str]], lookup: Mapping) -> torch.Tensor:
     widths = {len(m) for m in group_members}
     if len(widths) > 1:
-        raise ValueError(f"group_members lists differ in length: {sorted(widths)}")
+        raise MetricsError(f"group_members lists differ in length: {sorted(widths)}")
     flat = [n for m in group_members for n in m]
     idx = _index_of(flat, lookup, "group member names")
     return idx.view(len(group_members), -1)
@@ -133,7 +143,7 @@ def _cirr_rankings(q: torch.Tensor, g: torch.Tensor, ref: torch.Tensor, members:
     the reference removed from both, in one pass over the similarities."""
     n_q, n_g = q.shape[0], g.shape[0]
     if not 1 <= k <= n_g - 1:
-        raise ValueError(f"k={k} must be between 1 and {n_g - 1} (gallery of {n_g}, reference removed)")
+        raise MetricsError(f"k={k} must be between 1 and {n_g - 1} (gallery of {n_g}, reference removed)")
     # Members equal to the reference, or repeated, must not count: the subset ranking holds each
     # gallery image at most once and never the reference.
     same = members[:, :, None] == members[:, None, :]
@@ -142,7 +152,7 @@ def _cirr_rankings(q: torch.Tensor, g: torch.Tensor, ref: torch.Tensor, members:
     valid = (~invalid).sum(dim=1)
     if int(valid.min()) < subset_k:
         bad = int(torch.nonzero(valid < subset_k)[0, 0])
-        raise ValueError(f"query {bad}: only {int(valid[bad])} distinct group members besides the reference, "
+        raise MetricsError(f"query {bad}: only {int(valid[bad])} distinct group members besides the reference, "
                          f"need {subset_k}")
     top = torch.empty((n_q, k), dtype=torch.long)
     sub = torch.empty((n_q, subset_k), dtype=torch.long)
@@ -170,7 +180,7 @@ def cirr_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_
     n_q = query_feats.shape[0]
     _check_rows(n_q, reference_names=reference_names, target_names=target_names, group_members=group_members)
     if len(gallery_names) != gallery_feats.shape[0]:
-        raise ValueError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
+        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
     lookup = _lookup(gallery_names)
     ref = _index_of(reference_names, lookup, "reference names")
     target = _index_of(target_names, lookup, "target names")
@@ -187,14 +197,14 @@ def cirr_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_
 def cirr_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_names: Sequence[str],
                     reference_names: Sequence[str], group_members: Sequence[Sequence[str]],
                     pair_ids: Sequence, chunk: int = DEFAULT_CHUNK, top: int = CIRR_TOP) -> tuple[dict, dict]:
-    """The two CIRR test-server dicts of SPEC 12: (cirr.json, subset_cirr.json).
+    """The two CIRR test-server dicts of METHOD §12: (cirr.json, subset_cirr.json).
 
     `top` names per list (the server's 50); a smaller toy gallery needs fewer.
     """
     n_q = query_feats.shape[0]
     _check_rows(n_q, reference_names=reference_names, group_members=group_members, pair_ids=pair_ids)
     if len(gallery_names) != gallery_feats.shape[0]:
-        raise ValueError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
+        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
     lookup = _lookup(gallery_names)
     ref = _index_of(reference_names, lookup, "reference names")
     members = _member_index(group_members, lookup)
@@ -227,7 +237,7 @@ def _gt_index(gt_ids: Sequence[Sequence], lookup: Mapping) -> torch.Tensor:
             if x not in kept:
                 kept.append(x)
         if not gts or gts[0] is None or str(gts[0]) == "":
-            raise ValueError(f"query {i}: the first ground-truth id must be the target, got {list(gts)[:3]}")
+            raise MetricsError(f"query {i}: the first ground-truth id must be the target, got {list(gts)[:3]}")
         rows.append(kept)
     flat = [x for r in rows for x in r]
     idx = _index_of(flat, lookup, "ground-truth ids")
@@ -249,7 +259,7 @@ def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
     ks = tuple(ks)
     _check_rows(query_feats.shape[0], gt_ids=gt_ids)
     if len(gallery_ids) != gallery_feats.shape[0]:
-        raise ValueError(f"{len(gallery_ids)} gallery ids for {gallery_feats.shape[0]} gallery features")
+        raise MetricsError(f"{len(gallery_ids)} gallery ids for {gallery_feats.shape[0]} gallery features")
     gt = _gt_index(gt_ids, _lookup([str(x) for x in gallery_ids]))
     # a gallery smaller than 50 gives a shorter ranking, as slicing the authors' sorted list does
     top = topk_indices(query_feats, gallery_feats, min(max(max(ks), CIRCO_TOP), len(gallery_ids)), chunk=chunk)
@@ -269,11 +279,11 @@ def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
 
 def circo_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,
                      query_ids: Sequence, chunk: int = DEFAULT_CHUNK, top: int = CIRCO_TOP) -> dict[str, list[str]]:
-    """The CIRCO test-server dict of SPEC 12: {"<query id>": [50 gallery ids as str, best first]}
+    """The CIRCO test-server dict of METHOD §12: {"<query id>": [50 gallery ids as str, best first]}
     (`top` ids per list: the server's 50; a smaller toy gallery needs fewer)."""
     _check_rows(query_feats.shape[0], query_ids=query_ids)
     if len(gallery_ids) != gallery_feats.shape[0]:
-        raise ValueError(f"{len(gallery_ids)} gallery ids for {gallery_feats.shape[0]} gallery features")
+        raise MetricsError(f"{len(gallery_ids)} gallery ids for {gallery_feats.shape[0]} gallery features")
     ranked = topk_indices(query_feats, gallery_feats, top, chunk=chunk)
     ids = np.asarray([str(x) for x in gallery_ids], dtype=object)
     return dict(zip((str(q) for q in query_ids), ids[ranked.numpy()].tolist()))
@@ -289,7 +299,7 @@ def _raise_if(problems: list[str], what: str) -> None:
     if problems:
         shown = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise ValueError(f"{what}: {len(problems)} problem(s) a test server would reject:\n  {shown}{more}")
+        raise SubmissionError(f"{what}: {len(problems)} problem(s) a test server would reject:\n  {shown}{more}")
 
 
 def _check_list(value, n: int, label: str, known: set | None, problems: list[str]) -> bool:
@@ -339,7 +349,7 @@ def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequenc
     """
     problems: list[str] = []
     if not isinstance(sub, Mapping) or not isinstance(subset_sub, Mapping):
-        raise ValueError("cirr.json and subset_cirr.json must both be JSON objects (dicts)")
+        raise SubmissionError("cirr.json and subset_cirr.json must both be JSON objects (dicts)")
     known = None if gallery_names is None else set(gallery_names)
     keys = [str(q["pair_id"]) for q in queries]
     _check_keys(sub, keys, {"version": "rc2", "metric": "recall"}, "cirr.json", problems)
@@ -368,7 +378,7 @@ def validate_circo_submission(sub: Mapping, queries: Sequence[Mapping],
     """
     problems: list[str] = []
     if not isinstance(sub, Mapping):
-        raise ValueError("circo.json must be a JSON object (dict)")
+        raise SubmissionError("circo.json must be a JSON object (dict)")
     known = None if gallery_ids is None else {str(x) for x in gallery_ids}
     keys = [str(q["query_id"]) for q in queries]
     _check_keys(sub, keys, {}, "circo.json", problems)

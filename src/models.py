@@ -1,19 +1,25 @@
-"""The FTI4CIR network (SPEC 2-6): subject and attribute pseudo-word mappers and the local-attribute
+"""The FTI4CIR network (METHOD §2-6): subject and attribute pseudo-word mappers and the local-attribute
 transformer, over a frozen CLIP that is passed in, never held (so it is never inside DDP or the
 state dict).
 
-Shapes: B batch, K templates, W visual width, D CLIP embedding size, E text width (E == D),
-M = K + N + 1 tokens in the attribute transformer.
+Inputs are CLIP's `g` [B, D] and the visual tokens `P` [B, N+1, W] of the same images
+(`FrozenCLIP.encode_visual`). Shapes: B batch, K templates, W visual width, D CLIP embedding size,
+E text width (E == D), M = K + N + 1 tokens in the attribute transformer.
+
+The network composes: `compose` gives the features of a reference image's sentence with each of its
+modification texts; how a benchmark turns a query into texts, and several texts' features into one,
+is the dataset's business (datasets.py).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prompts import PromptBuilder, fashioniq_texts
+from prompts import PromptBuilder
 
 
 @dataclass
@@ -47,7 +53,7 @@ class FTI4CIRConfig:
 
 
 class PseudoWordMapper(nn.Module):
-    """phi: Linear(D, 4D), GELU, Dropout, Linear(4D, 4D), GELU, Dropout, Linear(4D, E) (SPEC 4)."""
+    """phi: Linear(D, 4D), GELU, Dropout, Linear(4D, 4D), GELU, Dropout, Linear(4D, E) (METHOD §4)."""
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.5):
         super().__init__()
@@ -64,7 +70,7 @@ class PseudoWordMapper(nn.Module):
 
 class SelfAttention(nn.Module):
     """Unmasked multi-head self-attention; keys and values from one projection viewed as
-    [B, M, 2, H, W/H] (keys at 0, values at 1), queries and keys/values without bias (SPEC 2)."""
+    [B, M, 2, H, W/H] (keys at 0, values at 1), queries and keys/values without bias (METHOD §2)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -104,7 +110,7 @@ class AttributeLayer(nn.Module):
 
 
 class LocalAttributeExtractor(nn.Module):
-    """K learnable templates attend over the last visual block's tokens; A = sigmoid(Linear(out[:K])) (SPEC 2)."""
+    """K learnable templates attend over the visual tokens P; A = sigmoid(Linear(out[:K])) (METHOD §2)."""
 
     def __init__(self, num_k: int, width: int, out_dim: int, layers: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -112,16 +118,16 @@ class LocalAttributeExtractor(nn.Module):
         self.layers = nn.ModuleList(AttributeLayer(width, heads, mlp_ratio) for _ in range(layers))
         self.head = nn.Linear(width, out_dim)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, P: torch.Tensor) -> torch.Tensor:
         K = self.templates.shape[0]
-        x = torch.cat([self.templates.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        x = torch.cat([self.templates.to(P.dtype).expand(P.shape[0], -1, -1), P], dim=1)
         for layer in self.layers:
             x = layer(x)
         return torch.sigmoid(self.head(x[:, :K]))
 
 
 def select_attributes(A: torch.Tensor, g: torch.Tensor, topk: int, epsilon: float):
-    """SPEC 3, for the whole batch at once.
+    """METHOD §3, for the whole batch at once.
 
     Returns (A_sel [B, topk, E] L2-normalised and reordered, r [B]): the first r rows of A_sel are the
     image's attributes in template order, the next topk - r follow in descending-score order. The
@@ -143,7 +149,7 @@ def select_attributes(A: torch.Tensor, g: torch.Tensor, topk: int, epsilon: floa
 def substitute(x: torch.Tensor, eot_pos: torch.Tensor, subject_pos: int | None, v_s: torch.Tensor | None,
                slot_start: torch.Tensor | None = None, r: torch.Tensor | None = None,
                v_a: torch.Tensor | None = None) -> torch.Tensor:
-    """Put pseudo-word tokens into token embeddings x [B, L, E], by position (SPEC 5).
+    """Put pseudo-word tokens into token embeddings x [B, L, E], by position (METHOD §5).
 
     The subject token goes to column `subject_pos` (the same in every row); row b's attribute tokens
     v_a[b, :r_b] go to columns slot_start_b .. slot_start_b + r_b - 1 (those before its end token).
@@ -163,7 +169,7 @@ def substitute(x: torch.Tensor, eot_pos: torch.Tensor, subject_pos: int | None, 
 
 
 def contrastive_loss(u: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SPEC 6 L_con over 2B rows: row j's positive is its pair, its denominator every other row."""
+    """METHOD §6 L_con over 2B rows: row j's positive is its pair, its denominator every other row."""
     z = torch.cat([F.normalize(u, dim=-1), F.normalize(w, dim=-1)]).float()
     n = u.shape[0]
     sim = z @ z.T / temperature
@@ -173,7 +179,7 @@ def contrastive_loss(u: torch.Tensor, w: torch.Tensor, temperature: float) -> to
 
 
 def orthogonality_loss(A_sel: torch.Tensor) -> torch.Tensor:
-    """SPEC 6 L_ortho = mean((A A^T - I)^2) over B x topk x topk (the rows select_attributes keeps)."""
+    """METHOD §6 L_ortho = mean((A A^T - I)^2) over B x topk x topk (the rows select_attributes keeps)."""
     gram = A_sel.float() @ A_sel.float().transpose(1, 2)
     eye = torch.eye(A_sel.shape[1], device=A_sel.device)
     return ((gram - eye) ** 2).mean()
@@ -220,9 +226,9 @@ class FTI4CIR(nn.Module):
         return self._prompts[key]
 
     # pieces ----------------------------------------------------------------------------------------
-    def pseudo_words(self, g: torch.Tensor, tokens: torch.Tensor):
-        """(v_s [B, E], v_a [B, topk, E], A_sel [B, topk, E], r [B]) from CLIP's g and last-block tokens."""
-        A = self.attributes(tokens)
+    def pseudo_words(self, g: torch.Tensor, P: torch.Tensor):
+        """(v_s [B, E], v_a [B, topk, E], A_sel [B, topk, E], r [B]) from CLIP's g and visual tokens P."""
+        A = self.attributes(P)
         A_sel, r = select_attributes(A, g, self.cfg.topk, self.cfg.epsilon)
         return self.phi_s(g), self.phi_a(A_sel), A_sel, r
 
@@ -233,41 +239,39 @@ class FTI4CIR(nn.Module):
         return x, eot
 
     # inference ------------------------------------------------------------------------------------
-    def text_features(self, clip, g, tokens, tail, tail_len) -> torch.Tensor:
-        """Features (not normalised) of "a photo of [S] with [A1..Ar] but <text>" (SPEC 5 and 10)."""
-        v_s, v_a, _, r = self.pseudo_words(g, tokens)
-        x, eot = self._full_sentence_inputs(clip, v_s, v_a, r, tail, tail_len)
-        return clip.encode_token_embeddings(x, eot, trim=False)  # already as short as the shapes allow
+    def compose(self, clip, g: torch.Tensor, P: torch.Tensor, texts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Features [B, T, D] (not normalised) of "a photo of [S] with [A1..Ar] but <text>" (METHOD §5, §10)
+        for each reference image (g, P) and each of its T modification texts (`texts[b]`, T the same for
+        every row)."""
+        B, T = g.shape[0], len(texts[0])
+        if len(texts) != B or any(len(row) != T for row in texts):
+            raise ValueError(f"compose needs {B} rows of {T} texts each, got {[len(row) for row in texts]}")
+        # host-side tokenisation, texts in text-major order: every row's first text, then every second...
+        tail, tail_len = self.prompts(clip).query_tails([row[t] for t in range(T) for row in texts])
+        return self.compose_tokens(clip, g, P, tail.to(g.device), tail_len.to(g.device))
 
-    def query_features(self, clip, g: torch.Tensor, tokens: torch.Tensor, texts, fashioniq_captions=None) -> torch.Tensor:
-        """L2-normalised composed-query features (SPEC 10) for reference images' (g, tokens).
-
-        `texts`: one modification text per row (CIRR, CIRCO). `fashioniq_captions`: instead, a pair
-        (c1, c2) per row; the feature is normalise((normalise(f1) + normalise(f2)) / 2).
-        """
-        pb = self.prompts(clip)
-        if fashioniq_captions is None:
-            tail, tail_len = pb.query_tails(texts)
-            f = self.text_features(clip, g, tokens, tail.to(g.device), tail_len.to(g.device))
-            return F.normalize(f.float(), dim=-1)
-        pairs = [fashioniq_texts(c1, c2) for c1, c2 in fashioniq_captions]
+    def compose_tokens(self, clip, g: torch.Tensor, P: torch.Tensor, tail: torch.Tensor,
+                       tail_len: torch.Tensor) -> torch.Tensor:
+        """`compose` from the texts' word ids (`PromptBuilder.query_tails`, T*B rows in text-major order):
+        the pseudo-words are computed once per image, whatever T is, and nothing is read back from the device."""
         B = g.shape[0]
-        tail, tail_len = pb.query_tails([p[0] for p in pairs] + [p[1] for p in pairs])
-        v_s, v_a, _, r = self.pseudo_words(g, tokens)
-        x, eot = self._full_sentence_inputs(clip, v_s.repeat(2, 1), v_a.repeat(2, 1, 1), r.repeat(2),
-                                            tail.to(g.device), tail_len.to(g.device))
-        f = F.normalize(clip.encode_token_embeddings(x, eot, trim=False).float(), dim=-1)
-        return F.normalize((f[:B] + f[B:]) / 2, dim=-1)
+        T = tail.shape[0] // B
+        v_s, v_a, _, r = self.pseudo_words(g, P)
+        if T > 1:
+            v_s, v_a, r = v_s.repeat(T, 1), v_a.repeat(T, 1, 1), r.repeat(T)
+        x, eot = self._full_sentence_inputs(clip, v_s, v_a, r, tail, tail_len)
+        f = clip.encode_token_embeddings(x, eot, trim=False)  # already as short as the shapes allow
+        return f.view(T, B, -1).transpose(0, 1)
 
     # training ------------------------------------------------------------------------------------
-    def forward(self, clip, g: torch.Tensor, tokens: torch.Tensor, texts: dict, gather=None) -> dict:
-        """The training loss of SPEC 6; returns every term (`total`, `contrastive`, `ortho`, `reg`).
+    def forward(self, clip, g: torch.Tensor, P: torch.Tensor, texts: dict, gather=None) -> dict:
+        """The training loss of METHOD §6; returns every term (`total`, `contrastive`, `ortho`, `reg`).
 
         `texts`: `PromptBuilder.training_texts` output, on g's device. `gather`: optional function that
         all-gathers features across processes with gradient, so the contrastive loss sees the global batch.
         """
         pb = self.prompts(clip)
-        v_s, v_a, A_sel, r = self.pseudo_words(g, tokens)
+        v_s, v_a, A_sel, r = self.pseudo_words(g, P)
         # the three sentences that need gradients, encoded in one batched text pass:
         # full "a photo of [S] with [A..]", subject-only "a photo of [S] with <attr>",
         # attributes-only "a photo of <subj> with [A..]"

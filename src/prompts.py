@@ -1,4 +1,4 @@
-"""Sentences with pseudo-word slots, as token ids (SPEC 5).
+"""Sentences with pseudo-word slots, as token ids (METHOD §5).
 
 Every sentence the method builds has the shape `<sot> head  * * ... *  tail <eot>`: a word part, `r`
 placeholder tokens (`*`, whose embeddings are later replaced by pseudo-word tokens) and a second word
@@ -20,13 +20,6 @@ def _trim(ids: torch.Tensor) -> torch.Tensor:
     """Cut the zero padding after the batch's longest sentence (on the host, in data workers): the
     causal mask makes every end-token feature independent of what follows it."""
     return ids[:, : int(ids.argmax(dim=1).max()) + 1]
-
-
-def fashioniq_texts(caption_1: str, caption_2: str) -> tuple[str, str]:
-    """SPEC 10: FashionIQ's two modification texts for one query (Python `capitalize`, code)."""
-    c1 = caption_1.strip(".?, ")
-    c2 = caption_2.strip(".?, ")
-    return f"{c1.capitalize()} and {c2}", f"{c2} and {c1}"
 
 
 class PromptBuilder:
@@ -111,7 +104,7 @@ class PromptBuilder:
 
     # training texts (built in data-loader workers) ------------------------------------------------
     def training_texts(self, subjects: Sequence[str], attributes: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Token ids for the regularisation loss of SPEC 6, for a batch of captions.
+        """Token ids for the regularisation loss of METHOD §6, for a batch of captions.
 
         `target_ids`: "a photo of <subject> with <attribute>" (CLIP's target feature `c`);
         `subject_ids`: "a photo of * with <attribute>" (only the subject slot is replaced);

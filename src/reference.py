@@ -1,4 +1,4 @@
-"""A plain, per-sample implementation of SPEC 1-6, written for reading, not speed.
+"""A plain, per-sample implementation of METHOD §1-6, written for reading, not speed.
 
 It does what the authors' code does, the slow way: two visual passes, a Python loop over the batch,
 whole strings tokenised with CLIP's tokenizer, pseudo-words put in one row at a time, every text pass
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 def select_one(A_b: torch.Tensor, g_b: torch.Tensor, topk: int, epsilon: float):
-    """SPEC 3 for one image: (A_sel [topk, E], r, order). Only the topk best templates are kept,
+    """METHOD §3 for one image: (A_sel [topk, E], r, order). Only the topk best templates are kept,
     as the authors' code cuts its sorted indices to topk (code)."""
     s = torch.softmax(A_b @ g_b.to(A_b.dtype), dim=0).tolist()
     r = min(topk, max(1, sum(1 for v in s if v > epsilon)))
@@ -46,7 +46,7 @@ def sentence_feature(clip, text: str, subject=None, attrs=None, attr_from_first_
 
 
 def training_losses(net, clip, images: torch.Tensor, subjects, attributes) -> dict:
-    """SPEC 6, one sample at a time. Returns tensors (differentiable) for every term."""
+    """METHOD §6, one sample at a time. Returns tensors (differentiable) for every term."""
     cfg = net.cfg
     with torch.no_grad():
         g = clip.model.encode_image(images)  # first visual pass: the global feature
@@ -84,7 +84,7 @@ def training_losses(net, clip, images: torch.Tensor, subjects, attributes) -> di
 
 
 def query_feature(net, clip, g_b, P_b, text: str) -> torch.Tensor:
-    """SPEC 10 composed-query feature of one reference image, L2-normalised."""
+    """METHOD §10 composed-query feature of one reference image, L2-normalised."""
     A = net.attributes(P_b[None])[0]
     A_sel, r, _ = select_one(A, g_b, net.cfg.topk, net.cfg.epsilon)
     f = sentence_feature(clip, "a photo of * with " + "* " * r + "but " + text, net.phi_s(g_b), net.phi_a(A_sel)[:r])

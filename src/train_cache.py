@@ -9,6 +9,8 @@ ViT-L/14 (257 x 1024 tokens), about 52 GB for the 100k ImageNet test images.
 Layout: `<cache_dir>/<key>/{g.npy, P.npy, filled.npy, meta.json}`, key = hash of what the features depend
 on (`cache_meta`). `filled[i]` says row i holds data; it is set only after row i's data is flushed, so an
 interrupted run never marks garbage as filled.
+
+The training loop reads its image features through `training.CachedTowerFeatures`, which wraps this cache.
 """
 from __future__ import annotations
 
@@ -24,12 +26,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-FORMAT_VERSION = 1
+from errors import UserError
+from logs import get_logger
+
+# 2: the CLIP part of the key is FrozenCLIP.fingerprint(), shared with the gallery cache
+FORMAT_VERSION = 2
 FILES = ("g.npy", "P.npy", "filled.npy")
+
+_log = get_logger("train_cache")
 
 
 def log(msg: str) -> None:
-    print(f"feature cache: {msg}", flush=True)
+    _log.info(f"feature cache: {msg}")
+
+
+class FeatureCacheError(UserError):
+    """The feature cache folder cannot be made, read or written (the message says what to do)."""
 
 
 def _sha(text: str) -> str:
@@ -38,22 +50,10 @@ def _sha(text: str) -> str:
 
 def cache_meta(clip, preprocess_type: str, image_size: int, names: list[str]) -> dict:
     """Everything the cached rows depend on (the folder's key is its hash), plus the array shapes."""
-    source = str(clip.source)
-    meta = {"format_version": FORMAT_VERSION, "clip_source": source}
-    # a weights file replaced under the same path must not hit the old cache; sources look like 'openai:/path'
-    path = next((p for p in (source, source.partition(":")[2]) if p and os.path.isfile(p)), None)
-    if path is not None:
-        st = os.stat(path)
-        meta.update(clip_weights_size=st.st_size, clip_weights_mtime_ns=st.st_mtime_ns)
-    v = clip.model.visual
-    h = hashlib.sha256()  # cheap guard for hub weights (no file to stat) swapped under an unchanged name
-    for t in (v.proj, v.class_embedding, v.conv1.weight):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    tokens = int(v.positional_embedding.shape[0])
-    meta.update(visual_weights_sha256=h.hexdigest(), preprocess_type=preprocess_type, image_size=int(image_size),
-                num_images=len(names), names_sha256=_sha("\x00".join(names)),
-                g_shape=[len(names), int(clip.embed_dim)], P_shape=[len(names), tokens, int(clip.vision_width)])
-    return meta
+    tokens = int(clip.model.visual.positional_embedding.shape[0])
+    return {"format_version": FORMAT_VERSION, "clip": clip.fingerprint(), "preprocess_type": preprocess_type,
+            "image_size": int(image_size), "num_images": len(names), "names_sha256": _sha("\x00".join(names)),
+            "g_shape": [len(names), int(clip.embed_dim)], "P_shape": [len(names), tokens, int(clip.vision_width)]}
 
 
 def cache_key(meta: dict) -> str:
@@ -140,7 +140,7 @@ def prepare_cache(cache_dir, meta: dict) -> Path:
     _create(folder, meta)
     why = _check_folder(folder, meta)
     if why is not None:
-        raise SystemExit(f"error: feature cache {folder} could not be created ({why}); "
+        raise FeatureCacheError(f"feature cache {folder} could not be created ({why}); "
                          "pass another --feature-cache-dir or drop --cache-image-features")
     return folder
 
@@ -160,7 +160,7 @@ class FeatureCache:
         self.folder = Path(folder)
         why = _check_folder(self.folder, meta)
         if why is not None:
-            raise SystemExit(f"error: feature cache {self.folder} is not usable ({why})")
+            raise FeatureCacheError(f"feature cache {self.folder} is not usable ({why})")
         self.meta = meta
         self.g = np.load(self.folder / "g.npy", mmap_mode="r+")
         self.P = np.load(self.folder / "P.npy", mmap_mode="r+")
@@ -208,7 +208,7 @@ class FeatureCache:
             event.synchronize()  # the non-blocking copies have landed in host memory
         g, P = g.numpy(), P.numpy()
         if not (np.isfinite(g).all() and np.isfinite(P).all()):
-            raise SystemExit(f"error: CLIP features of training rows {rows.tolist()[:8]} are not finite in fp16 "
+            raise FeatureCacheError(f"CLIP features of training rows {rows.tolist()[:8]} are not finite in fp16 "
                              "(overflow?); train without --cache-image-features")
         order = np.argsort(rows, kind="stable")  # ascending file offsets
         self.g[rows[order]] = g[order]
@@ -221,9 +221,9 @@ class FeatureCache:
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            if isinstance(error, SystemExit):
+            if isinstance(error, FeatureCacheError):
                 raise error
-            raise SystemExit(f"error: writing the feature cache {self.folder} failed: {error!r}; free disk space or "
+            raise FeatureCacheError(f"writing the feature cache {self.folder} failed: {error!r}; free disk space or "
                              "pass another --feature-cache-dir (rows already marked filled are intact)") from error
 
     def commit(self) -> None:

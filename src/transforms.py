@@ -1,4 +1,4 @@
-"""Image preprocessing shared by every dataset and script (SPEC 9)."""
+"""Image preprocessing shared by every dataset and script (METHOD §9)."""
 from __future__ import annotations
 
 from PIL import Image
@@ -37,7 +37,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def build_transform(kind: str = "targetpad", size: int = 224, target_ratio: float = 1.25):
-    """The image transform of SPEC 9.
+    """The image transform of METHOD §9.
 
     targetpad: pad -> bicubic resize of the short side -> centre crop -> RGB -> tensor -> CLIP
     normalisation, in this order (code). clip: CLIP's own preprocessing (the same without the pad).

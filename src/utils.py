@@ -1,35 +1,34 @@
-"""Small helpers shared by every script: atomic writes, devices, seeding."""
+"""Small helpers shared by every script: atomic file writes, the device, seeding."""
 from __future__ import annotations
 
 import json
 import os
 import random
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from errors import DeviceError
 
 
 def _atomic_replace(path: Path, write) -> None:
+    """`write(file)` into a new file beside `path`, flushed to disk, then renamed over `path`: readers see
+    the old file or the new one, never half of one. The temporary file is opened like a plain `open()`
+    would create it, so it gets the mode the umask gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -43,24 +42,27 @@ def atomic_write_json(obj: Any, path, indent: int | None = 2) -> None:
     _atomic_replace(Path(path), lambda f: f.write(data))
 
 
+def atomic_write_bytes(data: bytes, path) -> None:
+    _atomic_replace(Path(path), lambda f: f.write(data))
+
+
 def report_json(results: Any, path) -> None:
     """A benchmark's figures to `path` (atomic; nothing when path is None), saying where they went."""
     if path:
         atomic_write_json(results, path)
-        print(f"wrote {path}")
-
-
-def atomic_write_bytes(data: bytes, path) -> None:
-    _atomic_replace(Path(path), lambda f: f.write(data))
+        print(f"wrote {path}")  # a benchmark's own output, beside its printed figures
 
 
 def resolve_device(name: str | None) -> torch.device:
     """`None`/'auto' -> cuda when available, else cpu. A named CUDA device that is absent is an error."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {name!r} is not a torch device; pass cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
     return device
 
 

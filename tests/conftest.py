@@ -19,6 +19,10 @@ for p in (REPO / "src", REPO / "scripts"):
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from logs import setup_logging  # noqa: E402
+
+setup_logging()  # library calls in the tests log as the scripts do: plain lines on (captured) stdout
+
 
 def annotations_root() -> Path:
     """Where the real FashionIQ / CIRR / CIRCO annotation files are (images are not)."""

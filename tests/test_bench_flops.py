@@ -27,13 +27,13 @@ def test_prediction_on_the_tiny_clip():
     net = FTI4CIR.for_clip(clip).train()
     p = bench.predict_gpu_step(clip, net, SimpleNamespace(flops_batch=2, batch_size=8, skip_baseline=False))
     ours, base = p["ours"], p["baseline"]
-    # one visual pass instead of two, no gradient through it: its FLOPs are the forward of encode_image_tokens
+    # one visual pass instead of two, no gradient through it: its FLOPs are the forward of encode_visual
     # (attention as linear + sdpa ops, as on the GPU under autocast; the fused CPU fast path is not counted)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False, custom_mapping=bench.CPU_SDPA) as counter, torch.no_grad():
-            clip.encode_image_tokens(torch.randn(2, 3, clip.image_size, clip.image_size))
+            clip.encode_visual(torch.randn(2, 3, clip.image_size, clip.image_size))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     visual = counter.get_total_flops() / 2 / 1e9

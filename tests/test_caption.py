@@ -1,4 +1,4 @@
-"""Caption step (SPEC 8): the caption split rule by rule, and a tiny random BLIP end to end."""
+"""Caption step (METHOD §8): the caption split rule by rule, and a tiny random BLIP end to end."""
 from __future__ import annotations
 
 import json
@@ -188,7 +188,7 @@ def make_imagenet(root: Path, n: int, sizes=((40, 30), (30, 64), (48, 48))) -> l
     ids = [f"{k:08d}" for k in range(1, n + 1)]
     for k, img_id in enumerate(ids):
         w, h = sizes[k % len(sizes)]
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "test" / caption.image_name(img_id))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "test" / caption.imagenet_file_name(img_id))
     (root / "test" / "README.txt").write_text("not an image")  # ignored by the id discovery
     return ids
 
@@ -295,7 +295,7 @@ def test_torchrun_env_selects_the_shard(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert caption.parse_shard(None) == (2, 4)
     assert caption.parse_shard("1/3") == (1, 3)
-    with pytest.raises(SystemExit, match="0 <= i < n"):
+    with pytest.raises(caption.ConfigError, match="0 <= i < n"):
         caption.parse_shard("3/3")
 
 
@@ -336,9 +336,9 @@ def test_split_only_refuses_an_incomplete_caption_set(tmp_path, tiny_blip):
 
 def test_bad_image_stops_the_run_unless_skipped(tmp_path, tiny_blip, capsys):
     ids = make_imagenet(tmp_path, 5)
-    bad = tmp_path / "test" / caption.image_name("00000003")
+    bad = tmp_path / "test" / caption.imagenet_file_name("00000003")
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(caption.ImageLoadError, match=r"ILSVRC2012_test_00000003\.JPEG.*--skip-bad-images"):
+    with pytest.raises(SystemExit, match=r"^error: .*ILSVRC2012_test_00000003\.JPEG.*--skip-bad-images"):
         run(tmp_path, tiny_blip)
 
     summary = run(tmp_path, tiny_blip, "--skip-bad-images")
@@ -351,13 +351,15 @@ def test_bad_image_stops_the_run_unless_skipped(tmp_path, tiny_blip, capsys):
     assert "00000003" not in {p["img_id"] for p in pairs}
 
     # without the flag the recorded bad image is tried again, and stops the run again
-    with pytest.raises(caption.ImageLoadError, match="ILSVRC2012_test_00000003"):
+    with pytest.raises(SystemExit, match="ILSVRC2012_test_00000003"):
         run(tmp_path, tiny_blip)
 
 
 def test_layout_errors_name_the_path(tmp_path, tiny_blip):
-    with pytest.raises(FileNotFoundError, match=r"test.*ILSVRC2012_test_XXXXXXXX\.JPEG"):
+    with pytest.raises(SystemExit, match=r"test.*ILSVRC2012_test_XXXXXXXX\.JPEG"):
         run(tmp_path, tiny_blip)
+    with pytest.raises(caption.DatasetLayoutError):  # what the library raises, a FileNotFoundError
+        caption.discover_ids(tmp_path)
     make_imagenet(tmp_path, 2)
     with pytest.raises(SystemExit, match="--image-size 32"):
         caption.main(["--imagenet-path", str(tmp_path), "--blip-model", str(tiny_blip), "--workers", "0",

@@ -179,7 +179,7 @@ def test_circo_samples(circo_root, preprocess):
 
 
 def test_image_reaches_preprocess_as_opened(cirr_root):
-    """Grey images stay grey until the transform (it converts to RGB after padding, SPEC 9)."""
+    """Grey images stay grey until the transform (it converts to RGB after padding, METHOD §9)."""
     seen = []
     g = CIRRDataset(cirr_root, "val", "gallery", lambda im: seen.append(im.mode) or torch.zeros(1))
     split = _read(cirr_root / "cirr" / "image_splits" / "split.rc2.val.json")
@@ -298,7 +298,7 @@ def test_imagenet_pairs_missing_ids(tmp_path, preprocess):
 
 
 # ---------------------------------------------------------------------------------------------
-# TargetPad (SPEC 9)
+# TargetPad (METHOD §9)
 
 def test_targetpad_wide_image():
     # 100x40: ratio 2.5 >= 1.25 -> m = 100 / 1.25 = 80, hp = max(int((80-100)/2), 0) = 0,

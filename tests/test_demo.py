@@ -11,7 +11,7 @@ from PIL import Image
 
 import demo
 from datasets import CIRCODataset, CIRRDataset, FashionIQDataset, ImageNetPairsDataset, collate
-from evaluate import METRIC_KEYS
+from evaluation import METRIC_KEYS
 from examples import grid_size
 from make_toy_data import make_toy_world
 from metrics import validate_circo_submission, validate_cirr_submission

@@ -1,6 +1,7 @@
 """The fast paths of a warm-cache evaluation (scripts/bench_eval.py) against the plain code they
-replace: CIRCO's lazily built gallery paths, its memoised gallery annotation, the image fingerprint
-on plain strings, and the gallery cache's joined names (older files' name lists still read)."""
+replace: CIRCO's lazily built gallery paths, its gallery annotation parsed once for both datasets of
+an evaluation, the image fingerprint on plain strings, and the gallery cache's joined names (older
+files' name lists still read)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-import datasets
 import features
 from datasets import AnnotationFormatError, CIRCODataset, FileList
+from evaluation import open_benchmark
+from features import Encoding
+from gallery_cache import GalleryCache, images_fingerprint
 from transforms import build_transform
 from utils import atomic_torch_save
 
@@ -48,7 +51,7 @@ def _info_path(root: Path) -> Path:
 
 
 def _plain_fingerprint(paths) -> str:
-    """features._images_fingerprint as it was: one hash update per file, os.stat on each Path."""
+    """gallery_cache.images_fingerprint as it was: one hash update per file, os.stat on each Path."""
     h = hashlib.sha256()
     for p in paths:
         try:
@@ -84,13 +87,18 @@ def test_file_list_is_the_plain_path_list(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the CIRCO gallery annotation, parsed once for a gallery and a query dataset
 
-def test_circo_gallery_parse_and_memo(tmp_path):
+def test_circo_gallery_parse_shared_by_the_two_datasets(tmp_path, monkeypatch):
+    import datasets
+
     pre = build_transform("targetpad", 32)
     root = _circo(tmp_path / "CIRCO", [5, 17, 300, 4000, 12], with_images=False)
     image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
-    datasets._circo_gallery_memo = None
-    g = CIRCODataset(root, "val", "gallery", pre)
-    q = CIRCODataset(root, "val", "query", pre)  # from the memo
+    parses = []
+    real = datasets._circo_gallery
+    monkeypatch.setattr(datasets, "_circo_gallery", lambda *a: parses.append(a) or real(*a))
+    g, q = open_benchmark("circo", root, "val", pre)  # the query dataset reuses the gallery's parse
+    assert len(parses) == 1
+    assert CIRCODataset(root, "val", "query", pre).names == q.names and len(parses) == 2  # alone: its own parse
     for ds in (g, q):
         assert ds.names == ["5", "17", "300", "4000", "12"]
         assert list(ds.gallery_paths) == [image_dir / f"{i:012d}.jpg" for i in (5, 17, 300, 4000, 12)]
@@ -98,7 +106,7 @@ def test_circo_gallery_parse_and_memo(tmp_path):
     g.names.append("x")  # each dataset has its own lists
     assert CIRCODataset(root, "val", "gallery", pre).names == q.names and len(q.names) == 5
 
-    # the same size and modification time, other content: parsed again (bytes compared, not stat)
+    # the same size and modification time, other content: a new dataset reads the file again
     info = _info_path(root)
     st = os.stat(info)
     info.write_text(info.read_text().replace('"id": 17', '"id": 71').replace('"id": 300', '"id": 301'))
@@ -114,7 +122,7 @@ def test_circo_gallery_parse_and_memo(tmp_path):
     assert CIRCODataset(other, "val", "gallery", pre).gallery_paths[0].parent == \
         other / "COCO2017_unlabeled" / "unlabeled2017"
 
-    # broken files are still reported, memo or not
+    # broken files are reported
     info.write_text("{not json")
     with pytest.raises(AnnotationFormatError, match="not valid JSON"):
         CIRCODataset(root, "val", "gallery", pre)
@@ -140,18 +148,18 @@ def test_images_fingerprint_equals_the_plain_loop(tmp_path):
     g = CIRCODataset(root, "val", "gallery", build_transform("targetpad", 32))
     paths = list(g.gallery_paths)
     (paths[2]).unlink()  # a missing file has its own line
-    fp = features._images_fingerprint(g)
-    assert fp == _plain_fingerprint(paths) == features._images_fingerprint(_ListGallery(paths))
-    assert features._images_fingerprint(_ListGallery(map(str, paths))) == fp
-    assert features._images_fingerprint(object()) is None
+    fp = images_fingerprint(g)
+    assert fp == _plain_fingerprint(paths) == images_fingerprint(_ListGallery(paths))
+    assert images_fingerprint(_ListGallery(map(str, paths))) == fp
+    assert images_fingerprint(object()) is None
 
     # an image replaced under its name (new mtime), or restored: another fingerprint each time
     st = os.stat(paths[0])
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    changed = features._images_fingerprint(g)
+    changed = images_fingerprint(g)
     assert changed != fp and changed == _plain_fingerprint(paths)
     _image(paths[2], 99)
-    restored = features._images_fingerprint(g)
+    restored = images_fingerprint(g)
     assert restored not in (fp, changed) and restored == _plain_fingerprint(paths)
 
 
@@ -162,14 +170,13 @@ def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
     root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
     cache = tmp_path / "cache"
     pre = build_transform("targetpad", tiny_clip.image_size)
-    c = features.counters
 
     def run():
-        before = c["gallery_images_encoded"]
         capsys.readouterr()
         ds = CIRCODataset(root, "val", "gallery", pre)
-        names, feats = features.gallery_features(tiny_clip, ds, 4, 0, "cpu", "fp32", cache, progress=False)
-        return names, feats, c["gallery_images_encoded"] - before, capsys.readouterr().out
+        enc = Encoding(batch_size=4, workers=0, device="cpu", progress=False)
+        got = features.gallery_features(tiny_clip, ds, enc, GalleryCache(cache))
+        return got.names, got.features, enc.counters.gallery_images_encoded, capsys.readouterr().out
 
     names, feats, n, _ = run()
     assert n == 6

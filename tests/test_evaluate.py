@@ -1,4 +1,4 @@
-"""evaluate.py / test.py / features.py: full runs (generated annotations, and a subset of the real
+"""evaluate.py / test.py / evaluation.py / features.py: full runs (generated annotations, and a subset of the real
 ones) with a tiny CLIP and a tiny network over generated images; metrics and submission lists
 against a plain-loop recomputation; the gallery cache; baselines; clear errors on bad input."""
 from __future__ import annotations
@@ -17,9 +17,10 @@ from PIL import Image
 import features
 import metrics as M
 from checkpoint import save_network
-from datasets import CIRRDataset, FashionIQDataset, load_image
-from evaluate import compute_features, evaluate
+from datasets import CIRRDataset, FashionIQDataset, combine_text_features, load_image
 from evaluate import main as evaluate_main
+from evaluation import EvalConfig, evaluate, retrieve, submission_files
+from features import Counters, Encoding
 from models import FTI4CIR, FTI4CIRConfig
 from transforms import build_transform
 
@@ -202,13 +203,33 @@ def base_args(tiny_clip_path, tmp_path) -> list[str]:
 def fast_clip(monkeypatch, tiny_clip, tiny_clip_path):
     """The scripts get the session's tiny CLIP instead of reading the same file again (the full-run
     tests load it through the flags)."""
-    import evaluate as ev
+    import cli
 
     def load(args, device):
         assert Path(args.clip_weights) == tiny_clip_path and str(device) == "cpu"
         return tiny_clip
 
-    monkeypatch.setattr(ev, "clip_from_args", load)
+    monkeypatch.setattr(cli, "clip_from_args", load)
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """Counts the gallery images the code under test sends through CLIP, whatever the entry point."""
+    seen = Counters()
+    real = features.encode_gallery
+
+    def spy(clip, dataset, encoding, keep=None):
+        seen.gallery_images_encoded += len(dataset)
+        return real(clip, dataset, encoding, keep)
+
+    monkeypatch.setattr(features, "encode_gallery", spy)
+    return seen
+
+
+def config(cache_dir=None, reference_tokens=False, baseline=None, split="val", batch_size=7, counters=None):
+    encoding = Encoding(batch_size=batch_size, workers=0, device="cpu", progress=False, counters=counters or Counters())
+    return EvalConfig(split=split, encoding=encoding, cache_dir=cache_dir, reference_tokens=reference_tokens,
+                      baseline=baseline)
 
 
 def _args(base, dataset, root, *more) -> list[str]:
@@ -253,33 +274,33 @@ def check_submission(dataset: str, root: Path, save: Path) -> None:
         assert all(len(set(v)) == 50 and set(v) <= gallery for v in sub.values())
 
 
-def _full_run(dataset, root, base, net_path, save: Path) -> None:
+def _full_run(dataset, root, base, net_path, save: Path, encoded: Counters) -> None:
     base = [a for a in base if a != "--no-cache"] + ["--cache-dir", str(save / "cache")]
     metrics = evaluate_main(_args(base, dataset, root, "--model-path", str(net_path)))
     check_metrics(metrics, dataset, save / f"metrics_{dataset}.json")
-    encoded = features.counters["gallery_images_encoded"]
+    before = encoded.gallery_images_encoded
     out = test_script.main(_args(base, dataset, root, "--model-path", str(net_path)))
     if dataset == "fashioniq":  # no test server: the validation metrics, as the authors' test.py
         assert out == metrics
     else:
         check_submission(dataset, root, save)
     if dataset != "cirr":  # the same galleries (FashionIQ val; CIRCO val and test): served by the cache
-        assert features.counters["gallery_images_encoded"] == encoded
+        assert encoded.gallery_images_encoded == before
 
 
 @pytest.mark.parametrize("dataset", ["fashioniq", "cirr", "circo"])
-def test_full_run_generated(dataset, data, base_args, net_path, tmp_path):
-    _full_run(dataset, data[dataset], base_args, net_path, tmp_path / "out")
+def test_full_run_generated(dataset, data, base_args, net_path, tmp_path, encoded):
+    _full_run(dataset, data[dataset], base_args, net_path, tmp_path / "out", encoded)
     if dataset == "fashioniq":  # 16 images a category, every target among them: all in the top 50
         m = json.loads((tmp_path / "out" / "metrics_fashioniq.json").read_text())
         assert [m[f"{c}_50"] for c in ("dress", "shirt", "toptee")] == [100.0] * 3
 
 
-def test_full_run_real_annotations(real_annotations, base_args, net_path, tmp_path):
+def test_full_run_real_annotations(real_annotations, base_args, net_path, tmp_path, encoded):
     """The real annotation files (a subset of queries, their images and some more), placeholder images."""
     for i, (dataset, make) in enumerate(REAL_SUBSETS.items()):
         root = make(real_annotations, tmp_path / dataset, np.random.default_rng(10 + i))
-        _full_run(dataset, root, base_args, net_path, tmp_path / "out")
+        _full_run(dataset, root, base_args, net_path, tmp_path / "out", encoded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +308,12 @@ def test_full_run_real_annotations(real_annotations, base_args, net_path, tmp_pa
 
 def _encode(clip, path: Path, tokens: bool = False):
     x = build_transform("targetpad", clip.image_size)(load_image(path))[None]
-    return clip.encode_image_tokens(x) if tokens else F.normalize(clip.encode_image(x), dim=-1)[0]
+    return clip.encode_visual(x) if tokens else F.normalize(clip.encode_image(x), dim=-1)[0]
+
+
+def _compose(net, clip, g, P, text: str) -> torch.Tensor:
+    """One reference image's composed-query feature, L2-normalised."""
+    return combine_text_features(net.compose(clip, g, P, [(text,)]))[0]
 
 
 @torch.no_grad()
@@ -300,8 +326,8 @@ def brute_force_cirr(clip, net, root: Path, split: str):
     queries = _read(root / "cirr" / "captions" / f"cap.rc2.{split}.json")
     full, members = [], []
     for q in queries:
-        g, tokens = _encode(clip, root / folder / f"{q['reference']}.png", tokens=True)
-        f = net.query_features(clip, g, tokens, [q["caption"]])[0]
+        g, P = _encode(clip, root / folder / f"{q['reference']}.png", tokens=True)
+        f = _compose(net, clip, g, P, q["caption"])
         sim = {n: float(f @ v) for n, v in gallery.items()}
         full.append([n for n in sorted(names, key=lambda n: -sim[n]) if n != q["reference"]])
         members.append([n for n in sorted(q["img_set"]["members"], key=lambda n: -sim[n]) if n != q["reference"]])
@@ -319,7 +345,7 @@ def test_cirr_metrics_and_submission_match_plain_loop(n_images, data, tiny_clip,
     expected.update({f"cirr_group_recall_at{k}": 100 * np.mean([q["target_hard"] in r[:k] for q, r in zip(queries, members)])
                      for k in (1, 2, 3)})
     net.train()  # evaluate() must switch dropout off and give the mode back
-    got = evaluate(net, tiny_clip, "cirr", root, batch_size=5, workers=0, device="cpu", progress=False)
+    got = evaluate(net, tiny_clip, "cirr", root, config(batch_size=5))
     assert net.training
     net.eval()
     assert got == pytest.approx(expected, abs=1e-4)  # float32 means, as the authors' code takes them
@@ -327,8 +353,8 @@ def test_cirr_metrics_and_submission_match_plain_loop(n_images, data, tiny_clip,
 
     _, full, members, queries = brute_force_cirr(tiny_clip, net, root, "test1")
     capsys.readouterr()
-    sub, subset = test_script.cirr_files(*compute_features(
-        net, tiny_clip, "cirr", root, "test1", batch_size=7, workers=0, device="cpu", progress=False))
+    files = submission_files("cirr", retrieve(net, tiny_clip, "cirr", root, config(split="test1")))
+    sub, subset = files["cirr.json"], files["subset_cirr.json"]
     assert ("warning" in capsys.readouterr().out) == (n_images <= 50)
     assert len(sub) == len(subset) == len(queries) + 2
     for q, r, m in zip(queries, full, members):
@@ -346,8 +372,8 @@ def test_circo_metrics_match_plain_loop(data, tiny_clip, net):
     ap = {k: [] for k in (5, 10, 25, 50)}
     rec = {k: [] for k in (5, 10, 25, 50)}
     for q in _read(root / "annotations" / "val.json"):
-        g, tokens = _encode(tiny_clip, folder / f"{q['reference_img_id']:012d}.jpg", tokens=True)
-        f = net.query_features(tiny_clip, g, tokens, [q["relative_caption"]])[0]
+        g, P = _encode(tiny_clip, folder / f"{q['reference_img_id']:012d}.jpg", tokens=True)
+        f = _compose(net, tiny_clip, g, P, q["relative_caption"])
         ranking = sorted(gallery, key=lambda n: -float(f @ gallery[n]))[:50]
         gts = [str(x) for x in q["gt_img_ids"] if x != ""]
         rel = [n in gts for n in ranking]
@@ -357,7 +383,7 @@ def test_circo_metrics_match_plain_loop(data, tiny_clip, net):
             rec[k].append(str(q["target_img_id"]) in ranking[:k])
     expected = {f"circo_map_at{k}": 100 * np.mean(v) for k, v in ap.items()}
     expected.update({f"circo_recall_at{k}": 100 * np.mean(v) for k, v in rec.items()})
-    got = evaluate(net, tiny_clip, "circo", root, batch_size=4, workers=0, device="cpu", progress=False)
+    got = evaluate(net, tiny_clip, "circo", root, config(batch_size=4))
     assert got == pytest.approx(expected, abs=1e-4)
 
 
@@ -372,8 +398,9 @@ def test_baselines(fast_clip, data, tiny_clip, base_args, tmp_path):
         check_metrics(m, "cirr", tmp_path / "out" / f"metrics_cirr_{baseline.replace('-', '_')}.json")
     pre = build_transform("targetpad", tiny_clip.image_size)
     ds = CIRRDataset(root, "val", "query", pre)
-    img, _ = features.query_features(None, tiny_clip, ds, 5, 0, "cpu", baseline="image-only", progress=False)
-    txt, _ = features.query_features(None, tiny_clip, ds, 5, 0, "cpu", baseline="text-only", progress=False)
+    enc = Encoding(batch_size=5, workers=0, device="cpu", progress=False)
+    img = features.query_features(None, tiny_clip, ds, enc, baseline="image-only")
+    txt = features.query_features(None, tiny_clip, ds, enc, baseline="text-only")
     for i in (0, len(ds) - 1):
         q = ds.queries[i]
         assert torch.allclose(img[i], _encode(tiny_clip, root / "dev" / f"{q['reference_name']}.png"), atol=1e-5)
@@ -381,7 +408,8 @@ def test_baselines(fast_clip, data, tiny_clip, base_args, tmp_path):
         assert torch.allclose(txt[i], t, atol=1e-5)
     # FashionIQ text-only: the two caption orders, each normalised, averaged, normalised
     fq = FashionIQDataset(data["fashioniq"], "val", ["shirt"], "query", pre)
-    txt, _ = features.query_features(None, tiny_clip, fq, 3, 0, "cpu", baseline="text-only", progress=False)
+    txt = features.query_features(None, tiny_clip, fq, Encoding(batch_size=3, workers=0, device="cpu", progress=False),
+                                  baseline="text-only")
     c1, c2 = fq.queries[4]["relative_captions"]
     a, b = c1.strip(".?, "), c2.strip(".?, ")
     f = F.normalize(tiny_clip.encode_text(tiny_clip.tokenize([f"{a.capitalize()} and {b}", f"{b} and {a}"])), dim=-1)
@@ -391,18 +419,20 @@ def test_baselines(fast_clip, data, tiny_clip, base_args, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the gallery cache
 
-def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path, capsys):
+def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path, capsys, encoded):
+    from gallery_cache import GalleryCache
+
     root = tmp_path / "CIRR"
     shutil.copytree(data["cirr"], root)
     cache = tmp_path / "cache"
-    c = features.counters
+    c = encoded
     n_gallery = len(_read(root / "cirr" / "image_splits" / "split.rc2.val.json"))
 
     def encoded(fn):
-        before = c["gallery_images_encoded"]
+        before = c.gallery_images_encoded
         capsys.readouterr()
         out = fn()
-        return out, c["gallery_images_encoded"] - before, capsys.readouterr().out
+        return out, c.gallery_images_encoded - before, capsys.readouterr().out
 
     # through the script: another checkpoint recomputes only the query side
     args = [a for a in base_args if a != "--no-cache"] + ["--cache-dir", str(cache)]
@@ -418,11 +448,13 @@ def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path
     pre = build_transform("targetpad", tiny_clip.image_size)
     gallery = lambda: CIRRDataset(root, "val", "gallery", pre)  # noqa: E731
     run = lambda precision="fp32", cache_dir=cache: features.gallery_features(  # noqa: E731
-        tiny_clip, gallery(), 16, 0, "cpu", precision, cache_dir, progress=False)
-    (names, feats), n, _ = encoded(run)
+        tiny_clip, gallery(), Encoding(batch_size=16, workers=0, device="cpu", precision=precision, progress=False),
+        GalleryCache(cache_dir) if cache_dir else None)
+    got, n, _ = encoded(run)
+    names, feats = got.names, got.features
     assert n == 0 and names == gallery().names
-    (_, fresh), n, _ = encoded(lambda: run(cache_dir=None))
-    assert n == n_gallery and torch.equal(feats, fresh)
+    got, n, _ = encoded(lambda: run(cache_dir=None))
+    assert n == n_gallery and torch.equal(feats, got.features)
 
     # a changed gallery list: stale, recomputed, overwritten
     split_file = root / "cirr" / "image_splits" / "split.rc2.val.json"
@@ -430,15 +462,16 @@ def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path
     split["dev-extra-0-img0"] = "./dev/dev-extra-0-img0.png"
     _image(root / "dev" / "dev-extra-0-img0.png", np.random.default_rng(99))
     _dump(split, split_file)
-    (names, feats), n, log = encoded(run)
+    got, n, log = encoded(run)
+    names, feats = got.names, got.features
     assert n == n_gallery + 1 and "stale" in log and "names_sha256" in log and len(names) == len(feats) == n_gallery + 1
     _, n, _ = encoded(run)
     assert n == 0
 
     # an image replaced under the same name: stale
     _image(root / "dev" / "dev-extra-0-img0.png", np.random.default_rng(100))
-    (_, new_feats), n, log = encoded(run)
-    assert n == n_gallery + 1 and "images_sha256" in log and not torch.equal(new_feats[-1], feats[-1])
+    got, n, log = encoded(run)
+    assert n == n_gallery + 1 and "images_sha256" in log and not torch.equal(got.features[-1], feats[-1])
 
     # a foreign file where the cache should be, then a corrupt one: detected, recomputed
     (path,) = cache.glob("*.pt")
@@ -527,14 +560,13 @@ def test_shared_references_are_encoded_once(baseline, tiny_clip, net, tmp_path):
                 "img_set": {"id": k, "members": [r] + [n for n in names if n != r][k:k + 5]}} for k, r in enumerate(refs)]
     write_cirr(root, "val", names, queries, rng)
     ds = CIRRDataset(root, "val", "query", build_transform("targetpad", tiny_clip.image_size))
-    features.counters["query_images_encoded"] = 0
-    got, order = features.query_features(net, tiny_clip, ds, batch_size=3, workers=0, device="cpu",
-                                         baseline=baseline, progress=False)
-    assert features.counters["query_images_encoded"] == 4
-    assert [q["pair_id"] for q in order] == [q["pairid"] for q in queries]
+    enc = Encoding(batch_size=3, workers=0, device="cpu", progress=False)
+    got = features.query_features(net, tiny_clip, ds, enc, baseline=baseline)
+    assert enc.counters.query_images_encoded == 4
+    assert [q["pair_id"] for q in ds.queries] == [q["pairid"] for q in queries]
     for k, q in enumerate(queries):
-        g, tokens = _encode(tiny_clip, root / "dev" / f"{q['reference']}.png", tokens=True)
-        f = F.normalize(g, dim=-1)[0] if baseline else net.query_features(tiny_clip, g, tokens, [q["caption"]])[0]
+        g, P = _encode(tiny_clip, root / "dev" / f"{q['reference']}.png", tokens=True)
+        f = F.normalize(g, dim=-1)[0] if baseline else _compose(net, tiny_clip, g, P, q["caption"])
         torch.testing.assert_close(got[k], f, atol=1e-5, rtol=1e-5)
 
 
@@ -542,30 +574,30 @@ def test_shared_references_are_encoded_once(baseline, tiny_clip, net, tmp_path):
 def test_reference_tokens_from_the_gallery_pass(data, tiny_clip, net, tmp_path):
     """--cache-reference-tokens: the queries take their references' tower outputs from the gallery
     pass (cold), then from the cache (warm: no image at all), with the same features as the plain path."""
-    root, c, cache = data["cirr"], features.counters, tmp_path / "cache"
-    kw = dict(batch_size=7, workers=0, device="cpu", progress=False)
-    names, g, q_plain, queries = compute_features(net, tiny_clip, "cirr", root, "val", **kw)
+    root, cache = data["cirr"], tmp_path / "cache"
+    plain = retrieve(net, tiny_clip, "cirr", root, config())
+    names, g, q_plain, queries = plain.names, plain.gallery.features, plain.query_features, plain.queries
     n_refs = len({x["reference_name"] for x in queries})
     runs = []
     for _ in range(2):  # cold, then warm
-        before = dict(c)
-        out = compute_features(net, tiny_clip, "cirr", root, "val", cache_dir=cache, reference_tokens=True, **kw)
-        runs.append({k: c[k] - before[k] for k in c})
-        assert out[0] == names
-        torch.testing.assert_close(out[1], g)
-        torch.testing.assert_close(out[2], q_plain, atol=1e-6, rtol=1e-5)
+        c = Counters()
+        out = retrieve(net, tiny_clip, "cirr", root, config(cache_dir=cache, reference_tokens=True, counters=c))
+        runs.append(c)
+        assert out.names == names
+        torch.testing.assert_close(out.gallery.features, g)
+        torch.testing.assert_close(out.query_features, q_plain, atol=1e-6, rtol=1e-5)
     cold, warm = runs
-    assert cold["gallery_images_encoded"] == len(names) and cold["query_images_encoded"] == 0
-    assert warm["gallery_images_encoded"] == 0 and warm["query_images_encoded"] == 0 and warm["token_cache_hits"] == 1
+    assert cold.gallery_images_encoded == len(names) and cold.query_images_encoded == 0
+    assert warm.gallery_images_encoded == 0 and warm.query_images_encoded == 0 and warm.token_cache_hits == 1
     # gallery cached but no token file yet (deleted): one pass over the references alone
     for f in cache.glob("*-refs-*.pt"):
         f.unlink()
-    before = dict(c)
-    out = compute_features(net, tiny_clip, "cirr", root, "val", cache_dir=cache, reference_tokens=True, **kw)
-    assert c["gallery_images_encoded"] - before["gallery_images_encoded"] == n_refs
-    torch.testing.assert_close(out[2], q_plain, atol=1e-6, rtol=1e-5)
+    c = Counters()
+    out = retrieve(net, tiny_clip, "cirr", root, config(cache_dir=cache, reference_tokens=True, counters=c))
+    assert c.gallery_images_encoded == n_refs
+    torch.testing.assert_close(out.query_features, q_plain, atol=1e-6, rtol=1e-5)
     # the image-only baseline from tokens is the reference's own gallery embedding
-    _, g2, q_img, _ = compute_features(None, tiny_clip, "cirr", root, "val", cache_dir=cache, reference_tokens=True,
-                                       baseline="image-only", **kw)
+    img = retrieve(None, tiny_clip, "cirr", root, config(cache_dir=cache, reference_tokens=True, baseline="image-only"))
     index = {n: i for i, n in enumerate(names)}
-    torch.testing.assert_close(q_img, g2[[index[x["reference_name"]] for x in queries]], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(img.query_features, img.gallery.features[[index[x["reference_name"]] for x in queries]],
+                               atol=1e-6, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""The vectorised network against the plain per-sample implementation of SPEC 1-6 (src/reference.py)
+"""The vectorised network against the plain per-sample implementation of METHOD §1-6 (src/reference.py)
 and against hand-computed examples."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from models import (FTI4CIR, FTI4CIRConfig, SelfAttention, contrastive_loss, cosine_loss, orthogonality_loss,
                     select_attributes)
-from prompts import PromptBuilder, fashioniq_texts
+from datasets import combine_text_features, fashioniq_texts
+from prompts import PromptBuilder
 from reference import select_one as ref_select, sentence_feature as ref_sentence_feature, training_losses
 
 STAR, EOT = 265, 49407
@@ -32,7 +33,7 @@ def batch(tiny_clip):
     torch.manual_seed(1)
     images = torch.randn(5, 3, tiny_clip.image_size, tiny_clip.image_size)
     with torch.no_grad():
-        g, P = tiny_clip.encode_image_tokens(images)
+        g, P = tiny_clip.encode_visual(images)
     return images, g, P
 
 
@@ -177,7 +178,7 @@ def test_query_features_equal_per_sample_reference(tiny_clip, net, batch):
     _, g, P = batch
     texts = ["is green and a square", "has *two* dogs", "", "a much longer modification text " * 6, "x"]
     with torch.no_grad():
-        q = net.query_features(tiny_clip, g, P, texts)
+        q = combine_text_features(net.compose(tiny_clip, g, P, [(t,) for t in texts]))
         A = net.attributes(P)
         for b in range(5):
             A_sel, r, _ = ref_select(A[b], g[b], net.cfg.topk, net.cfg.epsilon)
@@ -185,7 +186,7 @@ def test_query_features_equal_per_sample_reference(tiny_clip, net, batch):
                                      net.phi_s(g[b]), net.phi_a(A_sel)[:r])
             torch.testing.assert_close(q[b], F.normalize(f, dim=-1), atol=1e-5, rtol=1e-4)
         caps = [("is shiny.", "Longer SLEEVES?"), (" red ", "blue"), ("a", "b"), ("c", "d"), ("e", "f")]
-        q = net.query_features(tiny_clip, g, P, None, caps)
+        q = combine_text_features(net.compose(tiny_clip, g, P, [fashioniq_texts(*c) for c in caps]))
         for b in range(5):
             A_sel, r, _ = ref_select(A[b], g[b], net.cfg.topk, net.cfg.epsilon)
             t1, t2 = fashioniq_texts(*caps[b])
@@ -271,5 +272,5 @@ def test_forward_passes_read_nothing_back_from_the_device(tiny_clip, net, batch)
     tail, tail_len = pb.query_tails(["is red", "has two", "x", "y", "z"])
     with _NoReadBack():
         out = net(tiny_clip, g, P, texts)
-        q = net.text_features(tiny_clip, g, P, tail, tail_len)
-    assert torch.isfinite(out["total"]) and q.shape == (5, tiny_clip.embed_dim)
+        q = net.compose_tokens(tiny_clip, g, P, tail, tail_len)
+    assert torch.isfinite(out["total"]) and q.shape == (5, 1, tiny_clip.embed_dim)

@@ -226,7 +226,7 @@ def test_json_shapes_match_the_real_files(world, real_annotations):
     for im in info["images"]:
         assert isinstance(im["id"], int) and im["file_name"] == f"{im['id']:012d}.jpg"
         assert isinstance(im["width"], int) and isinstance(im["height"], int)
-    # ImageNet pairs (SPEC 8 format)
+    # ImageNet pairs (METHOD §8 format)
     for p in load(world / "ImageNet" / "pairs.json"):
         assert set(p) == {"img_id", "subject", "attribute"} and all(isinstance(v, str) for v in p.values())
         assert re.fullmatch(r"\d{8}", p["img_id"])

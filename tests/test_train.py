@@ -17,6 +17,7 @@ from PIL import Image
 
 import models
 import train
+import training
 from checkpoint import load_checkpoint, load_network
 from datasets import ImageNetPairsDataset
 from utils import seed_everything
@@ -81,7 +82,7 @@ def test_readme_command_parses_with_the_authors_defaults():
     assert (args.save_frequency, args.batch_size, args.lr, args.wd, args.epochs, args.model_dir, args.workers,
             args.clip_model) == (1, 256, 4e-5, 0.01, 60, "./model_save", 8, "ViT-L/14")
     d = train.build_parser().parse_args([])
-    # SPEC 6-7 defaults
+    # METHOD §6-7 defaults
     assert (d.num_k, d.topk, d.epsilon, d.temperature, d.reg_weight, d.tf_layer, d.tf_head) == (24, 12, 0.05, 0.2, 1.4, 3, 1)
     assert (d.lr_decay, d.lr_div, d.seed, d.epochs, d.preprocess_type, d.precision) == (10, 0.1, 42, 80, "targetpad", "fp16")
     assert d.imagenet_path == "./data/ImageNet" and d.mapper_dropout == 0.5
@@ -98,7 +99,7 @@ def test_authors_spellings_are_aliases():
 
 
 def test_learning_rate_schedule():
-    lrs = [train.learning_rate(e, 4e-5, 10, 0.1) for e in range(12)]
+    lrs = [training.learning_rate(e, 4e-5, 10, 0.1) for e in range(12)]
     assert lrs[:10] == [4e-5] * 10 and all(math.isclose(x, 4e-6) for x in lrs[10:])
 
 
@@ -147,7 +148,7 @@ def test_end_to_end_outputs(e2e_run, tiny_clip):
     log = read_log(model_dir)
     assert [r["global_step"] for r in log] == [1, 2, 3, 4] and [r["epoch"] for r in log] == [1, 1, 2, 2]
     assert all(math.isfinite(r[k]) for r in log for k in ("loss", "loss_contrastive", "loss_ortho", "loss_reg"))
-    for r in log:  # the total is the sum of SPEC 6's terms
+    for r in log:  # the total is the sum of METHOD §6's terms
         assert r["loss"] == pytest.approx(r["loss_contrastive"] + r["loss_ortho"] + 1.4 * r["loss_reg"], rel=1e-5)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

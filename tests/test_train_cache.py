@@ -13,6 +13,7 @@ import torch
 import datasets
 import train
 import train_cache
+import training
 from checkpoint import load_checkpoint
 from clip_loader import FrozenCLIP
 from test_train import make_pairs_data  # the same generated ImageNet layout as tests/test_train.py
@@ -64,10 +65,10 @@ class Events:
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.seq = []
-        load, tokens, step = datasets.load_image, FrozenCLIP.encode_image_tokens, train.cached_batch_losses
+        load, tokens, step = datasets.load_image, FrozenCLIP.encode_visual, training.CachedTowerFeatures.__call__
         mp.setattr(datasets, "load_image", lambda p: self.seq.append("load") or load(p))
-        mp.setattr(FrozenCLIP, "encode_image_tokens", lambda s, x: self.seq.append(f"visual{len(x)}") or tokens(s, x))
-        mp.setattr(train, "cached_batch_losses", lambda *a, **k: self.seq.append("step") or step(*a, **k))
+        mp.setattr(FrozenCLIP, "encode_visual", lambda s, x: self.seq.append(f"visual{len(x)}") or tokens(s, x))
+        mp.setattr(training.CachedTowerFeatures, "__call__", lambda *a, **k: self.seq.append("step") or step(*a, **k))
 
     def clear(self) -> list[str]:
         seq, self.seq[:] = list(self.seq), []
@@ -76,8 +77,8 @@ class Events:
 
 def round_visual_pass(mp: pytest.MonkeyPatch) -> None:
     """The uncached path with g and P rounded to fp16: what the cache must feed the network."""
-    original = train.encode_images
-    mp.setattr(train, "encode_images", lambda clip, images: tuple(t.half().float() for t in original(clip, images)))
+    original = training.TowerFeatures.encode
+    mp.setattr(training.TowerFeatures, "encode", lambda self, images: tuple(t.half().float() for t in original(self, images)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def test_first_epoch_stores_the_fp16_visual_outputs(runs, data8, tiny_clip):
     assert filled.all() and g.dtype == P.dtype == np.float16
     ds = datasets.ImageNetPairsDataset(data8, data8 / "pairs.json", build_transform("targetpad", tiny_clip.image_size))
     with torch.no_grad():
-        g_ref, P_ref = tiny_clip.encode_image_tokens(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+        g_ref, P_ref = tiny_clip.encode_visual(torch.stack([ds[i]["image"] for i in range(len(ds))]))
     assert g.shape == tuple(g_ref.shape) and P.shape == tuple(P_ref.shape)
     # one batch of 8 here, two shuffled batches of 4 in training: float sums may differ in the last fp32
     # bit, which can move an fp16 rounding by one fp16 step (relative 2^-10) in rare elements
@@ -315,16 +316,16 @@ def test_writer_failure_is_raised_and_marks_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_store", disk_full)
     cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
     cache._queue.join()
-    with pytest.raises(SystemExit, match=f"writing the feature cache {cache.folder} failed.*No space left"):
+    with pytest.raises(train_cache.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space left"):
         cache.write(np.array([5]), torch.randn(1, 3), torch.randn(1, 2, 4))  # the next write reports it
     cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
-    with pytest.raises(SystemExit, match=f"writing the feature cache {cache.folder} failed.*No space left"):
+    with pytest.raises(train_cache.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space left"):
         cache.commit()
     assert open_arrays(cache.folder)[2].tolist() == [True] + [False] * 5
     monkeypatch.undo()
     bad = torch.full((1, 3), float("inf"))
     cache.write(np.array([3]), bad, torch.zeros(1, 2, 4))
-    with pytest.raises(SystemExit, match=r"training rows \[3\] are not finite"):
+    with pytest.raises(train_cache.FeatureCacheError, match=r"training rows \[3\] are not finite"):
         cache.close()
     assert open_arrays(cache.folder)[2].sum() == 1
 

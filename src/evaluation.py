@@ -1,0 +1,269 @@
+"""Evaluation on FashionIQ, CIRR and CIRCO: the library behind evaluate.py, test.py and training's
+validation (METHOD §10-12).
+
+- `open_benchmark`: a benchmark split's gallery-mode and query-mode datasets;
+- `retrieve`: both sides encoded (`Retrieval`: gallery names and features, query features);
+- the metric adapters (`fashioniq_metrics`, `cirr_metrics`, `circo_metrics`) and the server files
+  (`submission_files`), pure functions of a `Retrieval`;
+- `evaluate`: the validation metrics of one benchmark with the authors' keys (`METRIC_KEYS`).
+
+`EvalConfig` holds everything that is not the network, CLIP or the benchmark.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Sequence
+
+import torch
+
+import metrics as M
+from datasets import FASHIONIQ_CATEGORIES, CIRCODataset, CIRRDataset, FashionIQDataset
+from errors import ConfigError
+from features import Encoding, Gallery, gallery_features, query_features
+from gallery_cache import GalleryCache
+from logs import get_logger
+from transforms import build_transform
+
+METRIC_KEYS = {
+    "fashioniq": [f"{c}_{k}" for c in FASHIONIQ_CATEGORIES + ("average",) for k in (10, 50)],
+    "cirr": [f"cirr_recall_at{k}" for k in (1, 5, 10, 50)] + [f"cirr_group_recall_at{k}" for k in (1, 2, 3)],
+    "circo": [f"circo_map_at{k}" for k in (5, 10, 25, 50)] + [f"circo_recall_at{k}" for k in (5, 10, 25, 50)],
+}
+TEST_SPLITS = {"cirr": "test1", "circo": "test"}  # the splits the test servers score
+
+log = get_logger("evaluation")
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate: the split, FashionIQ's categories, preprocessing, encoding, caches, baselines,
+    example grids. `cache_dir=None`: no gallery cache."""
+
+    split: str = "val"
+    categories: Sequence[str] = FASHIONIQ_CATEGORIES
+    preprocess_type: str = "targetpad"
+    encoding: Encoding = field(default_factory=Encoding)
+    cache_dir: str | Path | None = None
+    baseline: str | None = None
+    reference_tokens: bool = False  # keep the references' tower outputs from the gallery pass (and cache them)
+    examples: int = 0  # queries per split drawn as a PNG grid into examples_dir
+    examples_dir: str | Path | None = None
+
+
+@dataclass
+class Retrieval:
+    """One benchmark split encoded: the gallery (names, features), the query features in the order of
+    `query.queries`, and the two datasets they came from."""
+
+    gallery: Gallery
+    query_features: torch.Tensor
+    gallery_dataset: object
+    query_dataset: object
+
+    @property
+    def names(self) -> list[str]:
+        return self.gallery.names
+
+    @property
+    def queries(self) -> list[dict]:
+        return self.query_dataset.queries
+
+
+def check_benchmark(name: str) -> str:
+    name = name.lower()
+    if name not in METRIC_KEYS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {tuple(METRIC_KEYS)}")
+    return name
+
+
+def open_benchmark(name: str, root, split: str, preprocess, category: str | None = None):
+    """(gallery-mode, query-mode) datasets of one benchmark split (one FashionIQ category)."""
+    name = check_benchmark(name)
+    if name == "fashioniq":
+        return (FashionIQDataset(root, split, [category], "gallery", preprocess),
+                FashionIQDataset(root, split, [category], "query", preprocess))
+    if name == "cirr":
+        return CIRRDataset(root, split, "gallery", preprocess), CIRRDataset(root, split, "query", preprocess)
+    gallery = CIRCODataset(root, split, "gallery", preprocess)
+    return gallery, CIRCODataset(root, split, "query", preprocess, gallery=gallery)
+
+
+def retrieve(net, clip, name: str, root, config: EvalConfig, category: str | None = None,
+             split: str | None = None) -> Retrieval:
+    """Gallery and query features of one benchmark split (`split`, default config.split).
+
+    `config.reference_tokens`: the reference images' tower outputs come from the gallery pass (and the
+    cache), so the queries need no visual pass of their own.
+    """
+    preprocess = build_transform(config.preprocess_type, clip.image_size)
+    gallery_ds, query_ds = open_benchmark(name, root, split or config.split, preprocess, category)
+    cache = GalleryCache(config.cache_dir) if config.cache_dir is not None else None
+    refs = None
+    if config.reference_tokens and config.baseline != "text-only":
+        refs = [q["reference_name"] for q in query_ds.queries]
+    gallery = gallery_features(clip, gallery_ds, config.encoding, cache, reference_names=refs)
+    q = query_features(net, clip, query_ds, config.encoding, config.baseline, references=gallery.references)
+    return Retrieval(gallery, q, gallery_ds, query_ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# metric adapters
+
+def _clipped(ks: Sequence[int], available: int) -> dict[int, int]:
+    """K -> min(K, available): with fewer candidates than K, Recall@K is Recall@available (the
+    authors' code slices a shorter ranking the same way)."""
+    return {k: max(1, min(k, available)) for k in ks}
+
+
+def _need_targets(r: Retrieval, key: str, benchmark: str) -> None:
+    lacking = sum(key not in q for q in r.queries)
+    if lacking:
+        raise ConfigError(f"{lacking} of {len(r.queries)} {benchmark} queries have no {key}: metrics need the val split")
+
+
+def fashioniq_metrics(r: Retrieval) -> dict[int, float]:
+    """Recall@{10, 50} of one FashionIQ category (reference kept in the ranking)."""
+    _need_targets(r, "target_name", "FashionIQ")
+    ks = _clipped((10, 50), len(r.names))
+    got = M.fashioniq_recall(r.query_features, r.gallery.features, r.names, [x["target_name"] for x in r.queries],
+                             ks=sorted(set(ks.values())))
+    return {k: got[c] for k, c in ks.items()}
+
+
+def cirr_metrics(r: Retrieval) -> dict[str, float]:
+    """Recall@{1,5,10,50} (reference removed) and Recall_subset@{1,2,3}."""
+    _need_targets(r, "target_name", "CIRR")
+    ks = _clipped((1, 5, 10, 50), len(r.names) - 1)  # the reference is removed from every ranking
+    q = r.queries
+    got = M.cirr_recall(r.query_features, r.gallery.features, r.names, [x["reference_name"] for x in q],
+                        [x["target_name"] for x in q], [x["group_members"] for x in q], ks=sorted(set(ks.values())))
+    out = {f"cirr_recall_at{k}": got[f"cirr_recall_at{c}"] for k, c in ks.items()}
+    out.update({k: v for k, v in got.items() if k.startswith("cirr_group_recall_at")})
+    return out
+
+
+def circo_metrics(r: Retrieval) -> dict[str, float]:
+    """mAP@{5,10,25,50} and Recall@{5,10,25,50} over the top 50 (reference kept)."""
+    _need_targets(r, "gt_img_ids", "CIRCO")
+    return M.circo_map_recall(r.query_features, r.gallery.features, r.names, [x["gt_img_ids"] for x in r.queries])
+
+
+# ---------------------------------------------------------------------------------------------
+# test-server files
+
+def _list_length(server_top: int, available: int, what: str) -> int:
+    """The server's list length, or all `available` names of a gallery too small for it (toy data)."""
+    if available >= server_top:
+        return server_top
+    log.warning(f"warning: the {what} gallery offers only {available} candidates per query, so each list has "
+                f"{available} names, not {server_top}: the server rejects such files; written for toy data (the "
+                f"authors' [:{server_top}] slice gives the same)")
+    return available
+
+
+def submission_files(name: str, r: Retrieval) -> dict[str, dict]:
+    """{file name: content} of a benchmark's test-server submission, validated (METHOD §12):
+    CIRR `cirr.json` and `subset_cirr.json`, CIRCO `circo.json`."""
+    q = r.queries
+    if name == "cirr":
+        top = _list_length(M.CIRR_TOP, len(r.names) - 1, "CIRR")  # the reference never appears
+        sub, subset = M.cirr_submission(r.query_features, r.gallery.features, r.names, [x["reference_name"] for x in q],
+                                        [x["group_members"] for x in q], [x["pair_id"] for x in q], top=top)
+        M.validate_cirr_submission(sub, subset, q, gallery_names=r.names, top=top)
+        return {"cirr.json": sub, "subset_cirr.json": subset}
+    if name == "circo":
+        top = _list_length(M.CIRCO_TOP, len(r.names), "CIRCO")
+        sub = M.circo_submission(r.query_features, r.gallery.features, r.names, [x["query_id"] for x in q], top=top)
+        M.validate_circo_submission(sub, q, gallery_ids=r.names, top=top)
+        return {"circo.json": sub}
+    raise ConfigError(f"{name} has no test server; choose one of {tuple(TEST_SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# example grids
+
+def save_examples(r: Retrieval, count: int, out_dir, label: str, top: int = 5) -> Path:
+    """Draws `count` evenly spaced queries: reference, modification text, top results, targets framed."""
+    from examples import ExampleRow, save_example_grid
+
+    queries, names = r.queries, r.names
+    pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
+    exclude = None
+    if isinstance(r.query_dataset, CIRRDataset):  # the reference is not a result on CIRR
+        index = {n: i for i, n in enumerate(names)}
+        exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick])
+    top = min(top, len(names) - (exclude is not None))
+    ranked = M.topk_indices(r.query_features[pick], r.gallery.features, top, exclude)
+    rows = []
+    for row, i in zip(ranked.tolist(), pick):
+        x = queries[i]
+        targets = set(x.get("gt_img_ids") or []) | ({x["target_name"]} if "target_name" in x else set())
+        rows.append(ExampleRow(reference=r.query_dataset.query_paths[i], text=r.query_dataset.query_texts(x)[0],
+                               caption=f"query {i}", results=[r.gallery_dataset.gallery_paths[j] for j in row],
+                               is_target=[names[j] in targets for j in row]))
+    split = r.query_dataset.split
+    return save_example_grid(rows, Path(out_dir) / f"examples_{label}_{split}.png",
+                             title=f"{label} {split}: reference | text | top {top} (green: target)")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+def evaluate(net, clip, name: str, root, config: EvalConfig | None = None) -> dict[str, float]:
+    """Validation metrics (percent) of one benchmark with the authors' keys (METRIC_KEYS[name]).
+
+    `net`: an FTI4CIR network (a DDP wrapper is unwrapped; its train/eval mode is restored after),
+    or None with `config.baseline` 'image-only' / 'text-only'. FashionIQ: each of `config.categories`
+    on its own gallery; `average_*` is the mean over them.
+    """
+    name = check_benchmark(name)
+    config = config or EvalConfig()
+    net = getattr(net, "module", net)
+    was_training = net is not None and net.training
+    if net is not None:
+        net.eval()
+    try:
+        if name != "fashioniq":
+            r = retrieve(net, clip, name, root, config)
+            if config.examples:
+                save_examples(r, config.examples, config.examples_dir, name)
+            return cirr_metrics(r) if name == "cirr" else circo_metrics(r)
+        if not config.categories:
+            raise ConfigError("no FashionIQ category to evaluate")
+        out: dict[str, float] = {}
+        for cat in config.categories:
+            r = retrieve(net, clip, name, root, config, category=cat)
+            if config.examples:
+                save_examples(r, config.examples, config.examples_dir, f"fashioniq_{cat}")
+            got = fashioniq_metrics(r)
+            out[f"{cat}_10"], out[f"{cat}_50"] = got[10], got[50]
+        out["average_10"] = mean(out[f"{c}_10"] for c in config.categories)
+        out["average_50"] = mean(out[f"{c}_50"] for c in config.categories)
+        return out
+    finally:
+        if was_training:
+            net.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+def format_table(name: str, metrics: dict[str, float]) -> str:
+    if name == "fashioniq":
+        rows = [c for c in FASHIONIQ_CATEGORIES + ("average",) if f"{c}_10" in metrics]
+        lines = [f"{'FashionIQ':<10} {'R@10':>7} {'R@50':>7}"]
+        lines += [f"{c:<10} {metrics[f'{c}_10']:7.2f} {metrics[f'{c}_50']:7.2f}" for c in rows]
+        return "\n".join(lines)
+    if name == "cirr":
+        heads = [f"R@{k}" for k in (1, 5, 10, 50)] + [f"Rs@{k}" for k in (1, 2, 3)]
+    else:
+        heads = [f"mAP@{k}" for k in (5, 10, 25, 50)] + [f"R@{k}" for k in (5, 10, 25, 50)]
+    return "\n".join([" ".join(f"{h:>7}" for h in heads), " ".join(f"{metrics[k]:7.2f}" for k in METRIC_KEYS[name])])
+
+
+def metrics_path(save_path, name: str, baseline: str | None) -> Path:
+    suffix = f"_{baseline.replace('-', '_')}" if baseline else ""
+    return Path(save_path) / f"metrics_{name}{suffix}.json"
+

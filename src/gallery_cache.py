@@ -1,0 +1,213 @@
+"""The on-disk cache of gallery features for evaluation (evaluate.py, test.py, training's validation).
+
+A gallery's CLIP embeddings depend only on CLIP, the preprocessing, the gallery's images and the
+precision, so they are stored once and evaluating another checkpoint recomputes only the queries.
+One file per (benchmark gallery, CLIP source, preprocessing, precision, dataset root) in the cache
+folder; the file holds its key (a hash of `cache_meta`): a file whose key, names or shape differ from
+what is asked for (stale) or that is not one of ours (foreign) is reported, recomputed and replaced.
+
+The key covers each image file's size and modification time, not its contents: an image replaced
+by another of the same size and time is not noticed.
+
+Beside a gallery file, `--cache-reference-tokens` keeps the reference images' visual-tower outputs
+(`ReferenceOutputs`) under the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from logs import get_logger
+from utils import atomic_torch_save
+
+DEFAULT_CACHE_DIR = Path(".cache") / "features"
+CACHE_FORMAT = "fti4cir-gallery-features"
+TOKEN_CACHE_FORMAT = "fti4cir-reference-tokens"
+# Bump when the way gallery features are computed changes: every older cache file becomes stale.
+CACHE_VERSION = 1
+
+log = get_logger("gallery_cache")
+
+
+@dataclass
+class ReferenceOutputs:
+    """What the visual tower gives for the reference images: raw `g` [R, D] (not normalised) and the
+    visual tokens `P` [R, N+1, W], float32 on the CPU, row r for `names[r]`. With these, composed
+    queries need no visual pass of their own."""
+
+    names: list[str]
+    g: torch.Tensor
+    P: torch.Tensor
+
+    def __post_init__(self):
+        self.names = list(self.names)
+        self.row = {n: i for i, n in enumerate(self.names)}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def describe_transform(transform) -> str:
+    """A stable text for a preprocessing pipeline (no memory addresses), for the cache key."""
+    steps = getattr(transform, "transforms", [transform])
+    parts = []
+    for t in steps:
+        if hasattr(t, "__code__"):  # a plain function: its repr holds an address
+            parts.append(f"{t.__module__}.{t.__qualname__}")
+        else:
+            parts.append(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(t)))
+    return " | ".join(parts)
+
+
+def images_fingerprint(dataset) -> str | None:
+    """Hash of the gallery image files' sizes and modification times: images regenerated or replaced
+    under the same names make the cache stale. A missing file counts as changed (its error then
+    comes from the encoder, never hidden by a cache hit).
+
+    One stat per file, on plain strings (datasets.FileList.strings(): no Path objects for CIRCO's
+    123,403 files), hashed as one block; the same digest as hashing each file's line in turn."""
+    paths = getattr(dataset, "gallery_paths", None)
+    if paths is None:
+        return None
+    strings = getattr(paths, "strings", None)
+    files = strings() if strings is not None else [os.fspath(p) for p in paths]
+    stat = os.stat
+    lines = []
+    for p in files:
+        try:
+            st = stat(p)
+            lines.append(f"{st.st_size}:{st.st_mtime_ns}\n")
+        except OSError:
+            lines.append("missing\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def gallery_tag(dataset) -> str:
+    """The cache file's readable prefix: the dataset's label, except that CIRCO's val and test share one
+    gallery (all of COCO unlabeled), so one cache entry serves both."""
+    label = dataset.label
+    return "circo" if label.startswith("circo-") else label
+
+
+def cache_meta(clip, dataset, precision: str) -> dict:
+    """Everything gallery features depend on; the cache key is its hash."""
+    names = list(dataset.names)
+    return {
+        "code_version": CACHE_VERSION,
+        "clip": clip.fingerprint(),
+        "preprocess": describe_transform(dataset.preprocess),
+        "precision": precision,
+        "dataset": gallery_tag(dataset),
+        "root": str(Path(getattr(dataset, "root", "")).resolve()),
+        "num_images": len(names),
+        "names_sha256": _sha("\x00".join(names)),
+        "images_sha256": images_fingerprint(dataset),
+    }
+
+
+def _key(meta: dict) -> str:
+    return _sha(json.dumps(meta, sort_keys=True))
+
+
+def _joined(names: Sequence[str]) -> str:
+    """The gallery names as one string (NUL-separated), as a cache file stores them: unpickling one
+    string is instant where 123,403 strings take the weights-only unpickler over a second."""
+    return "\x00".join(names)
+
+
+def _load(path: Path, fmt: str, what: str) -> dict | None:
+    """A cache file's dict when it exists, reads and has format `fmt`; else None, the reason logged."""
+    if not path.is_file():
+        log.info(f"{what}: no file {path}; computing")
+        return None
+    try:
+        # mmap: tensors are read when used (a CPU run's similarity, the copy to a GPU), not first
+        # copied into fresh memory (the ViT-L/14 CIRCO cache is 380 MB); a private mapping, so
+        # writes go to memory and an atomically replaced file leaves the mapping intact
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is simply not a usable cache
+        log.info(f"{what}: {path} is unreadable ({type(e).__name__}); recomputing and overwriting it")
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        log.info(f"{what}: {path} is not a {what} file; recomputing and overwriting it")
+        return None
+    return obj
+
+
+def _write(path: Path, obj: dict, what: str) -> bool:
+    try:
+        atomic_torch_save(obj, path)
+    except OSError as e:  # a full disk or read-only folder costs the next run time, not this run's result
+        log.info(f"{what}: could not write {path} ({e}); continuing without caching")
+        return False
+    log.info(f"{what}: wrote {path}")
+    return True
+
+
+class GalleryCache:
+    """The cache folder: gallery features and reference outputs, each file keyed by `cache_meta`."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def path(self, meta: dict) -> Path:
+        """One file per (dataset, CLIP, preprocessing, precision, root): another gallery list or changed
+        images overwrite it (stale), another CLIP or precision gets its own file."""
+        stable = {k: meta[k] for k in ("dataset", "preprocess", "precision", "root")}
+        stable["clip"] = meta["clip"]["source"]
+        return self.folder / f"{meta['dataset']}-{_sha(json.dumps(stable, sort_keys=True))[:16]}.pt"
+
+    def references_path(self, meta: dict, refs: Sequence[str]) -> Path:
+        gallery = self.path(meta)
+        return gallery.with_name(f"{gallery.stem}-refs-{_sha(chr(0).join(refs))[:16]}.pt")
+
+    def read(self, meta: dict, names: list[str]) -> torch.Tensor | None:
+        """The cached [G, D] features, or None (the reason logged) when absent, foreign or stale."""
+        path = self.path(meta)
+        obj = _load(path, CACHE_FORMAT, "gallery cache")
+        if obj is None:
+            return None
+        if obj.get("key") != _key(meta):
+            old = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+            changed = sorted(k for k in set(meta) | set(old) if old.get(k) != meta.get(k)) or ["key"]
+            log.info(f"gallery cache: {path} is stale ({', '.join(changed)} changed); recomputing")
+            return None
+        feats = obj.get("features")
+        joined = obj.get("joined_names")
+        same = joined == _joined(names) if isinstance(joined, str) else obj.get("names") == names  # older files: a list
+        if not same or not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(names):
+            log.info(f"gallery cache: {path} does not hold features for these {len(names)} names; recomputing")
+            return None
+        log.info(f"gallery cache: hit {path} ({len(names)} images)")
+        return feats
+
+    def write(self, meta: dict, names: list[str], feats: torch.Tensor) -> bool:
+        return _write(self.path(meta), {"format": CACHE_FORMAT, "key": _key(meta), "meta": meta,
+                                        "joined_names": _joined(names), "features": feats.cpu()}, "gallery cache")
+
+    def read_references(self, meta: dict, refs: list[str]) -> ReferenceOutputs | None:
+        """The cached reference outputs, or None (the reason logged) when absent, foreign or stale."""
+        path = self.references_path(meta, refs)
+        obj = _load(path, TOKEN_CACHE_FORMAT, "reference-token cache")
+        if obj is None:
+            return None
+        ok = (obj.get("key") == _key(meta) and obj.get("names") == refs and isinstance(obj.get("g"), torch.Tensor)
+              and isinstance(obj.get("P"), torch.Tensor) and obj["g"].shape[0] == obj["P"].shape[0] == len(refs))
+        if not ok:
+            log.info(f"reference-token cache: {path} is stale or not ours; recomputing")
+            return None
+        log.info(f"reference-token cache: hit {path} ({len(refs)} reference images)")
+        return ReferenceOutputs(refs, obj["g"], obj["P"])
+
+    def write_references(self, meta: dict, outputs: ReferenceOutputs) -> bool:
+        return _write(self.references_path(meta, outputs.names),
+                      {"format": TOKEN_CACHE_FORMAT, "key": _key(meta), "names": outputs.names,
+                       "g": outputs.g, "P": outputs.P}, "reference-token cache")

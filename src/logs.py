@@ -1,0 +1,83 @@
+"""Where the scripts' messages and training's records go.
+
+- `setup_logging()`: every module logs through `logging.getLogger("fti4cir.<module>")`; the scripts call
+  this once so that INFO lines reach standard output as plain text. Processes other than rank 0 of a
+  distributed run only show warnings and errors.
+- `TrainLog`: rank 0's per-step JSON lines (`train_log.jsonl`) and TensorBoard scalars.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = "fti4cir"
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the time of the message (a test's capture included)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler's constructor assigns it; the property wins
+        pass
+
+
+def setup_logging(main_process: bool = True) -> logging.Logger:
+    """Plain `message` lines on stdout at INFO (WARNING on non-main processes); idempotent."""
+    logger = logging.getLogger(ROOT)
+    if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    return logger
+
+
+def get_logger(module: str) -> logging.Logger:
+    return logging.getLogger(f"{ROOT}.{module}")
+
+
+PERF_KEYS = ("images_per_s", "data_wait_s", "step_s")
+
+
+class TrainLog:
+    """Rank 0's TensorBoard writer and JSON-lines step log (`enabled=False`: every call does nothing)."""
+
+    def __init__(self, model_dir: Path, enabled: bool, purge_step: int | None = None):
+        self.tb = self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(model_dir) / "tensorboard"), purge_step=purge_step)
+            self.jsonl = open(Path(model_dir) / "train_log.jsonl", "a", encoding="utf-8")
+
+    def step(self, record: dict, global_step: int) -> None:
+        """One training step: every number but the counters as a scalar, the whole record as a line."""
+        if self.tb is None:
+            return
+        for k, v in record.items():
+            if k not in ("epoch", "step", "global_step"):
+                self.tb.add_scalar(("perf/" if k in PERF_KEYS else "train/") + k, v, global_step)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def scalars(self, prefix: str, values: dict, global_step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, global_step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.jsonl.close()
+            self.tb = self.jsonl = None

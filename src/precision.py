@@ -1,0 +1,97 @@
+"""Numeric precision, one vocabulary for every script.
+
+- `fp32`: plain float32. For inference it also pins full-precision matmuls (the authors' inference).
+- `tf32`: float32 tensors, TF32 tensor-core matmuls and convolutions (CUDA only; inference).
+- `bf16`, `fp16`: autocast to that type. Training in fp16 adds a gradient scaler (the authors').
+
+Training takes `fp16` / `bf16` / `fp32` (`TRAIN_PRECISIONS`); evaluation takes all four; the caption
+step uses the same names for the dtype BLIP's weights are cast to (`auto`: fp16 on CUDA, fp32 elsewhere).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from errors import ConfigError, DeviceError
+from logs import get_logger
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+TRAIN_PRECISIONS = ("fp16", "bf16", "fp32")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+log = get_logger("precision")
+
+
+def check_precision(precision: str, device, allowed=PRECISIONS) -> None:
+    """ConfigError for a name outside `allowed`, DeviceError for one `device` cannot run."""
+    device = torch.device(device)
+    if precision not in allowed:
+        raise ConfigError(f"--precision {precision!r}: choose one of {tuple(allowed)}")
+    if device.type == "cuda" or precision == "fp32":
+        return
+    if device.type == "cpu" and precision == "bf16":
+        return
+    raise DeviceError(f"--precision {precision} is not available on {device.type}: "
+                      f"use fp32{' or bf16' if device.type == 'cpu' else ''} there (fp16 and tf32 need CUDA)")
+
+
+def training_precision(precision: str, device) -> str:
+    """The precision training runs in: fp16 needs CUDA, so on another device it falls back to fp32."""
+    device = torch.device(device)
+    if precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: choose one of {TRAIN_PRECISIONS}")
+    if precision == "fp16" and device.type != "cuda":
+        log.info(f"notice: --precision fp16 needs a CUDA device; training in fp32 on {device}")
+        return "fp32"
+    check_precision(precision, device, TRAIN_PRECISIONS)
+    return precision
+
+
+def uses_grad_scaler(precision: str) -> bool:
+    return precision == "fp16"
+
+
+def autocast(precision: str, device):
+    """The training step's region: autocast for fp16/bf16, nothing for fp32."""
+    device = torch.device(device)
+    if precision in ("fp16", "bf16"):
+        return torch.autocast(device.type, dtype=DTYPES[precision])
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def inference(precision: str, device):
+    """The region of an evaluation forward pass at `precision`.
+
+    fp32 and tf32 set the float32 matmul precision explicitly for the duration (and restore it
+    after), so a caller that enabled TF32 cannot change what fp32 means; cuDNN keeps PyTorch's
+    default (TF32 allowed for convolutions), which is also what the authors' fp32 runs used.
+    """
+    device = torch.device(device)
+    check_precision(precision, device)
+    if precision in ("bf16", "fp16"):
+        with torch.autocast(device.type, dtype=DTYPES[precision]):
+            yield
+        return
+    old_matmul = torch.get_float32_matmul_precision()
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast region
+            yield
+    finally:
+        torch.set_float32_matmul_precision(old_matmul)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+def weights_dtype(name: str, device) -> torch.dtype:
+    """The dtype a model's weights are cast to (the caption step): `auto` is fp16 on CUDA (fp16 keeps 3
+    more mantissa bits than bf16, so beam search stays closer to fp32) and fp32 elsewhere."""
+    device = torch.device(device)
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r}: choose auto or one of {tuple(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,539 @@
+"""The training loop of FTI4CIR (METHOD §6-7), behind src/train.py.
+
+Four steps, in the order a run takes them:
+
+- `setup`: data, the frozen CLIP, the network, the image-feature source, optimizer and scaler;
+- `restore`: a checkpoint's weights, optimizer, scaler, position and random streams;
+- `train_one_epoch`: the steps of one epoch (`training_step` is one of them);
+- `end_of_epoch`: save, log the epoch's means, validate.
+
+`train` runs them. The image features of a batch come from one object, called the same way with or
+without `--cache-image-features`: `features(batch) -> (g, P)`, `commit()` before a checkpoint,
+`close()` at the end (`TowerFeatures`, `CachedTowerFeatures`).
+
+One step: (g, P) from the frozen visual tower (or the cache) -> the network's loss (`FTI4CIR.forward`)
+under autocast -> gradient scaler -> AdamW. Only the network is in DDP; CLIP is passed to it. With N
+processes, features are all-gathered with gradient before the contrastive loss, so N processes with
+batch B/N train like one process with batch B.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import precision as prec
+from checkpoint import capture_rng, link_or_copy, load_checkpoint, restore_rng, save_network
+from cli import clip_from_args
+from datasets import DEFAULT_ROOTS, ImageNetPairsDataset, collate
+from distributed import (DistInfo, ResumableDistributedSampler, all_gather_object, all_reduce_mean, barrier,
+                         gather_with_grad)
+from errors import ConfigError, UserError
+from logs import TrainLog, get_logger
+from models import FTI4CIR
+from train_cache import CacheReader, CachedRowsDataset, FeatureCache, cache_meta, collate_cached, prepare_cache
+from transforms import build_transform
+from utils import atomic_write_json, seed_everything
+
+LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")
+# flags that steer the run rather than define the training: a resume may change them without a warning
+RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device",
+                    "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
+                    "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress"}
+
+log = get_logger("training")
+
+
+class NonFiniteLossError(UserError):
+    """A training step gave a NaN or infinite loss; the update was not applied."""
+
+
+def learning_rate(epoch: int, lr: float, lr_decay: int, lr_div: float) -> float:
+    """METHOD §7: lr for 0-based epoch `epoch`; multiplied by lr_div once, from epoch index lr_decay on."""
+    return lr * lr_div if epoch >= lr_decay else lr
+
+
+# ---------------------------------------------------------------------------------------------
+# image features of a batch
+
+class TrainCollate:
+    """Stacks images and builds the regularisation loss's token ids in the DataLoader workers."""
+
+    def __init__(self, prompts, cache_reader: CacheReader | None = None):
+        self.prompts, self.cache_reader = prompts, cache_reader
+
+    def __call__(self, samples):
+        batch = collate(samples) if self.cache_reader is None else collate_cached(samples, self.cache_reader)
+        batch["texts"] = self.prompts.training_texts(batch["subject"], batch["attribute"])
+        return batch
+
+
+class TowerFeatures:
+    """(g, P) of a batch from one frozen visual pass (under the training precision's autocast)."""
+
+    def __init__(self, clip, device: torch.device, precision: str):
+        self.clip, self.device, self.precision = clip, device, precision
+
+    def wrap_dataset(self, base):
+        """The dataset the loader reads."""
+        return base
+
+    def collate(self, prompts) -> TrainCollate:
+        return TrainCollate(prompts)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        with prec.autocast(self.precision, self.device), torch.no_grad():
+            return self.clip.encode_visual(images)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(batch["image"])
+
+    def commit(self) -> None:
+        """Everything computed so far is durable (nothing to do without a cache)."""
+
+    def close(self) -> None:
+        """Stop background work."""
+
+
+class CachedTowerFeatures(TowerFeatures):
+    """--cache-image-features: rows whose sample came with cached fp16 (g, P) (read by the DataLoader
+    workers) skip the visual pass; it runs only on the others, whose fp16 outputs are queued for storing.
+    Every row's g and P are the fp16-rounded values (read, or just rounded), so the loss is
+    net(clip, g16.float(), P16.float(), texts) whether a row was cached or not."""
+
+    def __init__(self, clip, device: torch.device, precision: str, cache: FeatureCache):
+        super().__init__(clip, device, precision)
+        self.cache = cache
+        self.reader = CacheReader(cache.folder)
+
+    def wrap_dataset(self, base):
+        return CachedRowsDataset(base, self.reader)
+
+    def collate(self, prompts) -> TrainCollate:
+        return TrainCollate(prompts, self.reader)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        index, image_rows, cached_rows = batch["index"], batch["image_rows"], batch["cached_rows"]
+        b, device = len(index), self.device
+        g16 = torch.empty((b,) + tuple(self.cache.meta["g_shape"][1:]), dtype=torch.float16, device=device)
+        P16 = torch.empty((b,) + tuple(self.cache.meta["P_shape"][1:]), dtype=torch.float16, device=device)
+        if len(cached_rows):
+            rows = cached_rows.to(device, non_blocking=True)
+            g16[rows] = batch["g"].to(device, non_blocking=True)
+            P16[rows] = batch["P"].to(device, non_blocking=True)
+        if len(image_rows):
+            g, P = self.encode(batch["image"])
+            g, P = g.half(), P.half()
+            self.cache.write(index[image_rows].numpy(), g, P)
+            rows = image_rows.to(device, non_blocking=True)
+            g16[rows], P16[rows] = g, P
+        return g16.float(), P16.float()
+
+    def commit(self) -> None:
+        self.cache.commit()  # every queued row stored and marked filled
+
+    def close(self) -> None:
+        self.cache.close()  # what was queued is stored, even when training stopped on an error
+
+
+def open_feature_cache(args, clip, dataset, info: DistInfo) -> FeatureCache:
+    """Rank 0 prepares the cache folder (creating or replacing it), the others wait, then every rank opens it."""
+    meta = cache_meta(clip, args.preprocess_type, clip.image_size, list(dataset.names))
+    cache_dir = Path(args.feature_cache_dir)
+    folder, error = None, None
+    if info.is_main:
+        try:
+            folder = str(prepare_cache(cache_dir, meta))
+        except (OSError, UserError) as e:
+            error = f"--feature-cache-dir {cache_dir}: {e}; pass a writable folder or drop --cache-image-features"
+    # collective, so it is also the barrier: no rank opens the folder before rank 0 made it, and a
+    # failure on rank 0 stops every rank instead of leaving them waiting
+    folder, error = all_gather_object((folder, error), info)[0]
+    if error:
+        raise ConfigError(error)
+    cache = FeatureCache(folder, meta)
+    log.info(f"feature cache: {folder}: {cache.num_filled()} of {len(dataset)} images cached")
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+@dataclass
+class Position:
+    """Where training stands: `epoch` (0-based, the epoch in progress), samples of it done (all
+    processes together), optimisation steps done, the newest checkpoint written or resumed from."""
+
+    epoch: int = 0
+    samples_in_epoch: int = 0
+    global_step: int = 0
+    last_checkpoint: Path | None = None
+
+
+@dataclass
+class Run:
+    """Everything one training run works with."""
+
+    args: object
+    info: DistInfo
+    device: torch.device
+    precision: str
+    dataset: ImageNetPairsDataset
+    clip: object
+    net: FTI4CIR
+    features: TowerFeatures
+    sampler: ResumableDistributedSampler
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    hparams: dict
+    position: Position = field(default_factory=Position)
+    model: torch.nn.Module | None = None  # the network, DDP-wrapped with several processes
+    train_log: TrainLog | None = None
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.args.model_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.model_dir / "checkpoints"
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.batch_size
+
+    @property
+    def world(self) -> int:
+        return self.info.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.num_samples // self.batch_size
+
+
+def val_root(args) -> Path | None:
+    if not args.val_dataset:
+        return None
+    root = Path(args.val_data_path or DEFAULT_ROOTS[args.val_dataset])
+    if not root.is_dir():
+        raise ConfigError(f"--val-dataset {args.val_dataset}: {root} is not a folder; pass --val-data-path")
+    return root
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = ckpt_dir / "latest.pt"
+        if not path.is_file():
+            log.info(f"--resume latest: no {path} yet; starting from scratch")
+            return None
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume}: no such file (pass 'latest' or a checkpoint written by train.py)")
+    return path
+
+
+def resolved_hparams(args, net, clip, info: DistInfo, device, precision: str) -> dict:
+    h = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
+    h.update(world_size=info.world_size, global_batch_size=args.batch_size * info.world_size,
+             precision_used=precision, device_type=device.type, clip_source=str(clip.source),
+             network=net.cfg.to_dict())
+    return h
+
+
+def hparam_differences(old: dict, new: dict) -> list[str]:
+    old = {"cache_image_features": False, **old}  # checkpoints from before the flag existed trained without it
+    keys = (set(old) | set(new)) - RUN_CONTROL_KEYS
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
+
+
+def setup(args, info: DistInfo, device: torch.device) -> Run:
+    """Everything a run needs, in the order that fails fastest: flags and files before the slow CLIP load."""
+    precision = prec.training_precision(args.precision, device)
+    val_root(args)
+    # every listed image is checked here, before CLIP is loaded
+    dataset = ImageNetPairsDataset(args.imagenet_path, args.pairs_path, build_transform(args.preprocess_type, 224))
+    clip = clip_from_args(args, device)
+    dataset.preprocess = build_transform(args.preprocess_type, clip.image_size)
+    seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = FTI4CIR.for_clip(clip, num_k=args.num_k, topk=args.topk, epsilon=args.epsilon, temperature=args.temperature,
+                           reg_weight=args.reg_weight, tf_layer=args.tf_layer, tf_head=args.tf_head,
+                           mapper_dropout=args.mapper_dropout).to(device)
+    if args.cache_image_features:
+        features = CachedTowerFeatures(clip, device, precision, open_feature_cache(args, clip, dataset, info))
+    else:
+        features = TowerFeatures(clip, device, precision)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=args.seed)
+    if sampler.num_samples // args.batch_size == 0:
+        raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
+                          "process(es); lower --batch-size")
+    loader = DataLoader(features.wrap_dataset(dataset), batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, drop_last=True, collate_fn=features.collate(net.prompts(clip)),
+                        pin_memory=device.type == "cuda",
+                        # its own generator: creating an epoch's iterator must not draw from the global RNG,
+                        # or a resumed run's dropout masks would differ from an uninterrupted run's
+                        generator=torch.Generator().manual_seed(args.seed + info.rank),
+                        persistent_workers=args.workers > 0)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.uses_grad_scaler(precision))
+    hparams = resolved_hparams(args, net, clip, info, device, precision)
+    return Run(args, info, device, precision, dataset, clip, net, features, sampler, loader, optimizer, scaler, hparams)
+
+
+# ---------------------------------------------------------------------------------------------
+# restoring a checkpoint
+
+def restore(run: Run, path: Path) -> dict | None:
+    """Loads a training checkpoint into the run; returns this process's saved random streams (None when
+    the checkpoint was written by another number of processes)."""
+    state = load_checkpoint(path)
+    diffs = hparam_differences(state.get("hparams", {}), run.hparams)
+    if diffs and run.info.is_main:
+        warnings.warn(f"resuming {path} with different hyper-parameters (the current flags apply): "
+                      + "; ".join(diffs), stacklevel=2)
+    try:
+        run.net.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise ConfigError(f"--resume {path}: its network does not fit the current flags "
+                          f"(saved config {state['config']}): {str(e)[:300]}") from e
+    run.optimizer.load_state_dict(state["optimizer"])
+    for group in run.optimizer.param_groups:  # load_state_dict brings the saved wd back; the flags apply
+        group["weight_decay"] = run.args.wd
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.position = Position(state["epoch"], state["samples_in_epoch"], state["global_step"], path)
+    world = run.world
+    if run.position.samples_in_epoch % world:
+        log.info(f"notice: {run.position.samples_in_epoch} samples done in the epoch do not split over {world} "
+                 "processes; a few samples of that epoch are repeated")
+    log.info(f"resumed {path}: epoch {run.position.epoch + 1}, {run.position.samples_in_epoch} samples into it, "
+             f"global step {run.position.global_step}")
+    rngs = state.get("rng") or []
+    if len(rngs) == world:
+        return rngs[run.info.rank]
+    log.info(f"notice: {path} was written by {len(rngs)} processes, this run has {world}: "
+             "random streams are re-seeded, dropout masks will differ from an uninterrupted run")
+    return None
+
+
+def start(run: Run, rng_state: dict | None, resumed: bool) -> None:
+    """Per-process random streams, the DDP wrapper, the output folder and the logs."""
+    seed_everything(run.args.seed + run.info.rank)  # per-rank streams (dropout masks differ between ranks)
+    if rng_state is not None:
+        restore_rng(rng_state, run.device)
+    run.model = run.net
+    if run.info.enabled:
+        run.model = DistributedDataParallel(run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.info.is_main:
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.hparams, run.model_dir / "hyperparameters.json")
+    run.train_log = TrainLog(run.model_dir, run.info.is_main, purge_step=run.position.global_step if resumed else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch
+
+def save_checkpoint(run: Run, path: Path, epoch: int, samples: int, step: int) -> Path:
+    """Every process's streams and rank 0's network and optimizer state, written atomically (collective)."""
+    run.features.commit()  # the rows a resumed run will skip are stored and marked before the checkpoint
+    rng = all_gather_object(capture_rng(run.device), run.info)
+    if run.info.is_main:
+        save_network(run.net, path, optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
+                     samples_in_epoch=samples, step=step, global_step=run.position.global_step, world_size=run.world,
+                     rng=rng, hparams=run.hparams)
+    run.position.last_checkpoint = path
+    return path
+
+
+def training_step(run: Run, batch: dict) -> list[float]:
+    """One optimisation step; returns the loss terms (LOSS_KEYS), averaged over processes."""
+    g, P = run.features(batch)
+    texts = {k: v.to(run.device, non_blocking=True) for k, v in batch["texts"].items()}
+    with prec.autocast(run.precision, run.device):
+        out = run.model(run.clip, g, P, texts, gather_with_grad if run.info.enabled else None)
+    stats = all_reduce_mean(torch.stack([out[k].detach().float() for k in LOSS_KEYS]), run.info).tolist()
+    if not all(math.isfinite(x) for x in stats):
+        run.features.commit()  # non-finite visual features would be the cause: that error first
+        pos = run.position
+        last = pos.last_checkpoint
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {pos.epoch + 1}, global step {pos.global_step + 1}: "
+            + ", ".join(f"{k} {v}" for k, v in zip(LOSS_KEYS, stats))
+            + ". Stopped before that update; no weights were written. Last good checkpoint: "
+            + (f"{last} (resume with --resume {last})" if last else "none yet"))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(out["total"]).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return stats
+
+
+@dataclass
+class EpochStats:
+    sums: np.ndarray
+    steps: int = 0
+    data_wait: float = 0.0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    def means(self) -> dict[str, float]:
+        return dict(zip(LOSS_KEYS, self.sums / max(self.steps, 1)))
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    # in a log file (no terminal) refresh rarely: each refresh is a line there
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+def train_one_epoch(run: Run, epoch: int) -> EpochStats:
+    """The steps of 0-based `epoch`, from where `run.position` says it stands; writes `latest.pt` every
+    --save-every-steps and stops early, with `latest.pt` written, at --max-steps."""
+    args, pos, b, world = run.args, run.position, run.batch_size, run.world
+    lr = learning_rate(epoch, args.lr, args.lr_decay, args.lr_div)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    skip = pos.samples_in_epoch // world  # per-rank indices already trained on this epoch
+    run.sampler.set_epoch(epoch, skip)
+    step = skip // b
+    last_step = step + len(run.loader)  # < steps_per_epoch only after a resume across a batch-size change
+    stats = EpochStats(np.zeros(len(LOSS_KEYS)))
+    t0 = t_last = time.perf_counter()
+    bar = _progress_bar(run.steps_per_epoch, step, f"epoch {epoch + 1}/{args.epochs}",
+                        run.info.is_main and not args.no_progress)
+    try:
+        for batch in run.loader:
+            t_batch = time.perf_counter()
+            losses = training_step(run, batch)
+            step += 1
+            pos.global_step += 1
+            pos.samples_in_epoch += b * world
+            now = time.perf_counter()
+            stats.sums += losses
+            stats.steps += 1
+            stats.data_wait += t_batch - t_last
+            record = {"epoch": epoch + 1, "step": step, "global_step": pos.global_step, "lr": lr,
+                      **{("loss" if k == "total" else k if k == "num_attributes" else f"loss_{k}"): v
+                         for k, v in zip(LOSS_KEYS, losses)},
+                      "images_per_s": b * world / max(now - t_last, 1e-9), "data_wait_s": t_batch - t_last,
+                      "step_s": now - t_batch}
+            run.train_log.step(record, pos.global_step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.sums[0] / stats.steps:.4f}", lr=f"{lr:.2g}")
+            mid_epoch = step < last_step
+            limit = args.max_steps and pos.global_step >= args.max_steps
+            if mid_epoch and ((args.save_every_steps and pos.global_step % args.save_every_steps == 0) or limit):
+                save_checkpoint(run, run.ckpt_dir / "latest.pt", epoch, pos.samples_in_epoch, step)
+            if mid_epoch and limit:
+                stats.stopped_early = True
+                break
+            t_last = time.perf_counter()
+    finally:
+        if bar is not None:  # also on an exception mid-epoch: close the bar now, not at interpreter exit
+            bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# the end of an epoch
+
+def validate(run: Run) -> dict[str, float]:
+    """evaluate.py's validation metrics (percent) of the current network on --val-dataset's val split:
+    fp32 inference as the authors'; the gallery features (frozen CLIP) are cached in --val-cache-dir,
+    so only the first validation encodes the gallery."""
+    from evaluation import EvalConfig, evaluate
+    from features import Encoding
+
+    args = run.args
+    encoding = Encoding(batch_size=args.val_batch_size, workers=args.workers, device=run.device, precision="fp32",
+                        progress=False)
+    config = EvalConfig(split="val", preprocess_type=args.preprocess_type, encoding=encoding,
+                        cache_dir=args.val_cache_dir or None)
+    try:
+        return evaluate(run.net, run.clip, args.val_dataset, val_root(args), config)
+    except UserError as e:
+        raise ConfigError(f"validation on {args.val_dataset}: {e}") from e
+
+
+def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
+    """After 0-based `epoch` completed: checkpoint (epoch_<n>.pt and latest.pt, n = completed epochs),
+    the epoch's summary line and scalars, and validation every --val-frequency epochs."""
+    args, pos = run.args, run.position
+    done = epoch + 1  # checkpoint names count completed epochs: epoch_1.pt after the first epoch
+    pos.epoch, pos.samples_in_epoch = done, 0
+    if args.save_frequency and done % args.save_frequency == 0:
+        path = save_checkpoint(run, run.ckpt_dir / f"epoch_{done}.pt", done, 0, 0)
+        if run.info.is_main:
+            link_or_copy(path, run.ckpt_dir / "latest.pt")
+    else:
+        save_checkpoint(run, run.ckpt_dir / "latest.pt", done, 0, 0)
+    means = stats.means()
+    b, world = run.batch_size, run.world
+    log.info(f"epoch {done}/{args.epochs}: loss {means['total']:.4f} (contrastive {means['contrastive']:.4f}, "
+             f"ortho {means['ortho']:.4f}, reg {means['reg']:.4f}), {means['num_attributes']:.1f} attributes/image, "
+             f"lr {learning_rate(epoch, args.lr, args.lr_decay, args.lr_div):.3g}, "
+             f"{stats.steps * b * world / max(stats.seconds, 1e-9):.1f} images/s, data wait {stats.data_wait:.1f} s, "
+             f"{stats.seconds:.0f} s; saved {pos.last_checkpoint}")
+    run.train_log.scalars("epoch", {f"loss_{k}": v for k, v in means.items()}, pos.global_step)
+    if args.val_dataset and done % args.val_frequency == 0:
+        if run.info.is_main:
+            metrics = validate(run)
+            log.info(f"validation {args.val_dataset} after epoch {done}: "
+                     + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+            run.train_log.scalars(f"val_{args.val_dataset}", metrics, pos.global_step)
+        barrier(run.info)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+def train(args, info: DistInfo, device: torch.device) -> dict:
+    """A whole training run; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early"}."""
+    resume_path = resolve_resume(args.resume, Path(args.model_dir) / "checkpoints")  # before any slow loading
+    run = setup(args, info, device)
+    rng_state = restore(run, resume_path) if resume_path is not None else None
+    start(run, rng_state, resumed=resume_path is not None)
+    pos = run.position
+    if pos.epoch >= args.epochs:
+        log.info(f"nothing to train: {resume_path} already holds {pos.epoch} epochs and --epochs is {args.epochs}")
+    else:
+        log.info(f"training {len(run.dataset)} pairs, {run.steps_per_epoch} steps/epoch of {run.batch_size} x "
+                 f"{run.world} process(es), epochs {pos.epoch + 1}..{args.epochs}, {run.precision} on {device}; "
+                 f"outputs in {run.model_dir}")
+    stopped_early = False
+    try:
+        run.net.train()
+        for epoch in range(pos.epoch, args.epochs):
+            stats = train_one_epoch(run, epoch)
+            if stats.stopped_early:
+                stopped_early = True
+                break
+            end_of_epoch(run, epoch, stats)
+            if args.max_steps and pos.global_step >= args.max_steps:
+                stopped_early = pos.epoch < args.epochs
+                break
+    finally:
+        run.train_log.close()
+        run.features.close()
+    if stopped_early:
+        log.info(f"stopped at global step {pos.global_step} (--max-steps {args.max_steps}); resume with --resume latest")
+    return {"global_step": pos.global_step, "epochs_done": pos.epoch,
+            "last_checkpoint": str(pos.last_checkpoint) if pos.last_checkpoint else None, "stopped_early": stopped_early}
