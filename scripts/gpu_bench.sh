@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark run (H100 / H200) for the performance figures: random ViT-L/14 weights,
-# batch 256, fp16 autocast + gradient scaler, against the per-sample baseline in the same run.
-# The lent GPU machines (Python 3.12, torch 2.11) have PyTorch, timm, regex, huggingface_hub and
-# safetensors but not open_clip_torch, ftfy or wcwidth: download those three as py3 / cp312 wheels into
-# .whl/ first (ignored by git), as the device tool's README says, e.g.
+# One GPU benchmark run (H100 / H200) for the figures of docs/PERFORMANCE.md: random ViT-L/14 weights,
+# batch 256, fp16 autocast + gradient scaler, against the per-sample baseline in the same run; then the
+# metrics, the feature cache's I/O and a warm full-size CIRCO validation on the card.
+# On a GPU node without internet that has PyTorch but not open_clip_torch, ftfy or wcwidth, download
+# those three as wheels for its Python into .whl/ first (ignored by git), e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl open_clip_torch ftfy wcwidth
-# This script installs whatever is in .whl/.
+# This script installs whatever is in .whl/. Outputs go to $OUT (default ./runs/gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -21,3 +21,5 @@ python3 scripts/bench.py --clip-model ViT-L-14 --device cuda --batch-size 256 --
 python3 scripts/bench_metrics.py --device cuda 2>&1 | tee "$OUT_DIR/bench_metrics.log"
 python3 scripts/bench_feature_cache.py --images 4096 --workers 0 4 8 --json "$OUT_DIR/cache_io.json" 2>&1 \
     | tee "$OUT_DIR/cache_io.log"
+python3 scripts/bench_eval.py --device cuda --repeats 3 --token-file-check --json "$OUT_DIR/bench_eval.json" 2>&1 \
+    | tee "$OUT_DIR/bench_eval.log"
