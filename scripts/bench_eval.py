@@ -70,7 +70,7 @@ PHASES = [
     ("load network", cli, "load_model", None),
     ("datasets (annotation JSONs)", evaluation, "open_benchmark", None),
     ("gallery_features", evaluation, "gallery_features", None),
-    ("cache key (meta)", features, "cache_meta", "gallery_features"),
+    ("cache key (meta)", features, "gallery_meta", "gallery_features"),
     ("image stats", gallery_cache, "images_fingerprint", "cache key (meta)"),
     ("CLIP weights hash", FrozenCLIP, "fingerprint", "cache key (meta)"),
     ("read gallery cache", gallery_cache.GalleryCache, "read", "gallery_features"),

@@ -154,7 +154,7 @@ class ImageNetTestImages(Dataset):
         return img_id, self.transform(image.convert("RGB"))
 
 
-def collate(batch):
+def collate_images(batch):
     """-> (ids of good images, their stacked pixels or None, list of BadImage)."""
     good = [(i, x) for i, x in batch if not isinstance(x, BadImage)]
     bad = [x for _, x in batch if isinstance(x, BadImage)]
@@ -361,7 +361,7 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
     dataset = ImageNetTestImages(args.imagenet_path, todo, build_transform("targetpad", args.image_size),
                                  skip_bad=args.skip_bad_images)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda")
+                        collate_fn=collate_images, pin_memory=device.type == "cuda")
     count, start = 0, time.perf_counter()
     with open_progress_for_append(own_file) as f, tqdm(total=len(todo), unit="img", dynamic_ncols=True,
                                                         desc=own_file.name, position=shard) as bar:

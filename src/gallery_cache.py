@@ -3,7 +3,7 @@
 A gallery's CLIP embeddings depend only on CLIP, the preprocessing, the gallery's images and the
 precision, so they are stored once and evaluating another checkpoint recomputes only the queries.
 One file per (benchmark gallery, CLIP source, preprocessing, precision, dataset root) in the cache
-folder; the file holds its key (a hash of `cache_meta`): a file whose key, names or shape differ from
+folder; the file holds its key (a hash of `gallery_meta`): a file whose key, names or shape differ from
 what is asked for (stale) or that is not one of ours (foreign) is reported, recomputed and replaced.
 
 The key covers each image file's size and modification time, not its contents: an image replaced
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from logs import get_logger
-from utils import atomic_torch_save
+from utils import atomic_torch_save, sha256_text
 
 DEFAULT_CACHE_DIR = Path(".cache") / "features"
 CACHE_FORMAT = "fti4cir-gallery-features"
@@ -49,10 +49,6 @@ class ReferenceOutputs:
     def __post_init__(self):
         self.names = list(self.names)
         self.row = {n: i for i, n in enumerate(self.names)}
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def describe_transform(transform) -> str:
@@ -97,7 +93,7 @@ def gallery_tag(dataset) -> str:
     return "circo" if label.startswith("circo-") else label
 
 
-def cache_meta(clip, dataset, precision: str) -> dict:
+def gallery_meta(clip, dataset, precision: str) -> dict:
     """Everything gallery features depend on; the cache key is its hash."""
     names = list(dataset.names)
     return {
@@ -108,13 +104,13 @@ def cache_meta(clip, dataset, precision: str) -> dict:
         "dataset": gallery_tag(dataset),
         "root": str(Path(getattr(dataset, "root", "")).resolve()),
         "num_images": len(names),
-        "names_sha256": _sha("\x00".join(names)),
+        "names_sha256": sha256_text("\x00".join(names)),
         "images_sha256": images_fingerprint(dataset),
     }
 
 
 def _key(meta: dict) -> str:
-    return _sha(json.dumps(meta, sort_keys=True))
+    return sha256_text(json.dumps(meta, sort_keys=True))
 
 
 def _joined(names: Sequence[str]) -> str:
@@ -153,7 +149,7 @@ def _write(path: Path, obj: dict, what: str) -> bool:
 
 
 class GalleryCache:
-    """The cache folder: gallery features and reference outputs, each file keyed by `cache_meta`."""
+    """The cache folder: gallery features and reference outputs, each file keyed by `gallery_meta`."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -163,11 +159,11 @@ class GalleryCache:
         images overwrite it (stale), another CLIP or precision gets its own file."""
         stable = {k: meta[k] for k in ("dataset", "preprocess", "precision", "root")}
         stable["clip"] = meta["clip"]["source"]
-        return self.folder / f"{meta['dataset']}-{_sha(json.dumps(stable, sort_keys=True))[:16]}.pt"
+        return self.folder / f"{meta['dataset']}-{sha256_text(json.dumps(stable, sort_keys=True))[:16]}.pt"
 
     def references_path(self, meta: dict, refs: Sequence[str]) -> Path:
         gallery = self.path(meta)
-        return gallery.with_name(f"{gallery.stem}-refs-{_sha(chr(0).join(refs))[:16]}.pt")
+        return gallery.with_name(f"{gallery.stem}-refs-{sha256_text(chr(0).join(refs))[:16]}.pt")
 
     def read(self, meta: dict, names: list[str]) -> torch.Tensor | None:
         """The cached [G, D] features, or None (the reason logged) when absent, foreign or stale."""

@@ -14,7 +14,6 @@ The training loop reads its image features through `training.CachedTowerFeatures
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -28,36 +27,29 @@ from torch.utils.data import Dataset
 
 from errors import UserError
 from logs import get_logger
+from utils import sha256_text
 
 # 2: the CLIP part of the key is FrozenCLIP.fingerprint(), shared with the gallery cache
 FORMAT_VERSION = 2
 FILES = ("g.npy", "P.npy", "filled.npy")
 
-_log = get_logger("train_cache")
-
-
-def log(msg: str) -> None:
-    _log.info(f"feature cache: {msg}")
+log = get_logger("train_cache")
 
 
 class FeatureCacheError(UserError):
     """The feature cache folder cannot be made, read or written (the message says what to do)."""
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def cache_meta(clip, preprocess_type: str, image_size: int, names: list[str]) -> dict:
     """Everything the cached rows depend on (the folder's key is its hash), plus the array shapes."""
     tokens = int(clip.model.visual.positional_embedding.shape[0])
     return {"format_version": FORMAT_VERSION, "clip": clip.fingerprint(), "preprocess_type": preprocess_type,
-            "image_size": int(image_size), "num_images": len(names), "names_sha256": _sha("\x00".join(names)),
+            "image_size": int(image_size), "num_images": len(names), "names_sha256": sha256_text("\x00".join(names)),
             "g_shape": [len(names), int(clip.embed_dim)], "P_shape": [len(names), tokens, int(clip.vision_width)]}
 
 
 def cache_key(meta: dict) -> str:
-    return _sha(json.dumps(meta, sort_keys=True))[:24]
+    return sha256_text(json.dumps(meta, sort_keys=True))[:24]
 
 
 def bytes_per_image(meta: dict) -> int:
@@ -126,15 +118,15 @@ def prepare_cache(cache_dir, meta: dict) -> Path:
         why = _check_folder(folder, meta)
         if why is None:
             return folder
-        log(f"{folder} is not usable ({why}); making a fresh one")
+        log.info(f"feature cache: {folder} is not usable ({why}); making a fresh one")
         shutil.rmtree(folder)
     else:
         others = sorted(p for p in cache_dir.glob("*") if p.is_dir() and not p.name.startswith("."))
         for other in others[:10]:
             old = _read_meta(other)
             why = f"made for other {', '.join(_differences(old, meta))}" if old else "no readable meta.json"
-            log(f"{other} not used ({why})")
-        log(f"new cache {folder}: {meta['num_images']} images x {bytes_per_image(meta) / 2**20:.2f} MiB "
+            log.info(f"feature cache: {other} not used ({why})")
+        log.info(f"feature cache: new cache {folder}: {meta['num_images']} images x {bytes_per_image(meta) / 2**20:.2f} MiB "
             f"= {meta['num_images'] * bytes_per_image(meta) / 2**30:.2f} GiB when full")
     cache_dir.mkdir(parents=True, exist_ok=True)
     _create(folder, meta)

@@ -1,6 +1,7 @@
 """Small helpers shared by every script: atomic file writes, the device, seeding."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -51,6 +52,11 @@ def report_json(results: Any, path) -> None:
     if path:
         atomic_write_json(results, path)
         print(f"wrote {path}")  # a benchmark's own output, beside its printed figures
+
+
+def sha256_text(text: str) -> str:
+    """Hex SHA-256 of a string's UTF-8 bytes (the caches' keys)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -2,7 +2,6 @@
 under their module names), refusals and clear errors."""
 from __future__ import annotations
 
-import pickle
 import sys
 import types
 
