@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clip_loader import CLIP_FORMATS, load_clip
 from datasets import BENCHMARKS, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
 from errors import ConfigError, UserError
 from logs import get_logger, setup_logging
@@ -61,14 +60,21 @@ def script_main(main):
 # CLIP and device
 
 def add_clip_args(parser: argparse.ArgumentParser) -> None:
+    from clip_loader import CLIP_FORMATS  # imported when needed: open_clip takes seconds to import
+
     g = parser.add_argument_group("CLIP")
     g.add_argument("--clip-model", "--model", "--clip_model_name", dest="clip_model", default="ViT-L/14",
                    help="CLIP architecture: OpenAI spelling (ViT-L/14, ViT-B/32) or open_clip's (ViT-L-14, ViT-B-32)")
     g.add_argument("--clip-weights", default=None,
                    help="local CLIP weights: OpenAI's file (state dict or TorchScript archive, e.g. ~/.cache/clip/ViT-L-14.pt; "
-                        "architecture read from the weights) or an open_clip checkpoint. Default: open_clip's 'openai' weights")
+                        "architecture read from the weights) or an open_clip checkpoint, or hf-hub:OWNER/REPO/FILE (from the "
+                        "Hugging Face cache, else downloaded). Default: open_clip's 'openai' weights")
     g.add_argument("--clip-format", default="auto", choices=CLIP_FORMATS,
                    help="how to read --clip-weights: auto (OpenAI layout -> openai, with QuickGELU), openai, or open_clip")
+    g.add_argument("--clip-pretrained", default=None, metavar="TAG",
+                   help="open_clip's pretrained weights TAG of --clip-model (e.g. --clip-model ViT-H-14 --clip-pretrained "
+                        "laion2b_s32b_b79k), from the Hugging Face cache or, with --clip-weights, that file; default: "
+                        "OpenAI's weights (openai)")
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +83,10 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 def clip_from_args(args, device):
     """load_clip from the CLIP flags (a loading problem is a ClipLoadError, a UserError)."""
-    return load_clip(args.clip_model, args.clip_weights, device=device, clip_format=args.clip_format)
+    from clip_loader import load_clip
+
+    return load_clip(args.clip_model, args.clip_weights, device=device, clip_format=args.clip_format,
+                     pretrained=getattr(args, "clip_pretrained", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +135,8 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BEN
                         help="also draw N queries per benchmark (reference, text, top-5, target framed) as a PNG grid "
                              "in <save-path>/examples/")
     parser.add_argument("--model-path", default=None,
-                        help="FTI4CIR checkpoint: this repo's (src/train.py) or the authors' released file")
+                        help="FTI4CIR checkpoint: this repo's (src/train.py) or the authors' released file; or "
+                             "hf-hub:OWNER/REPO/FILE (from the Hugging Face cache, else downloaded)")
     parser.add_argument("--baseline", choices=list(BASELINES), default=None,
                         help="instead of the model: the reference image's CLIP embedding (image-only) or CLIP's "
                              "embedding of the modification text (text-only); no --model-path needed")
@@ -176,14 +186,18 @@ def load_model(args, clip, device):
     if not args.model_path:
         raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
                           "image-only|text-only is given")
-    net, info = load_network(args.model_path, device)
+    from hub import local_file
+
+    path = local_file(args.model_path, "--model-path")
+    net, info = load_network(path, device)
     try:
         net.check_clip(clip)
     except ValueError as e:
         raise ConfigError(f"--model-path {args.model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
                           f"Pass the --clip-model/--clip-weights it was trained with") from e
     extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
-    log.info(f"model: {args.model_path} ({info['format']} format{extra})")
+    where = f" = {path}" if str(path) != str(args.model_path) else ""
+    log.info(f"model: {args.model_path}{where} ({info['format']} format{extra})")
     return net
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, build_model_from_o
 from open_clip.tokenizer import SimpleTokenizer
 
 from errors import UserError
+from hub import cached_hub_file, hub_file, hub_reachable, is_hub_reference, not_cached_message
 
 # OpenAI spelling -> open_clip spelling. Anything else is taken as an open_clip name.
 _OPENAI_NAMES = {
@@ -51,7 +51,7 @@ def canonical_model_name(name: str) -> str:
 class FrozenCLIP(nn.Module):
     """A frozen, float32, eval-mode open_clip `CLIP` (ViT image tower) with the method's entry points."""
 
-    def __init__(self, model: CLIP, name: str = "custom", source: str = ""):
+    def __init__(self, model: CLIP, name: str = "custom", source: str = "", pretrained: str | None = None):
         super().__init__()
         visual = getattr(model, "visual", None)
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
@@ -61,8 +61,11 @@ class FrozenCLIP(nn.Module):
         if not hasattr(model, "token_embedding"):
             raise ClipLoadError(f"{name}: only CLIP models with the OpenAI text tower are supported")
         self.model = model
-        self.name = name  # architecture name (open_clip spelling), stored in FTI4CIR checkpoints
+        # architecture name (open_clip spelling), `<architecture>:<tag>` for open_clip pretrained weights other
+        # than OpenAI's (open_clip's own `name:tag` spelling); stored in FTI4CIR checkpoints
+        self.name = name
         self.source = source or name  # where the weights came from, for logs and feature caches
+        self.pretrained = pretrained  # open_clip pretrained tag (--clip-pretrained), None for OpenAI's weights or a file
         model.float().eval().requires_grad_(False)  # frozen, float32 weights (code)
         self.tokenizer = SimpleTokenizer(context_length=model.context_length)
         self.sot_id = self.tokenizer.sot_token_id
@@ -84,6 +87,8 @@ class FrozenCLIP(nn.Module):
         input size."""
         if self._fingerprint is None:
             info = {"source": str(self.source)}
+            if self.pretrained is not None:
+                info["pretrained"] = self.pretrained
             _, _, path = info["source"].partition(":")
             if path and os.path.isfile(path):
                 st = os.stat(path)
@@ -268,19 +273,24 @@ def _load_weights_file(path: Path, model_name: str, clip_format: str) -> tuple[C
     return model, f"{name}:{path.resolve()}"
 
 
-def _hub_reachable(timeout: float = 1.5) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _cached_openai_file(name: str) -> Path | None:
     """OpenAI weights already on disk: the `clip` package's cache or the hub cache."""
-    cfg = open_clip.pretrained.get_pretrained_cfg(name, "openai") or {}
+    return _cached_pretrained_file(name, "openai")
+
+
+def _hub_weight_names(hub: str) -> tuple[str, list[str]]:
+    """(repo id, file names to look for) of an open_clip `hf_hub` entry: 'org/repo/' means open_clip's
+    default file names, 'org/repo/file' that file; a safetensors twin is preferred, as open_clip does."""
+    repo, filename = os.path.split(hub)  # as open_clip splits it
+    if not filename:
+        return repo, [open_clip.constants.HF_SAFE_WEIGHTS_NAME, open_clip.constants.HF_WEIGHTS_NAME]
+    twins = [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []
+    return repo, twins + [filename]
+
+
+def _cached_pretrained_file(name: str, tag: str) -> Path | None:
+    """open_clip's `tag` weights of `name` already on disk: open_clip's URL cache (~/.cache/clip) or the hub cache."""
+    cfg = open_clip.pretrained.get_pretrained_cfg(name, tag) or {}
     url = cfg.get("url", "")
     if url:
         f = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
@@ -289,15 +299,91 @@ def _cached_openai_file(name: str) -> Path | None:
     hub = cfg.get("hf_hub", "")
     if hub:
         try:
-            from huggingface_hub import try_to_load_from_cache
+            return cached_hub_file(*_hub_weight_names(hub))
         except ImportError:
             return None
-        repo = hub.rstrip("/")
-        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            got = try_to_load_from_cache(repo, fname)
-            if isinstance(got, str):
-                return Path(got)
     return None
+
+
+def qualifying_backbones() -> dict[str, list[str]]:
+    """open_clip's model configs that FTI4CIR can run over, with their pretrained tags: a ViT image tower
+    pooled by its class token, OpenAI's text tower (argmax pooling, a projection matrix, causal mask) and
+    a text width equal to the embedding size (the pseudo-words are made from the image embedding and
+    put where word embeddings go)."""
+    out = {}
+    for name in open_clip.list_models():
+        c = open_clip.get_model_config(name) or {}
+        v, t = c.get("vision_cfg", {}), c.get("text_cfg", {})
+        ok = (not c.get("custom_text") and "multimodal_cfg" not in c and "hf_model_name" not in t
+              and "timm_model_name" not in v and isinstance(v.get("layers", 12), int)
+              and not v.get("attentional_pool") and v.get("pool_type", "tok") == "tok" and not v.get("final_ln_after_pool")
+              and v.get("pos_embed_type", "learnable") == "learnable"
+              and t.get("pool_type", "argmax") == "argmax" and t.get("proj_type", "linear") == "linear"
+              and not t.get("proj_bias") and not t.get("embed_cls") and not t.get("no_causal_mask")
+              and t.get("width", 512) == c.get("embed_dim"))
+        if ok:
+            out[name] = open_clip.list_pretrained_tags_by_model(name)
+    return out
+
+
+def _backbones_text() -> str:
+    """The qualifying backbones as lines `name: tag, tag` (those with released weights), then the others."""
+    found = qualifying_backbones()
+    lines = [f"  {n}: {', '.join(tags)}" for n, tags in found.items() if tags]
+    bare = [n for n, tags in found.items() if not tags]
+    return "\n".join(lines + ([f"  without released weights: {', '.join(bare)}"] if bare else []))
+
+
+def check_backbone(clip: "FrozenCLIP") -> None:
+    """FTI4CIR needs CLIP's text width == embedding size; ClipLoadError listing the backbones that qualify."""
+    if clip.text_width != clip.embed_dim:
+        raise ClipLoadError(f"CLIP {clip.name} ({clip.source}) has text width {clip.text_width} and embedding size "
+                            f"{clip.embed_dim}: FTI4CIR needs them equal. open_clip backbones that qualify "
+                            f"(--clip-model: --clip-pretrained tags):\n{_backbones_text()}")
+
+
+def _pretrained_weights_file(name: str, tag: str, cfg: dict) -> Path:
+    """The file of open_clip's `tag` weights of `name`: cached, else downloaded once, else a clear error."""
+    cached = _cached_pretrained_file(name, tag)
+    if cached is not None:
+        return cached
+    what = f"CLIP {name} --clip-pretrained {tag} weights"
+    alternative = f"or pass the downloaded file as --clip-weights FILE --clip-pretrained {tag}"
+    if not hub_reachable():
+        if cfg.get("hf_hub"):
+            repo, names = _hub_weight_names(cfg["hf_hub"])
+            raise ClipLoadError(not_cached_message(what, repo, names[-1], alternative))
+        raise ClipLoadError(f"{what} are not on this machine and the network is off: download {cfg.get('url')} into "
+                            f"~/.cache/clip/ (open_clip's cache), {alternative}")
+    try:
+        return Path(open_clip.pretrained.download_pretrained(cfg))
+    except Exception as e:  # noqa: BLE001 - one attempt; any failure means the same to the user
+        raise ClipLoadError(f"{what}: the download failed ({type(e).__name__}: {str(e)[:300]}); {alternative}") from e
+
+
+def _load_pretrained(model_name: str, tag: str, weights: Path | None) -> tuple[CLIP, str]:
+    """(model, source) of open_clip's pretrained `tag` weights of `model_name`, from `weights` (a file
+    holding them) or open_clip's caches; QuickGELU as the tag was trained."""
+    name = canonical_model_name(model_name)
+    if name not in qualifying_backbones():
+        raise ClipLoadError(f"--clip-model {name}: FTI4CIR cannot run over this backbone. Backbones that qualify "
+                            f"(--clip-model: --clip-pretrained tags):\n{_backbones_text()}")
+    cfg = open_clip.pretrained.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ClipLoadError(f"--clip-pretrained {tag}: open_clip has no such weights for {name}; its tags: "
+                            f"{', '.join(tags) or 'none (pass --clip-weights)'}")
+    path = Path(weights) if weights is not None else _pretrained_weights_file(name, tag, cfg)
+    if not path.is_file():
+        raise ClipLoadError(f"--clip-weights {path}: no such file (the {name} --clip-pretrained {tag} weights)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch")
+            model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=bool(cfg.get("quick_gelu")))
+    except Exception as e:  # noqa: BLE001
+        raise ClipLoadError(f"{path}: cannot be read as open_clip's {name} --clip-pretrained {tag} weights "
+                            f"({type(e).__name__}: {str(e)[:300]}). Is the file truncated?") from e
+    return model, f"{name}:{path.resolve()}"
 
 
 def load_clip(
@@ -305,6 +391,7 @@ def load_clip(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     clip_format: str = "auto",
+    pretrained: str | None = None,
 ) -> FrozenCLIP:
     """The frozen CLIP every script uses.
 
@@ -312,10 +399,23 @@ def load_clip(
     from the weights, so any size works) or an open_clip checkpoint of `model_name`. Without it, open_clip's
     `openai` weights for `model_name`: from a local cache, else downloaded; offline this fails at once
     with a message saying what to pass, instead of retrying a hub.
+
+    `pretrained`: one of open_clip's pretrained tags for `model_name` (e.g. ViT-H-14's laion2b_s32b_b79k),
+    read from `weights` when given, else from open_clip's caches (the hub cache first; offline, an error
+    naming what to download). None or 'openai': OpenAI's weights, as above. `weights` may also be an
+    `hf-hub:OWNER/REPO/FILE` reference (hub.py). The backbone must have text width == embedding size.
     """
     if clip_format not in CLIP_FORMATS:
         raise ClipLoadError(f"--clip-format {clip_format!r}: choose one of {CLIP_FORMATS}")
-    if weights is not None:
+    if is_hub_reference(weights):
+        weights = hub_file(weights, "--clip-weights")
+    tag = pretrained.lower().replace("-", "_") if pretrained else None  # open_clip's spelling of tags
+    tag = None if tag == "openai" else tag
+    if tag is not None:
+        if clip_format == "openai":
+            raise ClipLoadError(f"--clip-format openai reads OpenAI's files; --clip-pretrained {tag} weights are open_clip's")
+        model, desc = _load_pretrained(model_name, tag, weights)
+    elif weights is not None:
         model, desc = _load_weights_file(Path(weights), model_name, clip_format)
     else:
         name = canonical_model_name(model_name)
@@ -327,7 +427,7 @@ def load_clip(
         elif cached is not None:
             model = open_clip.create_model(name, pretrained=str(cached), force_quick_gelu=True)
             desc = f"{name}:openai"
-        elif _hub_reachable():
+        elif hub_reachable():
             model = open_clip.create_model(name, pretrained="openai")
             desc = f"{name}:openai"
         else:
@@ -340,7 +440,9 @@ def load_clip(
         name = canonical_model_name(model_name)
     except ClipLoadError:
         name = model_name
-    return FrozenCLIP(model, name, desc).to(device)
+    clip = FrozenCLIP(model, name if tag is None else f"{name}:{tag}", desc, pretrained=tag)
+    check_backbone(clip)
+    return clip.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
