@@ -17,6 +17,7 @@ construction (`DatasetLayoutError`, with the expected layout); individual image 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -204,6 +205,22 @@ class _Base(Dataset):
         sample = dict(self._queries[i])
         sample["reference_image"] = self.preprocess(load_image(self._query_paths[i]))
         return sample
+
+    def without(self, names: set[str], queries: set[int]):
+        """A copy without the gallery entries named in `names` and the queries at the indices in `queries`,
+        orders kept, no annotation file read again (the data that is left when images are missing)."""
+        out = copy.copy(self)
+        keep = [i for i, n in enumerate(self.names) if n not in names]
+        out.names = [self.names[i] for i in keep]
+        paths = self._gallery_paths
+        out._gallery_paths = (FileList(paths.folder, [paths.file_names[i] for i in keep]) if isinstance(paths, FileList)
+                              else [paths[i] for i in keep])
+        if hasattr(self, "categories_of_names"):
+            out.categories_of_names = [self.categories_of_names[i] for i in keep]
+        kept = [i for i in range(len(self._queries)) if i not in queries]
+        out._queries = [self._queries[i] for i in kept]
+        out._query_paths = [self._query_paths[i] for i in kept] if self._query_paths else []
+        return out
 
 
 class FashionIQDataset(_Base):
