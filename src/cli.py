@@ -122,10 +122,7 @@ def dataset_root(args, name: str) -> Path:
 def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BENCHMARKS,
                   default_save_path: str = "./results") -> None:
     """The flags evaluate.py and test.py share (the authors' spellings accepted as aliases)."""
-    from features import BASELINES
-    from gallery_cache import DEFAULT_CACHE_DIR
-    from precision import PRECISIONS
-    from transforms import PREPROCESS_TYPES
+    from datasets import CIRCO_QUERY_TEMPLATES
 
     parser.add_argument("--dataset", required=True, type=str.lower, choices=list(datasets), help="benchmark")
     add_root_args(parser)
@@ -134,6 +131,30 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BEN
     parser.add_argument("--save-examples", type=int, default=0, metavar="N",
                         help="also draw N queries per benchmark (reference, text, top-5, target framed) as a PNG grid "
                              "in <save-path>/examples/")
+    add_model_args(parser, default_save_path)
+    parser.add_argument("--cache-reference-tokens", action="store_true",
+                        help="keep the reference images' visual-tower outputs (g and the last block's tokens, fp32: "
+                             "~1 MB per reference for ViT-L/14, 2.2 GB for CIRR val) from the gallery pass, in memory and "
+                             "in --cache-dir, so composing the queries needs no visual pass (the next checkpoint: none at all)")
+    parser.add_argument("--skip-missing-images", action="store_true",
+                        help="leave out gallery images whose file is missing and the queries that refer to a missing image "
+                             "(reference, target, CIRR set member, CIRCO ground truth), print how many, and record them in "
+                             "the metrics file under 'incomplete_data' (not comparable with full-data numbers). Default: stop "
+                             "at the first missing image")
+    templates = "; ".join(f"{k}: '{v}'" for k, v in CIRCO_QUERY_TEMPLATES.items())
+    parser.add_argument("--circo-query", choices=list(CIRCO_QUERY_TEMPLATES), default="relative",
+                        help=f"CIRCO's modification text ({templates}); relative is the authors' protocol, the other is "
+                             "recorded in the metrics file as 'circo_query'")
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> None:
+    """The flags of a script that encodes a gallery and composed queries (evaluate.py, test.py, retrieve.py):
+    the network or a baseline, CLIP, preprocessing, output folder, device, batching, precision, cache."""
+    from features import BASELINES
+    from gallery_cache import DEFAULT_CACHE_DIR
+    from precision import PRECISIONS
+    from transforms import PREPROCESS_TYPES
+
     parser.add_argument("--model-path", default=None,
                         help="FTI4CIR checkpoint: this repo's (src/train.py) or the authors' released file; or "
                              "hf-hub:OWNER/REPO/FILE (from the Hugging Face cache, else downloaded)")
@@ -155,24 +176,26 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BEN
                         help="gallery features are cached here, keyed by CLIP weights, preprocessing, gallery "
                              "and precision")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the gallery cache")
-    parser.add_argument("--cache-reference-tokens", action="store_true",
-                        help="keep the reference images' visual-tower outputs (g and the last block's tokens, fp32: "
-                             "~1 MB per reference for ViT-L/14, 2.2 GB for CIRR val) from the gallery pass, in memory and "
-                             "in --cache-dir, so composing the queries needs no visual pass (the next checkpoint: none at all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def encoding_from_args(args, device):
+    """How add_model_args' flags say to encode."""
+    from features import Encoding
+
+    return Encoding(batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
+                    progress=not args.no_progress)
 
 
 def eval_config_from_args(args, device, split: str = "val"):
     """The EvalConfig that evaluate.py's / test.py's flags describe."""
     from evaluation import EvalConfig
-    from features import Encoding
 
-    encoding = Encoding(batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
-                        progress=not args.no_progress)
-    return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type, encoding=encoding,
-                      cache_dir=None if args.no_cache else args.cache_dir, baseline=args.baseline,
-                      reference_tokens=args.cache_reference_tokens, examples=getattr(args, "save_examples", 0),
-                      examples_dir=Path(args.save_path) / "examples")
+    return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type,
+                      encoding=encoding_from_args(args, device), cache_dir=None if args.no_cache else args.cache_dir,
+                      baseline=args.baseline, reference_tokens=args.cache_reference_tokens,
+                      examples=getattr(args, "save_examples", 0), examples_dir=Path(args.save_path) / "examples",
+                      skip_missing_images=args.skip_missing_images, circo_query=args.circo_query)
 
 
 def load_model(args, clip, device):
@@ -201,9 +224,9 @@ def load_model(args, clip, device):
     return net
 
 
-def eval_setup(args):
-    """Device, precision check, CLIP and network (None for a baseline) from evaluate.py's / test.py's
-    flags; the dataset root is checked before CLIP is loaded."""
+def model_setup(args, check=None):
+    """Device, precision check, CLIP and network (None for a baseline) from add_model_args' flags;
+    `check()`, when given, runs before CLIP is loaded (inputs are checked before the slow part)."""
     from precision import check_precision
     from utils import resolve_device
 
@@ -211,9 +234,15 @@ def eval_setup(args):
     check_precision(args.precision, device)
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
-    dataset_root(args, args.dataset)
+    if check is not None:
+        check()
     clip = clip_from_args(args, device)
     return device, clip, load_model(args, clip, device)
+
+
+def eval_setup(args):
+    """model_setup for evaluate.py / test.py; the dataset root is checked before CLIP is loaded."""
+    return model_setup(args, check=lambda: dataset_root(args, args.dataset))
 
 
 def write_validation_metrics(args, clip, net, device) -> dict[str, float]:

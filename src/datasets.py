@@ -38,6 +38,9 @@ BENCHMARKS = ("fashioniq", "cirr", "circo")
 DEFAULT_ROOTS = {"imagenet": "./data/ImageNet", "fashioniq": "./data/FashionIQ", "cirr": "./data/CIRR",
                  "circo": "./data/CIRCO"}
 IMAGENET_FILE_RE = re.compile(r"^ILSVRC2012_test_(\d{8})\.JPEG$")
+# CIRCO's modification text (--circo-query): the relative caption alone (the authors'), or built from
+# both of a query's fields with this template
+CIRCO_QUERY_TEMPLATES = {"relative": "{relative_caption}", "shared+relative": "{shared_concept} that {relative_caption}"}
 
 FASHIONIQ_LAYOUT = """\
 FashionIQ/
@@ -398,10 +401,15 @@ class CIRCODataset(_Base):
     and for val "target_name": str(target_img_id), "gt_img_ids": list of str}`.
 
     `gallery`: a CIRCODataset of the same root whose parse of the 30 MB gallery annotation is reused
-    (a gallery-mode and a query-mode dataset of one evaluation read the same file).
+    (a gallery-mode and a query-mode dataset of one evaluation read the same file). `query_text`: how
+    `query_texts` builds the modification text, a key of CIRCO_QUERY_TEMPLATES.
     """
 
-    def __init__(self, root, split: str, mode: str, preprocess: Callable, gallery: "CIRCODataset | None" = None):
+    def __init__(self, root, split: str, mode: str, preprocess: Callable, gallery: "CIRCODataset | None" = None,
+                 query_text: str = "relative"):
+        if query_text not in CIRCO_QUERY_TEMPLATES:
+            raise ValueError(f"CIRCO query_text must be one of {tuple(CIRCO_QUERY_TEMPLATES)}, got {query_text!r}")
+        self.query_text = query_text
         _check_mode(mode)
         _check_preprocess(preprocess)
         if split not in ("val", "test"):
@@ -439,6 +447,13 @@ class CIRCODataset(_Base):
                 raise AnnotationFormatError(f"{ann_path}: {len(unknown)} image ids are not in {info_path}, "
                                             f"e.g. {unknown[:5]}")
             self._query_paths = [self._gallery_paths[index[q["reference_name"]]] for q in self._queries]
+
+    def query_texts(self, query: dict) -> tuple[str]:
+        """The modification text of one of `.queries`: CIRCO_QUERY_TEMPLATES[self.query_text] filled with its
+        relative caption (and shared concept, stripped of spaces and a final full stop)."""
+        concept = query.get("shared_concept", "").strip().rstrip(".").strip()
+        return (CIRCO_QUERY_TEMPLATES[self.query_text].format(relative_caption=query["relative_caption"],
+                                                              shared_concept=concept),)
 
 
 class ImageNetPairsDataset(Dataset):

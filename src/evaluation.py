@@ -5,12 +5,16 @@ validation (METHOD §10-12).
 - `retrieve`: both sides encoded (`Retrieval`: gallery names and features, query features);
 - the metric adapters (`fashioniq_metrics`, `cirr_metrics`, `circo_metrics`) and the server files
   (`submission_files`), pure functions of a `Retrieval`;
-- `evaluate`: the validation metrics of one benchmark with the authors' keys (`METRIC_KEYS`).
+- `evaluate`: the validation metrics of one benchmark with the authors' keys (`METRIC_KEYS`), plus
+  `incomplete_data` (images left out) and `circo_query` (the other CIRCO protocol) entries only when
+  a run departs from the authors' protocol;
+- `check_submission_file`: an existing server file against the annotations and the servers' limits.
 
 `EvalConfig` holds everything that is not the network, CLIP or the benchmark.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -19,7 +23,8 @@ from typing import Sequence
 import torch
 
 import metrics as M
-from datasets import FASHIONIQ_CATEGORIES, CIRCODataset, CIRRDataset, FashionIQDataset
+from data_check import LeftOut, leave_out_missing, metadata_only
+from datasets import CIRCO_QUERY_TEMPLATES, FASHIONIQ_CATEGORIES, CIRCODataset, CIRRDataset, FashionIQDataset
 from errors import ConfigError
 from features import Encoding, Gallery, gallery_features, query_features
 from gallery_cache import GalleryCache
@@ -50,6 +55,8 @@ class EvalConfig:
     reference_tokens: bool = False  # keep the references' tower outputs from the gallery pass (and cache them)
     examples: int = 0  # queries per split drawn as a PNG grid into examples_dir
     examples_dir: str | Path | None = None
+    skip_missing_images: bool = False  # leave out missing gallery images and the queries that need a missing image
+    circo_query: str = "relative"  # CIRCO's modification text: a key of datasets.CIRCO_QUERY_TEMPLATES
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Retrieval:
     query_features: torch.Tensor
     gallery_dataset: object
     query_dataset: object
+    left_out: LeftOut | None = None  # with skip_missing_images: what was left out
 
     @property
     def names(self) -> list[str]:
@@ -78,8 +86,10 @@ def check_benchmark(name: str) -> str:
     return name
 
 
-def open_benchmark(name: str, root, split: str, preprocess, category: str | None = None):
-    """(gallery-mode, query-mode) datasets of one benchmark split (one FashionIQ category)."""
+def open_benchmark(name: str, root, split: str, preprocess, category: str | None = None,
+                   circo_query: str = "relative"):
+    """(gallery-mode, query-mode) datasets of one benchmark split (one FashionIQ category); `circo_query`:
+    how CIRCO's queries are turned into text (datasets.CIRCO_QUERY_TEMPLATES)."""
     name = check_benchmark(name)
     if name == "fashioniq":
         return (FashionIQDataset(root, split, [category], "gallery", preprocess),
@@ -87,7 +97,7 @@ def open_benchmark(name: str, root, split: str, preprocess, category: str | None
     if name == "cirr":
         return CIRRDataset(root, split, "gallery", preprocess), CIRRDataset(root, split, "query", preprocess)
     gallery = CIRCODataset(root, split, "gallery", preprocess)
-    return gallery, CIRCODataset(root, split, "query", preprocess, gallery=gallery)
+    return gallery, CIRCODataset(root, split, "query", preprocess, gallery=gallery, query_text=circo_query)
 
 
 def retrieve(net, clip, name: str, root, config: EvalConfig, category: str | None = None,
@@ -95,10 +105,26 @@ def retrieve(net, clip, name: str, root, config: EvalConfig, category: str | Non
     """Gallery and query features of one benchmark split (`split`, default config.split).
 
     `config.reference_tokens`: the reference images' tower outputs come from the gallery pass (and the
-    cache), so the queries need no visual pass of their own.
+    cache), so the queries need no visual pass of their own. `config.skip_missing_images`: missing gallery
+    images and the queries that need a missing image are left out first (`Retrieval.left_out`).
     """
+    if config.circo_query not in CIRCO_QUERY_TEMPLATES:
+        raise ConfigError(f"--circo-query {config.circo_query!r}: choose one of {tuple(CIRCO_QUERY_TEMPLATES)}")
     preprocess = build_transform(config.preprocess_type, clip.image_size)
-    gallery_ds, query_ds = open_benchmark(name, root, split or config.split, preprocess, category)
+    gallery_ds, query_ds = open_benchmark(name, root, split or config.split, preprocess, category, config.circo_query)
+    left = None
+    if config.skip_missing_images:
+        gallery_ds, query_ds, left = leave_out_missing(gallery_ds, query_ds)
+        log.info(left.line())
+    r = encode_benchmark(net, clip, gallery_ds, query_ds, config)
+    r.left_out = left
+    return r
+
+
+def encode_benchmark(net, clip, gallery_ds, query_ds, config: EvalConfig) -> Retrieval:
+    """Both sides of a gallery-mode and a query-mode dataset encoded (any datasets with the benchmark
+    classes' interface: retrieve.py's image folders too); the gallery cache and reference tokens as in
+    `retrieve`."""
     cache = GalleryCache(config.cache_dir) if config.cache_dir is not None else None
     refs = None
     if config.reference_tokens and config.baseline != "text-only":
@@ -163,10 +189,25 @@ def _list_length(server_top: int, available: int, what: str) -> int:
     return available
 
 
+def _refuse_incomplete(name: str, r: Retrieval) -> None:
+    """A server file must hold every test query: queries left out for missing images make it one the
+    server rejects; a gallery with images left out still gives a file it accepts (with other scores)."""
+    left = r.left_out
+    if left is not None and left.query_rows:
+        raise M.SubmissionError(
+            f"{left.line()}: the {name.upper()} server scores every test query and rejects a file without them, "
+            f"so none is written. Get the missing images (python src/check_data.py lists them and where they come "
+            f"from) and run again without --skip-missing-images")
+    if left is not None and left.gallery_names:
+        log.warning(f"warning: {left.line()}: every query is in the file, but its rankings leave out those images, "
+                    "so the server's scores are not comparable with full-data results")
+
+
 def submission_files(name: str, r: Retrieval) -> dict[str, dict]:
     """{file name: content} of a benchmark's test-server submission, validated (METHOD §12):
     CIRR `cirr.json` and `subset_cirr.json`, CIRCO `circo.json`."""
     q = r.queries
+    _refuse_incomplete(name, r)
     if name == "cirr":
         top = _list_length(M.CIRR_TOP, len(r.names) - 1, "CIRR")  # the reference never appears
         sub, subset = M.cirr_submission(r.query_features, r.gallery.features, r.names, [x["reference_name"] for x in q],
@@ -181,13 +222,67 @@ def submission_files(name: str, r: Retrieval) -> dict[str, dict]:
     raise ConfigError(f"{name} has no test server; choose one of {tuple(TEST_SPLITS)}")
 
 
+def submission_bytes(name: str, files: dict[str, dict]) -> dict[str, bytes]:
+    """The files' JSON bytes, checked against the server's upload limit (metrics.SERVER_MAX_BYTES)."""
+    out = {f: json.dumps(obj).encode("utf-8") for f, obj in files.items()}
+    problems = [p for f, b in out.items() for p in M.size_problems(name, f, len(b))]
+    if problems:
+        raise M.SubmissionError("; ".join(problems))
+    return out
+
+
+@dataclass
+class FileCheck:
+    """One existing submission file checked: its size, what the server would reject, what to know."""
+
+    path: Path
+    size: int
+    problems: list[str]
+    warnings: list[str]
+
+
+def check_submission_files(name: str, root, paths: Sequence) -> list[FileCheck]:
+    """Existing server files (CIRR: cirr.json and/or subset_cirr.json, told apart by their "metric";
+    CIRCO: circo.json) checked against the test annotations under `root` and the server's limits, as
+    test.py checks the files it writes. Nothing is raised for a bad file: it is all in the result."""
+    if name not in TEST_SPLITS:
+        raise ConfigError(f"{name} has no test server; choose one of {tuple(TEST_SPLITS)}")
+    gallery, query = open_benchmark(name, root, TEST_SPLITS[name], metadata_only)
+    queries, names = query.queries, gallery.names
+    note = M.query_count_note(name, len(queries))
+    if name == "cirr":
+        top = _list_length(M.CIRR_TOP, len(names) - 1, "CIRR")  # the reference never appears
+    else:
+        top = _list_length(M.CIRCO_TOP, len(names), "CIRCO")
+    out = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            out.append(FileCheck(path, 0, [f"{path}: no such file"], []))
+            continue
+        data = path.read_bytes()
+        problems = M.size_problems(name, path.name, len(data))
+        try:
+            sub = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            out.append(FileCheck(path, len(data), problems + [f"{path.name}: not valid JSON ({e})"], []))
+            continue
+        if name == "cirr":
+            if isinstance(sub, dict) and sub.get("metric") in ("recall", "recall_subset"):
+                subset = sub["metric"] == "recall_subset"
+            else:  # no usable "metric": the file's name says which it was meant to be
+                subset = path.name.startswith("subset")
+            problems += M.cirr_file_problems(sub, queries, names, top, subset=subset)
+        else:
+            problems += M.circo_file_problems(sub, queries, names, top)
+        out.append(FileCheck(path, len(data), problems, [note] if note else []))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # example grids
 
 def save_examples(r: Retrieval, count: int, out_dir, label: str, top: int = 5) -> Path:
     """Draws `count` evenly spaced queries: reference, modification text, top results, targets framed."""
-    from examples import ExampleRow, save_example_grid
-
     queries, names = r.queries, r.names
     pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
     exclude = None
@@ -196,23 +291,32 @@ def save_examples(r: Retrieval, count: int, out_dir, label: str, top: int = 5) -
         exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick])
     top = min(top, len(names) - (exclude is not None))
     ranked = M.topk_indices(r.query_features[pick], r.gallery.features, top, exclude)
-    rows = []
-    for row, i in zip(ranked.tolist(), pick):
-        x = queries[i]
-        targets = set(x.get("gt_img_ids") or []) | ({x["target_name"]} if "target_name" in x else set())
-        rows.append(ExampleRow(reference=r.query_dataset.query_paths[i], text=r.query_dataset.query_texts(x)[0],
-                               caption=f"query {i}", results=[r.gallery_dataset.gallery_paths[j] for j in row],
-                               is_target=[names[j] in targets for j in row]))
     split = r.query_dataset.split
-    return save_example_grid(rows, Path(out_dir) / f"examples_{label}_{split}.png",
-                             title=f"{label} {split}: reference | text | top {top} (green: target)")
+    return draw_rankings(r, pick, ranked, Path(out_dir) / f"examples_{label}_{split}.png",
+                         title=f"{label} {split}: reference | text | top {top} (green: target)")
+
+
+def draw_rankings(r: Retrieval, rows: Sequence[int], ranked: torch.Tensor, path, title: str) -> Path:
+    """A PNG grid (examples.py) of the queries `rows` of `r`: each one's reference, modification text and
+    the gallery images of its row of `ranked` [len(rows), K], best first, its targets framed."""
+    from examples import ExampleRow, save_example_grid
+
+    out = []
+    for row, i in zip(ranked.tolist(), rows):
+        x = r.queries[i]
+        targets = set(x.get("gt_img_ids") or []) | ({x["target_name"]} if "target_name" in x else set())
+        out.append(ExampleRow(reference=r.query_dataset.query_paths[i], text=r.query_dataset.query_texts(x)[0],
+                              caption=f"query {i}", results=[r.gallery_dataset.gallery_paths[j] for j in row],
+                              is_target=[r.names[j] in targets for j in row]))
+    return save_example_grid(out, path, title=title)
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluate
 
 def evaluate(net, clip, name: str, root, config: EvalConfig | None = None) -> dict[str, float]:
-    """Validation metrics (percent) of one benchmark with the authors' keys (METRIC_KEYS[name]).
+    """Validation metrics (percent) of one benchmark with the authors' keys (METRIC_KEYS[name]), followed
+    by the `protocol_entries` of a run that departs from the authors' protocol (none by default).
 
     `net`: an FTI4CIR network (a DDP wrapper is unwrapped; its train/eval mode is restored after),
     or None with `config.baseline` 'image-only' / 'text-only'. FashionIQ: each of `config.categories`
@@ -224,43 +328,75 @@ def evaluate(net, clip, name: str, root, config: EvalConfig | None = None) -> di
     was_training = net is not None and net.training
     if net is not None:
         net.eval()
+    left: list[LeftOut] = []
     try:
         if name != "fashioniq":
             r = retrieve(net, clip, name, root, config)
+            left.append(r.left_out)
             if config.examples:
                 save_examples(r, config.examples, config.examples_dir, name)
-            return cirr_metrics(r) if name == "cirr" else circo_metrics(r)
-        if not config.categories:
-            raise ConfigError("no FashionIQ category to evaluate")
-        out: dict[str, float] = {}
-        for cat in config.categories:
-            r = retrieve(net, clip, name, root, config, category=cat)
-            if config.examples:
-                save_examples(r, config.examples, config.examples_dir, f"fashioniq_{cat}")
-            got = fashioniq_metrics(r)
-            out[f"{cat}_10"], out[f"{cat}_50"] = got[10], got[50]
-        out["average_10"] = mean(out[f"{c}_10"] for c in config.categories)
-        out["average_50"] = mean(out[f"{c}_50"] for c in config.categories)
-        return out
+            out = cirr_metrics(r) if name == "cirr" else circo_metrics(r)
+        else:
+            if not config.categories:
+                raise ConfigError("no FashionIQ category to evaluate")
+            out = {}
+            for cat in config.categories:
+                r = retrieve(net, clip, name, root, config, category=cat)
+                left.append(r.left_out)
+                if config.examples:
+                    save_examples(r, config.examples, config.examples_dir, f"fashioniq_{cat}")
+                got = fashioniq_metrics(r)
+                out[f"{cat}_10"], out[f"{cat}_50"] = got[10], got[50]
+            out["average_10"] = mean(out[f"{c}_10"] for c in config.categories)
+            out["average_50"] = mean(out[f"{c}_50"] for c in config.categories)
+        return {**out, **protocol_entries(name, config, left)}
     finally:
         if was_training:
             net.train()
 
 
+INCOMPLETE_WARNING = ("images were missing: the gallery images and queries that need them were left out "
+                      "(--skip-missing-images), so these numbers are not comparable with full-data results")
+
+
+def protocol_entries(name: str, config: EvalConfig, left: Sequence[LeftOut | None]) -> dict:
+    """The entries a metrics dict gets beside the metric keys when a run departs from the authors'
+    protocol, and only then: `incomplete_data` (counts of what was left out, in total and per split)
+    when images were missing, `circo_query` when CIRCO's queries were not the relative captions."""
+    out = {}
+    left = [x for x in left if x is not None and (x.gallery_names or x.query_rows)]
+    if left:
+        total = {k: sum(x.counts()[k] for x in left) for k in left[0].counts()}
+        out["incomplete_data"] = {"warning": INCOMPLETE_WARNING, **total, "splits": {x.label: x.counts() for x in left}}
+    if name == "circo" and config.circo_query != "relative":
+        out["circo_query"] = config.circo_query
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 
-def format_table(name: str, metrics: dict[str, float]) -> str:
+def format_table(name: str, metrics: dict) -> str:
+    """The metrics as a table, with the protocol entries (`protocol_entries`) spelled out below it."""
     if name == "fashioniq":
         rows = [c for c in FASHIONIQ_CATEGORIES + ("average",) if f"{c}_10" in metrics]
         lines = [f"{'FashionIQ':<10} {'R@10':>7} {'R@50':>7}"]
         lines += [f"{c:<10} {metrics[f'{c}_10']:7.2f} {metrics[f'{c}_50']:7.2f}" for c in rows]
-        return "\n".join(lines)
-    if name == "cirr":
-        heads = [f"R@{k}" for k in (1, 5, 10, 50)] + [f"Rs@{k}" for k in (1, 2, 3)]
     else:
-        heads = [f"mAP@{k}" for k in (5, 10, 25, 50)] + [f"R@{k}" for k in (5, 10, 25, 50)]
-    return "\n".join([" ".join(f"{h:>7}" for h in heads), " ".join(f"{metrics[k]:7.2f}" for k in METRIC_KEYS[name])])
+        if name == "cirr":
+            heads = [f"R@{k}" for k in (1, 5, 10, 50)] + [f"Rs@{k}" for k in (1, 2, 3)]
+        else:
+            heads = [f"mAP@{k}" for k in (5, 10, 25, 50)] + [f"R@{k}" for k in (5, 10, 25, 50)]
+        lines = [" ".join(f"{h:>7}" for h in heads), " ".join(f"{metrics[k]:7.2f}" for k in METRIC_KEYS[name])]
+    gap = metrics.get("incomplete_data")
+    if gap:
+        lines.append(f"INCOMPLETE DATA: {gap['queries_left_out']:,} of {gap['queries']:,} queries and "
+                     f"{gap['gallery_images_left_out']:,} of {gap['gallery_images']:,} gallery images left out; "
+                     "not comparable with full-data numbers")
+    if "circo_query" in metrics:
+        lines.append(f"CIRCO queries: {metrics['circo_query']} ('{CIRCO_QUERY_TEMPLATES[metrics['circo_query']]}'), "
+                     "not the authors' relative captions")
+    return "\n".join(lines)
 
 
 def metrics_path(save_path, name: str, baseline: str | None) -> Path:

@@ -339,50 +339,88 @@ def _check_keys(sub: Mapping, expected: list[str], header: dict, label: str, pro
         problems.append(f"{label}: {len(extra)} keys that are not query ids of this split, e.g. {extra[:5]}")
 
 
-def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequence[Mapping],
-                             gallery_names: Iterable[str] | None = None, top: int = CIRR_TOP) -> None:
-    """Raise ValueError if cirr.json / subset_cirr.json would be rejected by the CIRR server.
+def cirr_file_problems(sub, queries: Sequence[Mapping], gallery_names: Iterable[str] | None = None,
+                       top: int = CIRR_TOP, subset: bool = False) -> list[str]:
+    """What the CIRR server would reject in cirr.json (`subset=False`) or subset_cirr.json (`subset=True`).
 
     `queries`: dicts with "pair_id", "reference_name", "group_members" (CIRRDataset(...).queries).
     `gallery_names`: the test1 gallery; when given, every name must belong to it. `top`: names per
-    list (the server wants 50; only a toy gallery smaller than 51 images calls for fewer).
+    list of cirr.json (the server wants 50; only a toy gallery smaller than 51 images calls for fewer).
     """
+    label = "subset_cirr.json" if subset else "cirr.json"
+    if not isinstance(sub, Mapping):
+        return [f"{label}: must be a JSON object (dict), got {type(sub).__name__}"]
     problems: list[str] = []
-    if not isinstance(sub, Mapping) or not isinstance(subset_sub, Mapping):
-        raise SubmissionError("cirr.json and subset_cirr.json must both be JSON objects (dicts)")
     known = None if gallery_names is None else set(gallery_names)
     keys = [str(q["pair_id"]) for q in queries]
-    _check_keys(sub, keys, {"version": "rc2", "metric": "recall"}, "cirr.json", problems)
-    _check_keys(subset_sub, keys, {"version": "rc2", "metric": "recall_subset"}, "subset_cirr.json", problems)
+    _check_keys(sub, keys, {"version": "rc2", "metric": "recall_subset" if subset else "recall"}, label, problems)
+    n = CIRR_SUBSET_TOP if subset else top
     for key, query in zip(keys, queries):
         ref = query["reference_name"]
-        if key in sub and _check_list(sub[key], top, f"cirr.json pair id {key}", known, problems):
+        if key in sub and _check_list(sub[key], n, f"{label} pair id {key}", known, problems):
             if ref in sub[key]:
-                problems.append(f"cirr.json pair id {key}: holds the reference image {ref!r}")
-        if key in subset_sub and _check_list(subset_sub[key], CIRR_SUBSET_TOP,
-                                             f"subset_cirr.json pair id {key}", known, problems):
-            if ref in subset_sub[key]:
-                problems.append(f"subset_cirr.json pair id {key}: holds the reference image {ref!r}")
-            outside = [x for x in subset_sub[key] if x not in query["group_members"]]
+                problems.append(f"{label} pair id {key}: holds the reference image {ref!r}")
+            outside = [x for x in sub[key] if x not in query["group_members"]] if subset else []
             if outside:
-                problems.append(f"subset_cirr.json pair id {key}: {outside} are not members of the query's img_set")
-    _raise_if(problems, "CIRR submission")
+                problems.append(f"{label} pair id {key}: {outside} are not members of the query's img_set")
+    return problems
 
 
-def validate_circo_submission(sub: Mapping, queries: Sequence[Mapping],
-                              gallery_ids: Iterable | None = None, top: int = CIRCO_TOP) -> None:
-    """Raise ValueError if circo.json would be rejected by the CIRCO server.
+def circo_file_problems(sub, queries: Sequence[Mapping], gallery_ids: Iterable | None = None,
+                        top: int = CIRCO_TOP) -> list[str]:
+    """What the CIRCO server would reject in circo.json.
 
     `queries`: dicts with "query_id" (CIRCODataset(...).queries). `gallery_ids`: when given, every
     id must belong to the gallery.
     """
-    problems: list[str] = []
     if not isinstance(sub, Mapping):
-        raise SubmissionError("circo.json must be a JSON object (dict)")
+        return [f"circo.json: must be a JSON object (dict), got {type(sub).__name__}"]
+    problems: list[str] = []
     known = None if gallery_ids is None else {str(x) for x in gallery_ids}
     keys = [str(q["query_id"]) for q in queries]
     _check_keys(sub, keys, {}, "circo.json", problems)
     for key in keys:
         if key in sub:
             _check_list(sub[key], top, f"circo.json query id {key}", known, problems)
-    _raise_if(problems, "CIRCO submission")
+    return problems
+
+
+def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequence[Mapping],
+                             gallery_names: Iterable[str] | None = None, top: int = CIRR_TOP) -> None:
+    """Raise SubmissionError if cirr.json / subset_cirr.json would be rejected by the CIRR server
+    (`cirr_file_problems` of both, every problem listed)."""
+    names = None if gallery_names is None else list(gallery_names)
+    problems = cirr_file_problems(sub, queries, names, top) + cirr_file_problems(subset_sub, queries, names, top, subset=True)
+    _raise_if(problems, "CIRR submission")
+
+
+def validate_circo_submission(sub: Mapping, queries: Sequence[Mapping],
+                              gallery_ids: Iterable | None = None, top: int = CIRCO_TOP) -> None:
+    """Raise SubmissionError if circo.json would be rejected by the CIRCO server (`circo_file_problems`)."""
+    _raise_if(circo_file_problems(sub, queries, gallery_ids, top), "CIRCO submission")
+
+
+# ----------------------------------------------------------------------------------------------
+# the servers' limits beyond the lists
+
+SERVER_MAX_BYTES = {"cirr": 5_000_000}  # the CIRR server's upload limit, 5 MB per file
+SERVER_QUERIES = {"cirr": 4148, "circo": 800}  # queries of the official test splits (CIRR test1, CIRCO test)
+
+
+def size_problems(benchmark: str, label: str, n_bytes: int) -> list[str]:
+    """A file over its server's upload limit."""
+    limit = SERVER_MAX_BYTES.get(benchmark)
+    if limit is not None and n_bytes > limit:
+        return [f"{label}: {n_bytes / 1e6:.2f} MB, over the {benchmark.upper()} server's upload limit of "
+                f"{limit / 1e6:.0f} MB"]
+    return []
+
+
+def query_count_note(benchmark: str, n_queries: int) -> str | None:
+    """A warning when the annotations hold another number of test queries than the official split (toy or
+    partial annotations): the server scores the official queries and rejects a file without them."""
+    want = SERVER_QUERIES.get(benchmark)
+    if want is not None and n_queries != want:
+        return (f"the {benchmark.upper()} test annotations here hold {n_queries:,} queries, the official split "
+                f"{want:,}: a file made from them is for these annotations only; the server rejects it")
+    return None
