@@ -495,6 +495,54 @@ class ImageNetPairsDataset(Dataset):
         return sample
 
 
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder) -> list[str]:
+    """Every image file under `folder` (recursive; suffixes IMAGE_SUFFIXES in any case; hidden files and
+    folders skipped), as sorted '/'-separated paths relative to it."""
+    folder = Path(folder)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(folder).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        out += [prefix + f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(out)
+
+
+class ImageFolderDataset(_Base):
+    """Any folder of images as a retrieval gallery, with composed queries over it (retrieve.py).
+
+    gallery: every image under `root` (`list_images`), named by its path relative to `root`. query:
+    `queries` (reference image file, modification text) pairs as `{"reference_name": the file as given,
+    "relative_caption": the text}`; a reference may lie anywhere, in the gallery or not.
+    """
+
+    split = ""
+
+    def __init__(self, root, mode: str, preprocess: Callable, queries: Sequence[tuple[str, str]] = ()):
+        _check_mode(mode)
+        _check_preprocess(preprocess)
+        self.root, self.mode, self.preprocess = Path(root), mode, preprocess
+        if not self.root.is_dir():
+            raise DatasetLayoutError(f"image folder not found: {self.root}")
+        self.names = list_images(self.root) if mode == "gallery" else []
+        if mode == "gallery" and not self.names:
+            raise DatasetLayoutError(f"no images ({' '.join(IMAGE_SUFFIXES)}) under {self.root}")
+        self._gallery_paths = [self.root / n for n in self.names]
+        self._queries, self._query_paths = [], []
+        if mode == "query":
+            for reference, text in queries:
+                path = Path(reference)
+                if not path.is_file():
+                    raise ImageLoadError(f"{path}: reference image not found")
+                if not isinstance(text, str) or not text.strip():
+                    raise AnnotationFormatError(f"the query with reference {path} has no modification text")
+                self._queries.append({"reference_name": str(reference), "relative_caption": text})
+                self._query_paths.append(path)
+
+
 def collate(batch: Sequence[dict]) -> dict:
     """DataLoader collate_fn for dict samples: tensors are stacked, everything else becomes a list
     (variable-length lists stay lists of lists, FashionIQ caption pairs a list of pairs)."""

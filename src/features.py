@@ -76,8 +76,10 @@ class Gallery:
 # loading
 
 def make_loader(dataset, encoding: Encoding, device: torch.device) -> DataLoader:
-    """In-order loader: `workers` processes, pinned memory when the features go to a GPU."""
-    return DataLoader(dataset, batch_size=encoding.batch_size, shuffle=False, num_workers=encoding.workers,
+    """In-order loader: `workers` processes (none for a single batch, which would only wait for them to
+    start: a query or two of retrieve.py), pinned memory when the features go to a GPU."""
+    workers = encoding.workers if len(dataset) > encoding.batch_size else 0
+    return DataLoader(dataset, batch_size=encoding.batch_size, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda", collate_fn=collate, persistent_workers=False)
 
 
