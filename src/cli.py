@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from clip_loader import CLIP_FORMATS, load_clip
 from datasets import BENCHMARKS, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
 from errors import ConfigError, UserError
 from logs import get_logger, setup_logging
@@ -60,8 +61,6 @@ def script_main(main):
 # CLIP and device
 
 def add_clip_args(parser: argparse.ArgumentParser) -> None:
-    from clip_loader import CLIP_FORMATS  # imported when needed: open_clip takes seconds to import
-
     g = parser.add_argument_group("CLIP")
     g.add_argument("--clip-model", "--model", "--clip_model_name", dest="clip_model", default="ViT-L/14",
                    help="CLIP architecture: OpenAI spelling (ViT-L/14, ViT-B/32) or open_clip's (ViT-L-14, ViT-B-32)")
@@ -83,8 +82,6 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 def clip_from_args(args, device):
     """load_clip from the CLIP flags (a loading problem is a ClipLoadError, a UserError)."""
-    from clip_loader import load_clip
-
     return load_clip(args.clip_model, args.clip_weights, device=device, clip_format=args.clip_format,
                      pretrained=getattr(args, "clip_pretrained", None))
 
