@@ -57,6 +57,20 @@ def script_main(main):
     return run
 
 
+def check_output_folder(path, flag: str, fix: str = "pass a folder you can write to") -> Path:
+    """Creates `path` if needed and proves it writable, before any slow work; a ConfigError naming the
+    flag, the folder and `fix` otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create or write this folder ({e.strerror or e}); {fix}") from None
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # CLIP and device
 
@@ -145,6 +159,10 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BEN
                         help="gallery features are cached here, keyed by CLIP weights, preprocessing, gallery "
                              "and precision")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the gallery cache")
+    parser.add_argument("--cache-hash-images", action="store_true",
+                        help="key the gallery cache on the images' contents (each file read and hashed, in threads) "
+                             "instead of their sizes and modification times, so an image replaced in place by one of "
+                             "the same size and time is noticed")
     parser.add_argument("--cache-reference-tokens", action="store_true",
                         help="keep the reference images' visual-tower outputs (g and the last block's tokens, fp32: "
                              "~1 MB per reference for ViT-L/14, 2.2 GB for CIRR val) from the gallery pass, in memory and "
@@ -160,7 +178,8 @@ def eval_config_from_args(args, device, split: str = "val"):
     encoding = Encoding(batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
                         progress=not args.no_progress)
     return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type, encoding=encoding,
-                      cache_dir=None if args.no_cache else args.cache_dir, baseline=args.baseline,
+                      cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
+                      baseline=args.baseline,
                       reference_tokens=args.cache_reference_tokens, examples=getattr(args, "save_examples", 0),
                       examples_dir=Path(args.save_path) / "examples")
 
@@ -198,6 +217,9 @@ def eval_setup(args):
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     dataset_root(args, args.dataset)
+    check_output_folder(args.save_path, "--save-path")
+    if not args.no_cache:
+        check_output_folder(args.cache_dir, "--cache-dir", "pass a folder you can write to, or --no-cache")
     clip = clip_from_args(args, device)
     return device, clip, load_model(args, clip, device)
 

@@ -46,6 +46,7 @@ class EvalConfig:
     preprocess_type: str = "targetpad"
     encoding: Encoding = field(default_factory=Encoding)
     cache_dir: str | Path | None = None
+    cache_hash_images: bool = False  # key the gallery cache on the images' contents, not sizes and times
     baseline: str | None = None
     reference_tokens: bool = False  # keep the references' tower outputs from the gallery pass (and cache them)
     examples: int = 0  # queries per split drawn as a PNG grid into examples_dir
@@ -99,7 +100,7 @@ def retrieve(net, clip, name: str, root, config: EvalConfig, category: str | Non
     """
     preprocess = build_transform(config.preprocess_type, clip.image_size)
     gallery_ds, query_ds = open_benchmark(name, root, split or config.split, preprocess, category)
-    cache = GalleryCache(config.cache_dir) if config.cache_dir is not None else None
+    cache = GalleryCache(config.cache_dir, config.cache_hash_images) if config.cache_dir is not None else None
     refs = None
     if config.reference_tokens and config.baseline != "text-only":
         refs = [q["reference_name"] for q in query_ds.queries]
