@@ -44,15 +44,28 @@ class FlagParser(argparse.ArgumentParser):
 
 def script_main(main):
     """The script boundary: a `UserError` raised anywhere below `main` ends the script with
-    `error: <message>` (exit status 1) instead of a traceback; the log goes to stdout."""
+    `error: <message>` (exit status 1) instead of a traceback, and so do the machine's own refusals (a full
+    disk, a permission, memory); Ctrl-C outside training's clean stop exits with status 130. The log goes
+    to stdout."""
 
     @functools.wraps(main)
     def run(argv=None, *args, **kwargs):
+        import torch
+
         setup_logging()
         try:
             return main(argv, *args, **kwargs)
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
+        except torch.OutOfMemoryError:
+            raise SystemExit("error: out of memory on the device; lower --batch-size (and --workers)") from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise SystemExit(f"error: {where}{e.strerror or e}; free disk space or fix the permissions, "
+                             "then rerun (written files are replaced atomically, so none is half-written)") from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run
 

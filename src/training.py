@@ -284,6 +284,9 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
     val_root(args)
     # every listed image is checked here, before CLIP is loaded
     dataset = ImageNetPairsDataset(args.imagenet_path, args.pairs_path, build_transform(args.preprocess_type, 224))
+    if len(dataset) // info.world_size // args.batch_size == 0:  # what the sampler below will find
+        raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
+                          "process(es); lower --batch-size")
     clip = clip_from_args(args, device)
     dataset.preprocess = build_transform(args.preprocess_type, clip.image_size)
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -295,9 +298,6 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
     else:
         features = TowerFeatures(clip, device, precision)
     sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=args.seed)
-    if sampler.num_samples // args.batch_size == 0:
-        raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
-                          "process(es); lower --batch-size")
     loader = DataLoader(features.wrap_dataset(dataset), batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, drop_last=True, collate_fn=features.collate(net.prompts(clip)),
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
@@ -321,16 +321,26 @@ def _epoch_number(path: Path) -> int:
         return -1
 
 
-def restore(run: Run, path: Path) -> dict | None:
-    """Loads a training checkpoint into the run; returns this process's saved random streams (None when
-    the checkpoint was written by another number of processes)."""
+def read_resume_state(path: Path, ckpt_dir: Path) -> dict:
+    """The training checkpoint to resume from, read and checked before anything slow is loaded; an
+    unreadable one is named with the newest epoch checkpoint to fall back to."""
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
-        others = [p for p in sorted(run.ckpt_dir.glob("epoch_*.pt"), key=_epoch_number)
+        others = [p for p in sorted(ckpt_dir.glob("epoch_*.pt"), key=_epoch_number)
                   if p.is_file() and not p.samefile(path)]
         hint = f"; resume from the newest epoch checkpoint instead: --resume {others[-1]}" if others else ""
         raise CheckpointError(f"--resume: {e}{hint}") from None
+    lacking = [k for k in ("optimizer", "epoch", "samples_in_epoch", "global_step") if k not in state]
+    if lacking:
+        raise CheckpointError(f"--resume {path}: not a training checkpoint (it lacks {', '.join(lacking)}: only the "
+                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt")
+    return state
+
+
+def restore(run: Run, path: Path, state: dict) -> dict | None:
+    """Puts a training checkpoint's `state` (read_resume_state) into the run; returns this process's saved
+    random streams (None when the checkpoint was written by another number of processes)."""
     diffs = hparam_differences(state.get("hparams", {}), run.hparams)
     if diffs and run.info.is_main:
         warnings.warn(f"resuming {path} with different hyper-parameters (the current flags apply): "
@@ -582,6 +592,7 @@ def train(args, info: DistInfo, device: torch.device) -> dict:
 
 
 def _train(args, info: DistInfo, device: torch.device, resume_path: Path | None) -> dict:
+    state = read_resume_state(resume_path, Path(args.model_dir) / "checkpoints") if resume_path else None
     if info.is_main:  # every output folder before the slow CLIP load
         if args.cache_image_features:
             check_output_folder(args.feature_cache_dir, "--feature-cache-dir",
@@ -589,7 +600,7 @@ def _train(args, info: DistInfo, device: torch.device, resume_path: Path | None)
         if args.val_dataset and args.val_cache_dir:
             check_output_folder(args.val_cache_dir, "--val-cache-dir", "pass a folder you can write to, or ''")
     run = setup(args, info, device)
-    rng_state = restore(run, resume_path) if resume_path is not None else None
+    rng_state = restore(run, resume_path, state) if resume_path is not None else None
     start(run, rng_state, resumed=resume_path is not None)
     pos = run.position
     if pos.epoch >= args.epochs:

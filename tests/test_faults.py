@@ -442,3 +442,36 @@ def test_checkpoints_record_the_architecture_of_the_weights(tmp_path, tiny_clip_
     b16 = build_tiny_clip(vision_width=768, vision_layers=12, patch_size=16, image_size=224, embed_dim=512)
     b32 = build_tiny_clip(vision_width=768, vision_layers=12, patch_size=32, image_size=224, embed_dim=512)
     assert (openai_architecture(b16), openai_architecture(b32)) == ("ViT-B-16", "ViT-B-32")
+
+
+# ---------------------------------------------------------------------------------------------
+# more of the same kind
+
+def test_resume_from_a_network_only_checkpoint_is_named(data8, tiny_clip_path, tiny_clip, tmp_path):
+    path = tmp_path / "net.pt"
+    save_network(FTI4CIR.for_clip(tiny_clip), path)
+    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, tmp_path / "run", "--resume", path, "--batch-size", 4))
+    assert str(path) in msg and "not a training checkpoint" in msg and "optimizer" in msg
+
+
+def test_a_full_disk_is_one_line_and_the_old_file_stays(monkeypatch, tmp_path):
+    import errno
+
+    import utils
+
+    target = tmp_path / "metrics.json"
+    utils.atomic_write_json({"old": 1}, target)
+
+    def full(f_write):
+        def write(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return write
+
+    @cli.script_main
+    def main(argv=None):
+        original = utils._atomic_replace
+        return original(target, full(None))
+
+    msg = _exit_message(main, [])
+    assert f"{target}: No space left on device" in msg and "free disk space" in msg
+    assert json.loads(target.read_text()) == {"old": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
