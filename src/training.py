@@ -572,10 +572,10 @@ def claim_folder(args, info: DistInfo) -> RunLock:
             remove_leftovers(model_dir)
         except UserError as e:
             lock.release()
-            error = (type(e).__name__, str(e))
+            error = str(e)
     error = all_gather_object(error, info)[0]  # collective: also the barrier the other ranks wait at
     if error:
-        raise ConfigError(error[1])
+        raise ConfigError(error)
     return lock
 
 
