@@ -70,7 +70,7 @@ PHASES = [
     ("load network", cli, "load_model", None),
     ("datasets (annotation JSONs)", evaluation, "open_benchmark", None),
     ("gallery_features", evaluation, "gallery_features", None),
-    ("cache key (meta)", features, "gallery_meta", "gallery_features"),
+    ("cache key (meta)", gallery_cache, "gallery_meta", "gallery_features"),
     ("image stats", gallery_cache, "images_fingerprint", "cache key (meta)"),
     ("CLIP weights hash", FrozenCLIP, "fingerprint", "cache key (meta)"),
     ("read gallery cache", gallery_cache.GalleryCache, "read", "gallery_features"),
@@ -232,6 +232,20 @@ def table(rows: list[tuple[str, float]], total: float, title: str, calls: dict[s
     return "\n".join(lines)
 
 
+def image_key_timing(root: Path, threads: int | None) -> dict[str, float]:
+    """Seconds to key the gallery by its files' sizes and times (the default) and by their contents
+    (--cache-hash-images), over the same files."""
+    from datasets import CIRCODataset
+
+    ds = CIRCODataset(root, "val", "gallery", lambda image: image)
+    t = time.perf_counter()
+    gallery_cache.images_fingerprint(ds)
+    stat_s = time.perf_counter() - t
+    t = time.perf_counter()
+    gallery_cache.images_content_fingerprint(ds, threads=threads)
+    return {"files": len(ds.names), "stat_s": stat_s, "contents_s": time.perf_counter() - t}
+
+
 def token_file_check(work: Path, refs: int = 220, tokens: int = 257, width: int = 1024, dim: int = 768) -> float:
     """Seconds to torch.load a reference-token file of ViT-L/14's size (what the tiny tower cannot show)."""
     path = work / "vitl_tokens_check.pt"
@@ -261,6 +275,10 @@ def main(argv=None) -> dict:
     p.add_argument("--work-dir", default=None,
                    help="build (and keep, for the next run) the data, models and cache here; default: a temp dir, removed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hash-images", action="store_true",
+                   help="also time keying the gallery cache by the images' contents (--cache-hash-images) against "
+                        "the default size-and-time key; the files are the bench's own small JPEGs")
+    p.add_argument("--hash-threads", type=int, default=None, help="threads for --hash-images (default min(32, 4 x CPUs))")
     p.add_argument("--token-file-check", action="store_true",
                    help="also time loading a ViT-L/14-size reference-token file (~231 MB)")
     p.add_argument("--verbose", action="store_true", help="show evaluate.py's own output")
@@ -317,6 +335,11 @@ def main(argv=None) -> dict:
         result = {"gallery_size": args.gallery_size, "dim": args.dim, "device": str(device), "val": source,
                   "cold_s": cold, "cold_encoded_images": encoded, "cold_phases_s": cold_phases, "warm_s": [w[0] for w in warm],
                   "warm_median_s": w_total, "warm_phases_s": w_phases, "metrics": cold_metrics}
+        if args.hash_images:
+            result["image_key"] = image_key_timing(root, args.hash_threads)
+            k = result["image_key"]
+            print(f"keying {k['files']} gallery files: sizes and times {k['stat_s']:.2f} s, contents "
+                  f"(--cache-hash-images) {k['contents_s']:.2f} s")
         if args.token_file_check:
             result["vitl_token_file_load_s"] = token_file_check(work)
             print(f"loading a ViT-L/14-size reference-token file (220 x 257 x 1024 fp32): "

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, SpacyUnavailable, Tagger, build_pairs
-from cli import FlagParser, script_main
+from cli import FlagParser, check_output_folder, script_main
 from datasets import IMAGENET_FILE_RE, DatasetLayoutError, ImageLoadError, imagenet_file_name, load_image
 from errors import ConfigError, UserError
 from logs import get_logger
@@ -294,6 +294,7 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
     if args.split_only and args.caption_only:
         raise ConfigError("--split-only and --caption-only exclude each other")
     out = args.out if args.out is not None else args.imagenet_path / "pairs.json"
+    check_output_folder(out.parent, "--out" if args.out is not None else "--imagenet-path")
     need_split = not args.caption_only
     if need_split and tagger is None:
         try:

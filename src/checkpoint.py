@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from errors import UserError
+from errors import UserError, torch_load_problem
 from models import FTI4CIR, FTI4CIRConfig
 from utils import atomic_torch_save
 
@@ -76,7 +76,7 @@ def load_checkpoint(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a checkpoint in this repo's format ({type(e).__name__}: {str(e)[:200]})") from e
+        raise CheckpointError(f"{path}: {torch_load_problem(e, path)}") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an FTI4CIR checkpoint (no 'format': 'fti4cir' entry)")
     if obj.get("format_version") != FORMAT_VERSION:
@@ -127,6 +127,23 @@ def restore_rng(state: dict, device: torch.device) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     if torch.device(device).type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def checkpoint_summaries(folder) -> list[dict]:
+    """{path, epoch, global_step, loss} of every training checkpoint in `folder`, newest first (by global
+    step). Read memory-mapped: only the small header is loaded, not the weights."""
+    out = []
+    for path in Path(folder).glob("*.pt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - listed with what is wrong with it
+            out.append({"path": path, "problem": torch_load_problem(e), "global_step": -1})
+            continue
+        if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            loss = obj.get("loss")
+            out.append({"path": path, "epoch": obj.get("epoch"), "global_step": obj.get("global_step", -1),
+                        "loss": float(loss) if isinstance(loss, (int, float)) else None})
+    return sorted(out, key=lambda s: (s["global_step"], s["path"].name != "latest.pt"), reverse=True)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -219,9 +236,11 @@ def read_authors_checkpoint(path) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        if "refusing to load" in str(e):
+            raise CheckpointError(f"{path}: {e}; it is not loaded") from None
+        raise CheckpointError(f"{path}: {torch_load_problem(e, path)}") from None
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read the authors' checkpoint ({type(e).__name__}: {str(e)[:200]}). Is it truncated?") from e
+        raise CheckpointError(f"{path}: the authors' checkpoint is {torch_load_problem(e, path)}") from None
     if not isinstance(obj, _STAND_INS[("i2t_model", "IMG2TEXT")]):
         raise CheckpointError(f"{path}: expected a pickled i2t_model.IMG2TEXT module, found {type(obj).__name__}")
     sd = obj.state_dict()
@@ -238,7 +257,9 @@ def read_authors_checkpoint(path) -> tuple[dict, dict]:
             "num_k": int(templates.shape[-2]), "topk": int(obj.topk), "epsilon": float(obj.epsilon),
             "temperature": float(obj.temperature), "reg_weight": float(obj.hy_regLoss),
             "tf_layer": layers, "tf_head": heads, "mlp_ratio": fc1.shape[0] / fc1.shape[1],
-            "clip_model": "ViT-L-14" if templates.shape[-1] == 1024 else "ViT-B-32" if templates.shape[-1] == 768 else "custom",
+            # the file does not name its CLIP: only the visual width is known
+            "clip_model": {1024: "ViT-L-14 or ViT-L-14-336", 768: "ViT-B-32 or ViT-B-16"}.get(
+                int(templates.shape[-1]), f"a ViT of visual width {int(templates.shape[-1])}"),
         }
     except (KeyError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{path}: an IMG2TEXT module without the expected parts ({e})") from e

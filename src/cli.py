@@ -44,17 +44,44 @@ class FlagParser(argparse.ArgumentParser):
 
 def script_main(main):
     """The script boundary: a `UserError` raised anywhere below `main` ends the script with
-    `error: <message>` (exit status 1) instead of a traceback; the log goes to stdout."""
+    `error: <message>` (exit status 1) instead of a traceback, and so do the machine's own refusals (a full
+    disk, a permission, memory); Ctrl-C outside training's clean stop exits with status 130. The log goes
+    to stdout."""
 
     @functools.wraps(main)
     def run(argv=None, *args, **kwargs):
+        import torch
+
         setup_logging()
         try:
             return main(argv, *args, **kwargs)
         except UserError as e:
             raise SystemExit(f"error: {e}") from None
+        except torch.OutOfMemoryError:
+            raise SystemExit("error: out of memory on the device; lower --batch-size (and --workers)") from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise SystemExit(f"error: {where}{e.strerror or e}; free disk space or fix the permissions, "
+                             "then rerun (written files are replaced atomically, so none is half-written)") from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run
+
+
+def check_output_folder(path, flag: str, fix: str = "pass a folder you can write to") -> Path:
+    """Creates `path` if needed and proves it writable, before any slow work; a ConfigError naming the
+    flag, the folder and `fix` otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create or write this folder ({e.strerror or e}); {fix}") from None
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +200,10 @@ def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> N
                         help="gallery features are cached here, keyed by CLIP weights, preprocessing, gallery "
                              "and precision")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the gallery cache")
+    parser.add_argument("--cache-hash-images", action="store_true",
+                        help="key the gallery cache on the images' contents (each file read and hashed, in threads) "
+                             "instead of their sizes and modification times, so an image replaced in place by one of "
+                             "the same size and time is noticed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -190,9 +221,10 @@ def eval_config_from_args(args, device, split: str = "val"):
 
     return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type,
                       encoding=encoding_from_args(args, device), cache_dir=None if args.no_cache else args.cache_dir,
-                      baseline=args.baseline, reference_tokens=args.cache_reference_tokens,
-                      examples=getattr(args, "save_examples", 0), examples_dir=Path(args.save_path) / "examples",
-                      skip_missing_images=args.skip_missing_images, circo_query=args.circo_query)
+                      cache_hash_images=args.cache_hash_images, baseline=args.baseline,
+                      reference_tokens=args.cache_reference_tokens, examples=getattr(args, "save_examples", 0),
+                      examples_dir=Path(args.save_path) / "examples", skip_missing_images=args.skip_missing_images,
+                      circo_query=args.circo_query)
 
 
 def load_model(args, clip, device):
@@ -233,6 +265,9 @@ def model_setup(args, check=None):
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     if check is not None:
         check()
+    check_output_folder(args.save_path, "--save-path")
+    if not args.no_cache:
+        check_output_folder(args.cache_dir, "--cache-dir", "pass a folder you can write to, or --no-cache")
     clip = clip_from_args(args, device)
     return device, clip, load_model(args, clip, device)
 

@@ -21,8 +21,11 @@ import open_clip
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
 from open_clip.tokenizer import SimpleTokenizer
 
-from errors import UserError
+from errors import UserError, torch_load_problem
 from hub import cached_hub_file, hub_file, hub_reachable, is_hub_reference, not_cached_message
+from logs import get_logger
+
+log = get_logger("clip_loader")
 
 # OpenAI spelling -> open_clip spelling. Anything else is taken as an open_clip name.
 _OPENAI_NAMES = {
@@ -203,8 +206,8 @@ def _read_weights(path: Path):
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise ClipLoadError(
             f"--clip-weights {path}: cannot be read as a CLIP checkpoint (TorchScript archive, state dict or "
-            f"open_clip checkpoint): {type(e).__name__}: {e}. Is the file truncated?"
-        ) from e
+            f"open_clip checkpoint): {torch_load_problem(e, path)}"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
         if next(iter(sd), "").startswith("module."):
@@ -436,13 +439,33 @@ def load_clip(
                 f"Pass --clip-weights /path/to/{name}.pt (OpenAI's file, as cached by the `clip` package in "
                 "~/.cache/clip/) or an open_clip checkpoint."
             )
-    try:
-        name = canonical_model_name(model_name)
-    except ClipLoadError:
-        name = model_name
+    if desc.startswith("openai:"):  # an OpenAI-format file: its architecture was read from the weights
+        name = openai_architecture(model)
+        if _OPENAI_NAMES.get(model_name, model_name) != name:
+            log.info(f"--clip-weights {weights or desc}: the weights are a {name}; --clip-model {model_name} is not used")
+    else:
+        try:
+            name = canonical_model_name(model_name)
+        except ClipLoadError:
+            name = model_name
     clip = FrozenCLIP(model, name if tag is None else f"{name}:{tag}", desc, pretrained=tag)
     check_backbone(clip)
     return clip.to(device)
+
+
+# (visual width, visual layers, patch size, image size, embedding size) of OpenAI's ViTs
+_OPENAI_ARCHITECTURES = {(768, 12, 32, 224, 512): "ViT-B-32", (768, 12, 16, 224, 512): "ViT-B-16",
+                         (1024, 24, 14, 224, 768): "ViT-L-14", (1024, 24, 14, 336, 768): "ViT-L-14-336"}
+
+
+def openai_architecture(model: CLIP) -> str:
+    """The open_clip name of an OpenAI-layout CLIP's architecture, read from its shapes (checkpoints record
+    it), or a description of the shapes for any other size."""
+    v = model.visual
+    size = v.image_size[0] if isinstance(v.image_size, (tuple, list)) else int(v.image_size)
+    key = (v.conv1.out_channels, len(v.transformer.resblocks), v.conv1.kernel_size[0], size,
+           model.text_projection.shape[1])
+    return _OPENAI_ARCHITECTURES.get(key, "ViT (width {}, {} layers, patch {}, {} px, embedding {})".format(*key))
 
 
 # ---------------------------------------------------------------------------------------------

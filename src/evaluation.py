@@ -51,6 +51,7 @@ class EvalConfig:
     preprocess_type: str = "targetpad"
     encoding: Encoding = field(default_factory=Encoding)
     cache_dir: str | Path | None = None
+    cache_hash_images: bool = False  # key the gallery cache on the images' contents, not sizes and times
     baseline: str | None = None
     reference_tokens: bool = False  # keep the references' tower outputs from the gallery pass (and cache them)
     examples: int = 0  # queries per split drawn as a PNG grid into examples_dir
@@ -125,7 +126,7 @@ def encode_benchmark(net, clip, gallery_ds, query_ds, config: EvalConfig) -> Ret
     """Both sides of a gallery-mode and a query-mode dataset encoded (any datasets with the benchmark
     classes' interface: retrieve.py's image folders too); the gallery cache and reference tokens as in
     `retrieve`."""
-    cache = GalleryCache(config.cache_dir) if config.cache_dir is not None else None
+    cache = GalleryCache(config.cache_dir, config.cache_hash_images) if config.cache_dir is not None else None
     refs = None
     if config.reference_tokens and config.baseline != "text-only":
         refs = [q["reference_name"] for q in query_ds.queries]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from datasets import AnnotationFormatError, collate, combine_text_features
 from errors import ConfigError
-from gallery_cache import GalleryCache, ReferenceOutputs, gallery_meta
+from gallery_cache import GalleryCache, ReferenceOutputs
 from precision import PRECISIONS, check_precision, inference
 
 BASELINES = ("image-only", "text-only")
@@ -176,7 +176,7 @@ def gallery_features(clip, dataset, encoding: Encoding, cache: GalleryCache | No
     refs = None if reference_names is None else list(dict.fromkeys(reference_names))
     meta = feats = outputs = None
     if cache is not None:
-        meta = gallery_meta(clip, dataset, encoding.precision)
+        meta = cache.meta(clip, dataset, encoding.precision, progress=encoding.progress)
         feats = cache.read(meta, names)
         if refs is not None:
             outputs = cache.read_references(meta, refs)

@@ -6,8 +6,9 @@ One file per (benchmark gallery, CLIP source, preprocessing, precision, dataset 
 folder; the file holds its key (a hash of `gallery_meta`): a file whose key, names or shape differ from
 what is asked for (stale) or that is not one of ours (foreign) is reported, recomputed and replaced.
 
-The key covers each image file's size and modification time, not its contents: an image replaced
-by another of the same size and time is not noticed.
+By default the key covers each image file's size and modification time, not its contents: an image
+replaced by another of the same size and time is not noticed. `contents=True` (`--cache-hash-images`)
+keys the cache on a hash of every image file's bytes instead (read by a thread pool).
 
 Beside a gallery file, `--cache-reference-tokens` keeps the reference images' visual-tower outputs
 (`ReferenceOutputs`) under the same key.
@@ -18,11 +19,13 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from logs import get_logger
 from utils import atomic_torch_save, sha256_text
@@ -63,6 +66,48 @@ def describe_transform(transform) -> str:
     return " | ".join(parts)
 
 
+def _gallery_files(dataset) -> list[str] | None:
+    paths = getattr(dataset, "gallery_paths", None)
+    if paths is None:
+        return None
+    strings = getattr(paths, "strings", None)
+    return strings() if strings is not None else [os.fspath(p) for p in paths]
+
+
+def _file_digest(path: str) -> bytes:
+    """SHA-256 of a file's bytes, read with plain os.read calls (most gallery files fit in one; a
+    hashlib.file_digest call allocates a 256 KiB buffer per file, which costs more than the hash here)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return b"missing"
+    try:
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return h.digest()
+    except OSError:
+        return b"unreadable"
+    finally:
+        os.close(fd)
+
+
+def images_content_fingerprint(dataset, progress: bool = False, threads: int | None = None) -> str | None:
+    """Hash of the gallery image files' contents, in gallery order (a missing file counts as changed).
+    The files are read and hashed by a thread pool (hashing and reading release the GIL)."""
+    files = _gallery_files(dataset)
+    if files is None:
+        return None
+    threads = threads or min(32, 4 * (os.cpu_count() or 1))
+    h = hashlib.sha256()
+    with ThreadPoolExecutor(threads) as pool:
+        digests = pool.map(_file_digest, files, chunksize=64)
+        for d in tqdm(digests, total=len(files), desc="hashing gallery images", unit="file", disable=not progress,
+                      leave=False):
+            h.update(d)
+    return h.hexdigest()
+
+
 def images_fingerprint(dataset) -> str | None:
     """Hash of the gallery image files' sizes and modification times: images regenerated or replaced
     under the same names make the cache stale. A missing file counts as changed (its error then
@@ -70,11 +115,9 @@ def images_fingerprint(dataset) -> str | None:
 
     One stat per file, on plain strings (datasets.FileList.strings(): no Path objects for CIRCO's
     123,403 files), hashed as one block; the same digest as hashing each file's line in turn."""
-    paths = getattr(dataset, "gallery_paths", None)
-    if paths is None:
+    files = _gallery_files(dataset)
+    if files is None:
         return None
-    strings = getattr(paths, "strings", None)
-    files = strings() if strings is not None else [os.fspath(p) for p in paths]
     stat = os.stat
     lines = []
     for p in files:
@@ -93,9 +136,12 @@ def gallery_tag(dataset) -> str:
     return "circo" if label.startswith("circo-") else label
 
 
-def gallery_meta(clip, dataset, precision: str) -> dict:
-    """Everything gallery features depend on; the cache key is its hash."""
+def gallery_meta(clip, dataset, precision: str, contents: bool = False, progress: bool = False) -> dict:
+    """Everything gallery features depend on; the cache key is its hash. `contents`: the images enter the
+    key by their bytes, not by their sizes and modification times."""
     names = list(dataset.names)
+    images = {"images_keyed_by": "contents", "images_sha256": images_content_fingerprint(dataset, progress)} \
+        if contents else {"images_sha256": images_fingerprint(dataset)}
     return {
         "code_version": CACHE_VERSION,
         "clip": clip.fingerprint(),
@@ -105,7 +151,7 @@ def gallery_meta(clip, dataset, precision: str) -> dict:
         "root": str(Path(getattr(dataset, "root", "")).resolve()),
         "num_images": len(names),
         "names_sha256": sha256_text("\x00".join(names)),
-        "images_sha256": images_fingerprint(dataset),
+        **images,
     }
 
 
@@ -149,16 +195,23 @@ def _write(path: Path, obj: dict, what: str) -> bool:
 
 
 class GalleryCache:
-    """The cache folder: gallery features and reference outputs, each file keyed by `gallery_meta`."""
+    """The cache folder: gallery features and reference outputs, each file keyed by `gallery_meta`
+    (`hash_contents`: the images by their bytes)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, hash_contents: bool = False):
         self.folder = Path(folder)
+        self.hash_contents = hash_contents
+
+    def meta(self, clip, dataset, precision: str, progress: bool = False) -> dict:
+        return gallery_meta(clip, dataset, precision, contents=self.hash_contents, progress=progress)
 
     def path(self, meta: dict) -> Path:
         """One file per (dataset, CLIP, preprocessing, precision, root): another gallery list or changed
         images overwrite it (stale), another CLIP or precision gets its own file."""
         stable = {k: meta[k] for k in ("dataset", "preprocess", "precision", "root")}
         stable["clip"] = meta["clip"]["source"]
+        if "images_keyed_by" in meta:  # the contents-keyed entry lives beside the default one
+            stable["images_keyed_by"] = meta["images_keyed_by"]
         return self.folder / f"{meta['dataset']}-{sha256_text(json.dumps(stable, sort_keys=True))[:16]}.pt"
 
     def references_path(self, meta: dict, refs: Sequence[str]) -> Path:
@@ -182,7 +235,9 @@ class GalleryCache:
         if not same or not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(names):
             log.info(f"gallery cache: {path} does not hold features for these {len(names)} names; recomputing")
             return None
-        log.info(f"gallery cache: hit {path} ({len(names)} images)")
+        how = "their contents" if meta.get("images_keyed_by") == "contents" else \
+            "their sizes and modification times; --cache-hash-images keys it by their contents"
+        log.info(f"gallery cache: hit {path} ({len(names)} images, keyed by {how})")
         return feats
 
     def write(self, meta: dict, names: list[str], feats: torch.Tensor) -> bool:

@@ -168,6 +168,17 @@ def substitute(x: torch.Tensor, eot_pos: torch.Tensor, subject_pos: int | None, 
     return x
 
 
+def attribute_slots(ids: torch.Tensor, star: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first slot [B], number of slots [B]) of the attributes-only sentence's pseudo-words (METHOD §5).
+
+    The slots start at the row's first `*`, even one inside the subject words (code). A row that
+    truncation left without any `*` (a subject of 69+ tokens) gets no slots: the authors' code fails on
+    such a row, so this is outside the range their numbers cover.
+    """
+    stars = ids == star
+    return stars.int().argmax(dim=1), torch.where(stars.any(dim=1), r, torch.zeros_like(r))
+
+
 def contrastive_loss(u: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
     """METHOD §6 L_con over 2B rows: row j's positive is its pair, its denominator every other row."""
     z = torch.cat([F.normalize(u, dim=-1), F.normalize(w, dim=-1)]).float()
@@ -282,9 +293,8 @@ class FTI4CIR(nn.Module):
         eot_s = sid.argmax(dim=-1)
         x_subj = substitute(clip.token_embedding(sid), eot_s, pb.subject_pos, v_s)
         aid, eot_a, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r, r_max=self.cfg.topk)
-        # slots start at the row's first `*`, even one inside the subject words (code)
-        start_a = (aid == pb.star).int().argmax(dim=1)
-        x_attr = substitute(clip.token_embedding(aid), eot_a, None, None, start_a, r, v_a)
+        start_a, r_a = attribute_slots(aid, pb.star, r)
+        x_attr = substitute(clip.token_embedding(aid), eot_a, None, None, start_a, r_a, v_a)
         length = max(x_full.shape[1], x_subj.shape[1], x_attr.shape[1])
         x = torch.cat([_pad_to(x_full, length), _pad_to(x_subj, length), _pad_to(x_attr, length)])
         feats = clip.encode_token_embeddings(x, torch.cat([eot_full, eot_s, eot_a]), trim=False)

@@ -53,7 +53,8 @@ def main(argv=None) -> dict:
 
     device, clip, net = model_setup(args, check=check)
     config = EvalConfig(split="", preprocess_type=args.preprocess_type, encoding=encoding_from_args(args, device),
-                        cache_dir=None if args.no_cache else args.cache_dir, baseline=args.baseline)
+                        cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
+                        baseline=args.baseline)
     t = time.perf_counter()
     results = search_folder(net, clip, args.gallery, queries, config, args.top, args.exclude_reference)
     log.info(f"{len(results.retrieval.names)} gallery images, {len(queries)} queries ranked in "

@@ -15,16 +15,20 @@ g and P rounded to fp16 (the one numeric difference from the uncached path).
 """
 from __future__ import annotations
 
+import math
+import signal
 from pathlib import Path
 
 from cli import FlagParser, add_clip_args, add_device_arg, script_main
 from datasets import BENCHMARKS, DEFAULT_ROOTS
 from distributed import cleanup_distributed, init_distributed
 from errors import ConfigError
-from logs import setup_logging
+from logs import get_logger, setup_logging
 from precision import TRAIN_PRECISIONS
 from training import train
 from transforms import PREPROCESS_TYPES
+
+log = get_logger("train")
 
 
 def build_parser() -> FlagParser:
@@ -109,6 +113,9 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value < (1 if name in ("batch_size", "val_frequency") else 0):
             problems.append(f"--{name.replace('_', '-')} {value}")
+    for name in ("lr", "lr_div", "wd", "epsilon", "temperature", "reg_weight", "mapper_dropout", "dist_timeout_minutes"):
+        if not math.isfinite(getattr(args, name)):
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} must be a finite number")
     if args.lr <= 0 or args.lr_div <= 0:
         problems.append(f"--lr {args.lr} / --lr-div {args.lr_div} must be positive")
     if not 0 <= args.mapper_dropout < 1:
@@ -119,7 +126,8 @@ def check_args(args) -> None:
 
 @script_main
 def main(argv=None) -> dict:
-    """Trains; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early"} (on every rank)."""
+    """Trains; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early", "stopped_by"} (on
+    every rank). Stopped by SIGTERM or SIGINT, it exits with status 128 + the signal's number instead."""
     args = build_parser().parse_args(argv)
     check_args(args)
     args.pairs_path = args.pairs_path or str(Path(args.imagenet_path) / "pairs.json")
@@ -130,9 +138,14 @@ def main(argv=None) -> dict:
     try:
         result = train(args, info, device)
         ok = True
-        return result
     finally:
         cleanup_distributed(info, ok)
+    if result["stopped_by"]:
+        log.info(f"stopped by {result['stopped_by']} at global step {result['global_step']}; "
+                 f"{result['last_checkpoint']} is written: resume with --resume latest")
+        number = getattr(signal.Signals, result["stopped_by"], signal.SIGTERM)
+        raise SystemExit(128 + int(number))
+    return result
 
 
 if __name__ == "__main__":

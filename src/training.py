@@ -7,7 +7,9 @@ Four steps, in the order a run takes them:
 - `train_one_epoch`: the steps of one epoch (`training_step` is one of them);
 - `end_of_epoch`: save, log the epoch's means, validate.
 
-`train` runs them. The image features of a batch come from one object, called the same way with or
+`train` runs them, holding the folder's lock (run_folder.py) and stopping cleanly on SIGTERM / SIGINT
+(stop_signals.py): every process finishes the same step, `latest.pt` is written, and the run ends with
+exit status 128 + the signal's number. The image features of a batch come from one object, called the same way with or
 without `--cache-image-features`: `features(batch) -> (g, P)`, `commit()` before a checkpoint,
 `close()` at the end (`TowerFeatures`, `CachedTowerFeatures`).
 
@@ -31,14 +33,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import precision as prec
-from checkpoint import capture_rng, link_or_copy, load_checkpoint, restore_rng, save_network
-from cli import clip_from_args
+from checkpoint import CheckpointError, capture_rng, checkpoint_summaries, link_or_copy, load_checkpoint, restore_rng, save_network
+from cli import check_output_folder, clip_from_args
 from datasets import DEFAULT_ROOTS, ImageNetPairsDataset, collate
 from distributed import (DistInfo, ResumableDistributedSampler, all_gather_object, all_reduce_mean, barrier,
                          gather_with_grad)
 from errors import ConfigError, UserError
 from logs import TrainLog, get_logger
 from models import FTI4CIR
+from run_folder import RunLock, check_start, remove_leftovers
+from stop_signals import StopOnSignal, ignore_stop_signals
 from train_cache import CacheReader, CachedRowsDataset, FeatureCache, cache_meta, collate_cached, prepare_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything
@@ -54,6 +58,19 @@ log = get_logger("training")
 
 class NonFiniteLossError(UserError):
     """A training step gave a NaN or infinite loss; the update was not applied."""
+
+
+def non_finite_message(run: "Run", stats: list[float]) -> str:
+    """What went wrong, which checkpoints there are with the loss each was saved at, and what to change."""
+    pos, args = run.position, run.args
+    saved = checkpoint_summaries(run.ckpt_dir)
+    listed = "; ".join(f"{s['path']} (global step {s.get('global_step', '?')}, loss "
+                       + (f"{s['loss']:.4g})" if isinstance(s.get("loss"), float) else "not recorded)")
+                       for s in saved[:4]) or "none yet"
+    return (f"non-finite loss at epoch {pos.epoch + 1}, global step {pos.global_step + 1}: "
+            + ", ".join(f"{k} {v}" for k, v in zip(LOSS_KEYS, stats))
+            + f". Stopped before that update; no weights were written. Checkpoints, newest first: {listed}. Resume from one whose loss looks sane with --resume PATH, and lower --lr (now "
+            f"{args.lr:g})" + (" or train with --precision bf16 or fp32" if run.precision == "fp16" else ""))
 
 
 def learning_rate(epoch: int, lr: float, lr_decay: int, lr_div: float) -> float:
@@ -199,6 +216,8 @@ class Run:
     position: Position = field(default_factory=Position)
     model: torch.nn.Module | None = None  # the network, DDP-wrapped with several processes
     train_log: TrainLog | None = None
+    stop: StopOnSignal | None = None  # set while the epochs run
+    last_loss: float | None = None  # the total loss of the newest step, recorded in checkpoints
 
     @property
     def model_dir(self) -> Path:
@@ -265,6 +284,9 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
     val_root(args)
     # every listed image is checked here, before CLIP is loaded
     dataset = ImageNetPairsDataset(args.imagenet_path, args.pairs_path, build_transform(args.preprocess_type, 224))
+    if len(dataset) // info.world_size // args.batch_size == 0:  # what the sampler below will find
+        raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
+                          "process(es); lower --batch-size")
     clip = clip_from_args(args, device)
     dataset.preprocess = build_transform(args.preprocess_type, clip.image_size)
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -276,12 +298,9 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
     else:
         features = TowerFeatures(clip, device, precision)
     sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=args.seed)
-    if sampler.num_samples // args.batch_size == 0:
-        raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
-                          "process(es); lower --batch-size")
     loader = DataLoader(features.wrap_dataset(dataset), batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, drop_last=True, collate_fn=features.collate(net.prompts(clip)),
-                        pin_memory=device.type == "cuda",
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                         # its own generator: creating an epoch's iterator must not draw from the global RNG,
                         # or a resumed run's dropout masks would differ from an uninterrupted run's
                         generator=torch.Generator().manual_seed(args.seed + info.rank),
@@ -295,10 +314,33 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
 # ---------------------------------------------------------------------------------------------
 # restoring a checkpoint
 
-def restore(run: Run, path: Path) -> dict | None:
-    """Loads a training checkpoint into the run; returns this process's saved random streams (None when
-    the checkpoint was written by another number of processes)."""
-    state = load_checkpoint(path)
+def _epoch_number(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def read_resume_state(path: Path, ckpt_dir: Path) -> dict:
+    """The training checkpoint to resume from, read and checked before anything slow is loaded; an
+    unreadable one is named with the newest epoch checkpoint to fall back to."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        others = [p for p in sorted(ckpt_dir.glob("epoch_*.pt"), key=_epoch_number)
+                  if p.is_file() and not p.samefile(path)]
+        hint = f"; resume from the newest epoch checkpoint instead: --resume {others[-1]}" if others else ""
+        raise CheckpointError(f"--resume: {e}{hint}") from None
+    lacking = [k for k in ("optimizer", "epoch", "samples_in_epoch", "global_step") if k not in state]
+    if lacking:
+        raise CheckpointError(f"--resume {path}: not a training checkpoint (it lacks {', '.join(lacking)}: only the "
+                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt")
+    return state
+
+
+def restore(run: Run, path: Path, state: dict) -> dict | None:
+    """Puts a training checkpoint's `state` (read_resume_state) into the run; returns this process's saved
+    random streams (None when the checkpoint was written by another number of processes)."""
     diffs = hparam_differences(state.get("hparams", {}), run.hparams)
     if diffs and run.info.is_main:
         warnings.warn(f"resuming {path} with different hyper-parameters (the current flags apply): "
@@ -352,41 +394,50 @@ def save_checkpoint(run: Run, path: Path, epoch: int, samples: int, step: int) -
     if run.info.is_main:
         save_network(run.net, path, optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
                      samples_in_epoch=samples, step=step, global_step=run.position.global_step, world_size=run.world,
-                     rng=rng, hparams=run.hparams)
+                     rng=rng, hparams=run.hparams, loss=run.last_loss)
     run.position.last_checkpoint = path
     return path
 
 
-def training_step(run: Run, batch: dict) -> list[float]:
-    """One optimisation step; returns the loss terms (LOSS_KEYS), averaged over processes."""
+def _stop_flag(run: Run) -> torch.Tensor:
+    return torch.tensor(float(run.stop is not None and run.stop.requested is not None), device=run.device)
+
+
+def stop_agreed(run: Run) -> bool:
+    """Whether any process was asked to stop (collective: every process calls it at the same point)."""
+    return bool(all_reduce_mean(_stop_flag(run), run.info) > 0)
+
+
+def training_step(run: Run, batch: dict) -> tuple[list[float], bool]:
+    """One optimisation step. Returns the loss terms (LOSS_KEYS), averaged over processes, and whether any
+    process has been asked to stop (carried by the same all-reduce, so all stop after the same step)."""
     g, P = run.features(batch)
     texts = {k: v.to(run.device, non_blocking=True) for k, v in batch["texts"].items()}
     with prec.autocast(run.precision, run.device):
         out = run.model(run.clip, g, P, texts, gather_with_grad if run.info.enabled else None)
-    stats = all_reduce_mean(torch.stack([out[k].detach().float() for k in LOSS_KEYS]), run.info).tolist()
+    reduced = all_reduce_mean(torch.stack([out[k].detach().float() for k in LOSS_KEYS] + [_stop_flag(run)]),
+                              run.info).tolist()
+    stats, stop = reduced[:-1], reduced[-1] > 0
     if not all(math.isfinite(x) for x in stats):
         run.features.commit()  # non-finite visual features would be the cause: that error first
-        pos = run.position
-        last = pos.last_checkpoint
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {pos.epoch + 1}, global step {pos.global_step + 1}: "
-            + ", ".join(f"{k} {v}" for k, v in zip(LOSS_KEYS, stats))
-            + ". Stopped before that update; no weights were written. Last good checkpoint: "
-            + (f"{last} (resume with --resume {last})" if last else "none yet"))
+        raise NonFiniteLossError(non_finite_message(run, stats))
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out["total"]).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    return stats
+    run.last_loss = stats[0]
+    return stats, stop
 
 
 @dataclass
 class EpochStats:
     sums: np.ndarray
+    first_step: int = 0  # 0-based; > 0 when the epoch was resumed part-way
     steps: int = 0
     data_wait: float = 0.0
     seconds: float = 0.0
-    stopped_early: bool = False
+    stopped_early: bool = False  # --max-steps, or a stop signal, part-way through the epoch
+    stop_signalled: bool = False  # some process was asked to stop (agreed by every process)
 
     def means(self) -> dict[str, float]:
         return dict(zip(LOSS_KEYS, self.sums / max(self.steps, 1)))
@@ -413,14 +464,14 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     run.sampler.set_epoch(epoch, skip)
     step = skip // b
     last_step = step + len(run.loader)  # < steps_per_epoch only after a resume across a batch-size change
-    stats = EpochStats(np.zeros(len(LOSS_KEYS)))
+    stats = EpochStats(np.zeros(len(LOSS_KEYS)), first_step=step)
     t0 = t_last = time.perf_counter()
     bar = _progress_bar(run.steps_per_epoch, step, f"epoch {epoch + 1}/{args.epochs}",
                         run.info.is_main and not args.no_progress)
     try:
         for batch in run.loader:
             t_batch = time.perf_counter()
-            losses = training_step(run, batch)
+            losses, stop = training_step(run, batch)
             step += 1
             pos.global_step += 1
             pos.samples_in_epoch += b * world
@@ -438,11 +489,11 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.sums[0] / stats.steps:.4f}", lr=f"{lr:.2g}")
             mid_epoch = step < last_step
-            limit = args.max_steps and pos.global_step >= args.max_steps
+            limit = stop or (args.max_steps and pos.global_step >= args.max_steps)
             if mid_epoch and ((args.save_every_steps and pos.global_step % args.save_every_steps == 0) or limit):
                 save_checkpoint(run, run.ckpt_dir / "latest.pt", epoch, pos.samples_in_epoch, step)
             if mid_epoch and limit:
-                stats.stopped_early = True
+                stats.stopped_early, stats.stop_signalled = True, stop
                 break
             t_last = time.perf_counter()
     finally:
@@ -487,7 +538,9 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
         save_checkpoint(run, run.ckpt_dir / "latest.pt", done, 0, 0)
     means = stats.means()
     b, world = run.batch_size, run.world
-    log.info(f"epoch {done}/{args.epochs}: loss {means['total']:.4f} (contrastive {means['contrastive']:.4f}, "
+    part = (f" (resumed: steps {stats.first_step + 1}-{stats.first_step + stats.steps} of {run.steps_per_epoch}; "
+            "the means and speed cover those)" if stats.first_step else "")
+    log.info(f"epoch {done}/{args.epochs}{part}: loss {means['total']:.4f} (contrastive {means['contrastive']:.4f}, "
              f"ortho {means['ortho']:.4f}, reg {means['reg']:.4f}), {means['num_attributes']:.1f} attributes/image, "
              f"lr {learning_rate(epoch, args.lr, args.lr_decay, args.lr_div):.3g}, "
              f"{stats.steps * b * world / max(stats.seconds, 1e-9):.1f} images/s, data wait {stats.data_wait:.1f} s, "
@@ -505,11 +558,49 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
 # ---------------------------------------------------------------------------------------------
 # the run
 
+def claim_folder(args, info: DistInfo) -> RunLock:
+    """Rank 0 takes the folder's lock, refuses a folder that holds a run without --resume, checks that
+    checkpoints/ can be written and removes leftovers; the other ranks wait for its result."""
+    model_dir = Path(args.model_dir)
+    lock, error = RunLock(model_dir), None
+    if info.is_main:
+        try:
+            check_output_folder(model_dir, "--model-dir")
+            lock.acquire()
+            check_start(model_dir, args.resume)
+            check_output_folder(model_dir / "checkpoints", "--model-dir")
+            remove_leftovers(model_dir)
+        except UserError as e:
+            lock.release()
+            error = str(e)
+    error = all_gather_object(error, info)[0]  # collective: also the barrier the other ranks wait at
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
 def train(args, info: DistInfo, device: torch.device) -> dict:
-    """A whole training run; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early"}."""
-    resume_path = resolve_resume(args.resume, Path(args.model_dir) / "checkpoints")  # before any slow loading
+    """A whole training run; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early",
+    "stopped_by"} (`stopped_by`: the name of the signal that stopped the run, or None)."""
+    val_root(args)  # the flags first, then the folder, then the slow loading
+    resume_path = resolve_resume(args.resume, Path(args.model_dir) / "checkpoints")
+    lock = claim_folder(args, info)
+    try:
+        return _train(args, info, device, resume_path)
+    finally:
+        lock.release()
+
+
+def _train(args, info: DistInfo, device: torch.device, resume_path: Path | None) -> dict:
+    state = read_resume_state(resume_path, Path(args.model_dir) / "checkpoints") if resume_path else None
+    if info.is_main:  # every output folder before the slow CLIP load
+        if args.cache_image_features:
+            check_output_folder(args.feature_cache_dir, "--feature-cache-dir",
+                                "pass a folder you can write to, or drop --cache-image-features")
+        if args.val_dataset and args.val_cache_dir:
+            check_output_folder(args.val_cache_dir, "--val-cache-dir", "pass a folder you can write to, or ''")
     run = setup(args, info, device)
-    rng_state = restore(run, resume_path) if resume_path is not None else None
+    rng_state = restore(run, resume_path, state) if resume_path is not None else None
     start(run, rng_state, resumed=resume_path is not None)
     pos = run.position
     if pos.epoch >= args.epochs:
@@ -518,22 +609,28 @@ def train(args, info: DistInfo, device: torch.device) -> dict:
         log.info(f"training {len(run.dataset)} pairs, {run.steps_per_epoch} steps/epoch of {run.batch_size} x "
                  f"{run.world} process(es), epochs {pos.epoch + 1}..{args.epochs}, {run.precision} on {device}; "
                  f"outputs in {run.model_dir}")
-    stopped_early = False
+    stopped_early = signalled = False
     try:
-        run.net.train()
-        for epoch in range(pos.epoch, args.epochs):
-            stats = train_one_epoch(run, epoch)
-            if stats.stopped_early:
-                stopped_early = True
-                break
-            end_of_epoch(run, epoch, stats)
-            if args.max_steps and pos.global_step >= args.max_steps:
-                stopped_early = pos.epoch < args.epochs
-                break
+        with StopOnSignal() as run.stop:
+            run.net.train()
+            for epoch in range(pos.epoch, args.epochs):
+                stats = train_one_epoch(run, epoch)
+                if stats.stopped_early:
+                    stopped_early, signalled = True, stats.stop_signalled
+                    break
+                end_of_epoch(run, epoch, stats)
+                signalled = stop_agreed(run)  # also a signal that came during the epoch's end (every rank asks)
+                if signalled or (args.max_steps and pos.global_step >= args.max_steps):
+                    stopped_early = pos.epoch < args.epochs
+                    break
+            local = run.stop.requested
     finally:
         run.train_log.close()
         run.features.close()
-    if stopped_early:
+    stopped_by = None
+    if stopped_early and signalled:
+        stopped_by = local.name if local is not None else "a stop signal sent to another process"
+    elif stopped_early:
         log.info(f"stopped at global step {pos.global_step} (--max-steps {args.max_steps}); resume with --resume latest")
-    return {"global_step": pos.global_step, "epochs_done": pos.epoch,
+    return {"global_step": pos.global_step, "epochs_done": pos.epoch, "stopped_by": stopped_by,
             "last_checkpoint": str(pos.last_checkpoint) if pos.last_checkpoint else None, "stopped_early": stopped_early}

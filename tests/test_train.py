@@ -129,7 +129,8 @@ def test_end_to_end_outputs(e2e_run, tiny_clip):
     model_dir, result = e2e_run
     ckpts = model_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_2.pt", "latest.pt"]  # 2 % 2 == 0, 1 % 2 != 0
-    assert result == {"global_step": 4, "epochs_done": 2, "last_checkpoint": str(ckpts / "epoch_2.pt"), "stopped_early": False}
+    assert result == {"global_step": 4, "epochs_done": 2, "last_checkpoint": str(ckpts / "epoch_2.pt"), "stopped_early": False,
+                      "stopped_by": None}
     h = json.loads((model_dir / "hyperparameters.json").read_text())
     assert (h["lr"], h["batch_size"], h["world_size"], h["precision_used"]) == (1e-3, 4, 1, "fp32")
     assert h["pairs_path"].endswith("pairs.json") and h["network"]["num_k"] == 24

@@ -1,0 +1,477 @@
+"""Nothing lost under faults: one training run per folder (lock, takeover, refusal), a clean stop on
+SIGTERM / SIGINT that resumes bitwise, output folders checked before CLIP loads, leftovers removed, bad
+inputs and misleading messages turned into one line that names the file and the fix."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+import train
+import training
+from checkpoint import load_checkpoint, load_network, save_network
+from datasets import AnnotationFormatError, CIRRDataset, ImageNetPairsDataset
+from models import FTI4CIR, attribute_slots
+from prompts import PromptBuilder
+from run_folder import LOCK_NAME, RunLock
+from test_train import base_args, data8, make_pairs_data, one_thread, read_log, weights  # noqa: F401 - fixtures
+from transforms import build_transform
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _exit_message(fn, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "Traceback" not in msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# one training run per --model-dir
+
+def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_owner(data8, tiny_clip_path, tmp_path, monkeypatch):
+    model_dir = tmp_path / "run"
+    lock = RunLock(model_dir)
+    lock.acquire()  # another run holds the folder
+    loaded = []
+    monkeypatch.setattr(training, "clip_from_args", lambda *a: loaded.append(1))
+    try:
+        msg = _exit_message(train.main, base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4))
+    finally:
+        lock.release()
+    assert str(model_dir) in msg and "in use by another training run" in msg and f"pid {os.getpid()}" in msg
+    assert "host " in msg and "started " in msg and not loaded  # stopped before CLIP was loaded
+    assert not (model_dir / "hyperparameters.json").exists() and not (model_dir / LOCK_NAME).exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(data8, tiny_clip_path, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / LOCK_NAME).write_text(json.dumps({"host": "gone-host", "pid": 999999, "started": "yesterday"}))
+    train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress"))
+    out = capsys.readouterr().out
+    assert "took over the lock" in out and "gone-host" in out and "999999" in out
+    assert (model_dir / "checkpoints" / "epoch_1.pt").is_file() and not (model_dir / LOCK_NAME).exists()
+
+
+def test_a_folder_holding_a_run_needs_resume(data8, tiny_clip_path, tmp_path):
+    model_dir = tmp_path / "run"
+    args = base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1)
+    train.main(args)
+    before = (model_dir / "checkpoints" / "epoch_1.pt").stat().st_mtime_ns
+    msg = _exit_message(train.main, args)
+    assert str(model_dir) in msg and "--resume latest" in msg and "another --model-dir" in msg
+    assert (model_dir / "checkpoints" / "epoch_1.pt").stat().st_mtime_ns == before  # nothing overwritten
+    assert len(read_log(model_dir)) == 2  # no second run's steps in the log
+    train.main(args + ["--resume", "latest", "--epochs", "2"])  # with --resume it goes on
+    assert len(read_log(model_dir)) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# a clean stop on SIGTERM / SIGINT
+
+def _signal_after(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
+    """Sends `sig` to this process while the `step`-th training step (1-based, counting every call) runs."""
+    calls = []
+    original = training.training_step
+
+    def stepping(run, batch):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), sig)  # arrives in the middle of the step: the step must still finish
+        return original(run, batch)
+
+    monkeypatch.setattr(training, "training_step", stepping)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(sig, data8, tiny_clip_path, tmp_path, monkeypatch, capsys):
+    common = ["--batch-size", 2, "--epochs", 2, "--lr", 1e-3, "--no-progress"]  # 4 steps per epoch, dropout on
+    straight = tmp_path / "straight"
+    train.main(base_args(data8, tiny_clip_path, straight, *common))
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as mp:
+        _signal_after(mp, 6, sig)
+        with pytest.raises(SystemExit) as e:
+            train.main(base_args(data8, tiny_clip_path, cut, *common))
+    assert e.value.code == 128 + int(sig)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"stopped by {sig.name} at global step 6" in last and "--resume latest" in last
+    latest = load_checkpoint(cut / "checkpoints" / "latest.pt")
+    assert (latest["global_step"], latest["epoch"], latest["step"]) == (6, 1, 2)  # the step in progress finished
+    assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # handlers given back
+
+    train.main(base_args(data8, tiny_clip_path, cut, *common, "--resume", "latest"))
+    want, got = weights(straight / "checkpoints" / "epoch_2.pt"), weights(cut / "checkpoints" / "epoch_2.pt")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(cut)]
+
+
+def test_a_signal_on_the_last_step_of_an_epoch_stops_after_the_epoch_checkpoint(data8, tiny_clip_path, tmp_path,
+                                                                                 monkeypatch):
+    model_dir = tmp_path / "run"
+    _signal_after(monkeypatch, 4)
+    with pytest.raises(SystemExit) as e:
+        train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", 3, "--no-progress"))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert (model_dir / "checkpoints" / "epoch_1.pt").is_file()
+    assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["global_step"] == 4
+    assert not (model_dir / "checkpoints" / "epoch_2.pt").exists()
+
+
+def test_a_second_signal_ends_the_process_at_once(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(REPO / "src")!r})
+        from stop_signals import StopOnSignal
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            print("first:", stop.requested.name, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+            print("still running")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert "first: SIGTERM" in proc.stdout and "still running" not in proc.stdout
+
+
+def _ddp_stop_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
+    from test_train import _ddp_worker  # noqa: F401 - same environment as the other DDP tests
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calls, original = [], training.training_step
+
+    def stepping(run, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:  # only rank 1 is told to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(run, batch)
+
+    training.training_step = stepping
+    code = 0
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001
+        code = 1
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"code": code, "steps": len(calls)}))
+    os._exit(0)
+
+
+def test_ddp_every_rank_stops_at_the_same_step(data8, tiny_clip_path, tmp_path):
+    import torch.multiprocessing as mp
+    from test_train import _free_port
+
+    model_dir = tmp_path / "ddp"
+    argv = base_args(data8, tiny_clip_path, model_dir, "--batch-size", 1, "--epochs", 1, "--no-progress")
+    mp.spawn(_ddp_stop_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [128 + signal.SIGTERM] * 2 and [r["steps"] for r in ranks] == [3, 3]
+    assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["global_step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up checks, leftovers
+
+def test_unwritable_outputs_are_refused_before_clip_loads(data8, tiny_clip_path, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(cli, "load_clip", lambda *a, **k: loaded.append(1))
+    blocker = tmp_path / "a_file"  # a file where a folder should be: not creatable, also for root
+    blocker.write_text("x")
+    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, blocker / "run"))
+    assert f"--model-dir {blocker / 'run'}" in msg and "cannot create or write" in msg
+    model_dir = tmp_path / "run"
+    (model_dir).mkdir()
+    (model_dir / "checkpoints").write_text("not a folder")
+    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, model_dir))
+    assert "checkpoints" in msg and "cannot create or write" in msg
+    import evaluate
+
+    cirr = tmp_path / "CIRR"
+    cirr.mkdir()
+    for extra, flag in ((["--save-path", str(blocker / "out")], "--save-path"),
+                        (["--save-path", str(tmp_path / "out"), "--cache-dir", str(blocker / "c")], "--cache-dir")):
+        msg = _exit_message(evaluate.main, ["--dataset", "cirr", "--cirr-path", str(cirr), "--baseline", "image-only",
+                                            "--device", "cpu", *extra])
+        assert flag in msg and str(blocker) in msg
+    import caption
+
+    (tmp_path / "imagenet" / "test").mkdir(parents=True)
+    msg = _exit_message(caption.main, ["--imagenet-path", str(tmp_path / "imagenet"), "--out", str(blocker / "p.json"),
+                                       "--caption-only"])
+    assert "--out" in msg and str(blocker) in msg
+    assert not loaded
+
+
+def test_leftover_temporary_files_are_removed_when_a_run_starts(data8, tiny_clip_path, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    (model_dir / "checkpoints").mkdir(parents=True)
+    stale = [model_dir / "checkpoints" / ".latest.pt.1234.abcd1234.tmp", model_dir / ".hyperparameters.json.99.x.tmp",
+             model_dir / "checkpoints" / ".latest.pt.77.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    keep = model_dir / "checkpoints" / "notes.txt"
+    keep.write_text("mine")
+    train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress"))
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert "removed 3 temporary file(s)" in capsys.readouterr().out
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    from utils import atomic_torch_save
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"x": Boom()}, tmp_path / "latest.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_summary_of_a_resumed_epoch_says_what_it_covers(data8, tiny_clip_path, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    common = ["--batch-size", 2, "--epochs", 1, "--no-progress"]
+    train.main(base_args(data8, tiny_clip_path, model_dir, *common, "--max-steps", 3))
+    capsys.readouterr()
+    train.main(base_args(data8, tiny_clip_path, model_dir, *common, "--resume", "latest"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
+    assert "resumed: steps 4-4 of 4" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# a non-finite loss
+
+def test_non_finite_loss_lists_the_checkpoints_with_their_losses(data8, tiny_clip_path, tmp_path):
+    model_dir = tmp_path / "run"
+    common = ["--batch-size", 2, "--no-progress"]
+    train.main(base_args(data8, tiny_clip_path, model_dir, *common, "--epochs", 1))
+    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, model_dir, *common, "--epochs", 2,
+                                              "--resume", "latest", "--lr", "1e30"))
+    saved = load_checkpoint(model_dir / "checkpoints" / "epoch_1.pt")
+    assert "non-finite loss at epoch 2" in msg and "lower --lr (now 1e+30)" in msg
+    assert f"{model_dir / 'checkpoints' / 'epoch_1.pt'} (global step 4, loss {saved['loss']:.4g})" in msg
+    assert 0 < saved["loss"] < 100
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs accepted silently before
+
+@pytest.mark.parametrize("pairs, needle", [
+    ([{"img_id": "00000001", "subject": None, "attribute": "on grass"}], "'subject' = None, not a non-empty string"),
+    ([{"img_id": "00000001", "subject": "a dog", "attribute": " "}], "'attribute' = ' ', not a non-empty string"),
+    ([{"img_id": "00000001", "subject": "a dog", "attribute": "x"}, {"img_id": "00000001", "subject": "b", "attribute": "y"}],
+     "entries 0 and 1 have the same img_id"),
+    ([], "the pairs list is empty"),
+])
+def test_bad_pairs_files_name_the_file_and_the_entry(pairs, needle, tmp_path):
+    root = make_pairs_data(tmp_path / "in", n=2)
+    (root / "pairs.json").write_text(json.dumps(pairs))
+    with pytest.raises(AnnotationFormatError, match="pairs.json") as e:
+        ImageNetPairsDataset(root, root / "pairs.json", build_transform("clip", 32))
+    assert needle in str(e.value)
+
+
+def _cirr(tmp_path: Path, entries: list[dict]) -> Path:
+    root = tmp_path / "CIRR"
+    (root / "dev").mkdir(parents=True)
+    (root / "cirr" / "image_splits").mkdir(parents=True)
+    (root / "cirr" / "captions").mkdir(parents=True)
+    names = [f"dev-{i}-0-img0" for i in range(8)]
+    (root / "cirr" / "image_splits" / "split.rc2.val.json").write_text(json.dumps({n: f"./dev/{n}.png" for n in names}))
+    (root / "cirr" / "captions" / "cap.rc2.val.json").write_text(json.dumps(entries))
+    return root
+
+
+def _entry(pairid: int, **over) -> dict:
+    e = {"pairid": pairid, "reference": "dev-0-0-img0", "target_hard": "dev-1-0-img0", "caption": "is red",
+         "img_set": {"id": 1, "members": [f"dev-{i}-0-img0" for i in range(6)]}}
+    e.update(over)
+    return e
+
+
+@pytest.mark.parametrize("entries, needle", [
+    ([_entry(1, img_set={"id": 1})], "entry 0 lacks ['img_set.members']"),
+    ([_entry(1), _entry(1)], "entries 0 and 1 have the same pairid 1"),
+    ([_entry(1, caption=None)], "'caption' = None, not a string"),
+    ([_entry(1, img_set={"members": "dev-0-0-img0"})], "'img_set.members'"),
+])
+def test_bad_cirr_annotations_name_the_file_and_the_entry(entries, needle, tmp_path):
+    root = _cirr(tmp_path, entries)
+    with pytest.raises(AnnotationFormatError, match="cap.rc2.val.json") as e:
+        CIRRDataset(root, "val", "query", build_transform("clip", 32))
+    assert needle in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# messages
+
+def test_truncated_checkpoint_says_copy_it_again_and_names_the_fallback(data8, tiny_clip_path, tmp_path):
+    model_dir = tmp_path / "run"
+    args = base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 2, "--no-progress")
+    train.main(args)
+    latest = model_dir / "checkpoints" / "latest.pt"
+    latest.unlink()  # a hard link to epoch_2.pt: replace it by a truncated copy
+    latest.write_bytes((model_dir / "checkpoints" / "epoch_2.pt").read_bytes()[:5000])
+    msg = _exit_message(train.main, args + ["--epochs", "3", "--resume", "latest"])
+    assert "truncated or corrupt: copy it again" in msg and "miniz" not in msg
+    assert f"--resume {model_dir / 'checkpoints' / 'epoch_2.pt'}" in msg
+
+
+def test_a_refused_pickle_says_what_and_why_without_torchs_advice(tmp_path):
+    from checkpoint import CheckpointError
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "fti4cir", "payload": print}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_network(path)
+    msg = str(e.value)
+    assert "refused" in msg and "print" in msg and "not loaded" in msg
+    assert "weights_only" not in msg and "trust" not in msg
+    legacy = tmp_path / "legacy.pt"
+    with open(legacy, "wb") as f:
+        pickle.dump({"x": print}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="not loaded") as e:
+        load_network(legacy)
+    assert "weights_only" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra, needle", [(["--device", "gpu"], "--device 'gpu'"),
+                                           (["--lr", "nan"], "--lr nan must be a finite number"),
+                                           (["--wd", "inf"], "--wd inf must be a finite number")])
+def test_bad_flag_values_are_one_line_errors(extra, needle, data8, tiny_clip_path, tmp_path):
+    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, tmp_path / "run", *extra))
+    assert needle in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# the gallery cache keyed by contents
+
+def test_cache_keyed_by_contents_notices_an_image_replaced_in_place(tiny_clip, tmp_path, capsys):
+    from features import Encoding, gallery_features
+    from gallery_cache import GalleryCache, images_content_fingerprint
+    from test_eval_fast_paths import _circo
+    from datasets import CIRCODataset
+
+    root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
+    pre = build_transform("targetpad", tiny_clip.image_size)
+    enc = Encoding(batch_size=4, workers=0, device="cpu", progress=False)
+    img = root / "COCO2017_unlabeled" / "unlabeled2017" / f"{15:012d}.jpg"
+
+    def run(hash_contents):
+        capsys.readouterr()
+        before = enc.counters.gallery_images_encoded
+        gallery_features(tiny_clip, CIRCODataset(root, "val", "gallery", pre), enc, GalleryCache(tmp_path / "c", hash_contents))
+        return enc.counters.gallery_images_encoded - before, capsys.readouterr().out
+
+    for hash_contents in (False, True):
+        run(hash_contents)
+    n, log = run(False)
+    assert n == 0 and "keyed by their sizes and modification times; --cache-hash-images" in log
+    # another image of the same size and modification time, written in place
+    st = img.stat()
+    data = bytearray(img.read_bytes())
+    assert data[6:11] == b"JFIF\x00"
+    data[15] ^= 0x01  # the JFIF header's horizontal density: other bytes, the same pixels
+    img.write_bytes(bytes(data))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert img.stat().st_size == st.st_size
+    assert run(False)[0] == 0  # not noticed by the default key
+    n, log = run(True)
+    assert n == 6 and "stale" in log and "images_sha256" in log
+    ds = CIRCODataset(root, "val", "gallery", pre)
+    import hashlib
+
+    plain = hashlib.sha256(b"".join(hashlib.sha256(Path(p).read_bytes()).digest() for p in ds.gallery_paths)).hexdigest()
+    assert images_content_fingerprint(ds, threads=3) == plain == images_content_fingerprint(ds, threads=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# two bugs
+
+def test_a_row_without_a_star_after_truncation_gets_no_attribute_slots(tiny_clip, monkeypatch):
+    import models
+
+    pb = PromptBuilder(tiny_clip.tokenizer)
+    long_subject = "a " + " ".join(["very"] * 75) + " dog"
+    texts = pb.training_texts(["a cat", long_subject], ["on a mat", "in a park"])
+    r = torch.tensor([3, 2])
+    ids, _, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r, r_max=12)
+    assert not (ids[1] == pb.star).any() and (ids[0] == pb.star).sum() == 3
+    start, slots = attribute_slots(ids, pb.star, r)
+    assert slots.tolist() == [3, 0] and start[0] == int((ids[0] == pb.star).nonzero()[0])
+    # in the network: the starless row's embeddings are left as they are (<sot> and its first words too)
+    calls = []
+    original = models.substitute
+    monkeypatch.setattr(models, "substitute", lambda x, *a, **k: calls.append((x, original(x, *a, **k))) or calls[-1][1])
+    torch.manual_seed(0)
+    net = FTI4CIR.for_clip(tiny_clip, mapper_dropout=0.0)
+    images = torch.randn(2, 3, tiny_clip.image_size, tiny_clip.image_size)
+    with torch.no_grad():
+        out = net(tiny_clip, *tiny_clip.encode_visual(images), texts)
+    x_in, x_out = calls[-1]  # the attributes-only sentence
+    assert torch.equal(x_in[1], x_out[1]) and not torch.equal(x_in[0], x_out[0])
+    assert torch.isfinite(out["total"])
+
+
+def test_checkpoints_record_the_architecture_of_the_weights(tmp_path, tiny_clip_path):
+    from clip_loader import build_tiny_clip, load_clip, openai_architecture
+
+    clip = load_clip("ViT-L/14", tiny_clip_path)  # the default --clip-model, other weights
+    assert clip.name != "ViT-L-14" and clip.name.startswith("ViT (width 128, 2 layers, patch 8, 32 px")
+    net = FTI4CIR.for_clip(clip)
+    save_network(net, tmp_path / "n.pt")
+    assert load_checkpoint(tmp_path / "n.pt")["config"]["clip_model"] == clip.name
+    b16 = build_tiny_clip(vision_width=768, vision_layers=12, patch_size=16, image_size=224, embed_dim=512)
+    b32 = build_tiny_clip(vision_width=768, vision_layers=12, patch_size=32, image_size=224, embed_dim=512)
+    assert (openai_architecture(b16), openai_architecture(b32)) == ("ViT-B-16", "ViT-B-32")
+
+
+# ---------------------------------------------------------------------------------------------
+# more of the same kind
+
+def test_resume_from_a_network_only_checkpoint_is_named(data8, tiny_clip_path, tiny_clip, tmp_path):
+    path = tmp_path / "net.pt"
+    save_network(FTI4CIR.for_clip(tiny_clip), path)
+    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, tmp_path / "run", "--resume", path, "--batch-size", 4))
+    assert str(path) in msg and "not a training checkpoint" in msg and "optimizer" in msg
+
+
+def test_a_full_disk_is_one_line_and_the_old_file_stays(monkeypatch, tmp_path):
+    import errno
+
+    import utils
+
+    target = tmp_path / "metrics.json"
+    utils.atomic_write_json({"old": 1}, target)
+
+    def full(f_write):
+        def write(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return write
+
+    @cli.script_main
+    def main(argv=None):
+        original = utils._atomic_replace
+        return original(target, full(None))
+
+    msg = _exit_message(main, [])
+    assert f"{target}: No space left on device" in msg and "free disk space" in msg
+    assert json.loads(target.read_text()) == {"old": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
