@@ -408,7 +408,7 @@ def fashioniq_captions(rng, category: str, ref: dict, tgt: dict) -> list[str]:
 
 def _pattern_array(w: int, h: int, base: Sequence[int], pattern: str, period: int) -> np.ndarray:
     """[h, w, 3] uint8: `base` with its tint in bands, dots or checks; the top-left corner is `base`."""
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = np.ogrid[0:h, 0:w]  # broadcast, not materialised
     half = period // 2
     if pattern in ("plain", "solid"):
         mask = np.zeros((h, w), dtype=bool)
@@ -425,7 +425,7 @@ def _pattern_array(w: int, h: int, base: Sequence[int], pattern: str, period: in
         raise ValueError(f"unknown pattern {pattern!r}")
     out = np.empty((h, w, 3), dtype=np.uint8)
     out[...] = base
-    out[mask] = _tint(base)
+    out[np.broadcast_to(mask, (h, w))] = _tint(base)
     return out
 
 
@@ -704,9 +704,12 @@ def _circo_change_text(rng, changes: dict) -> str:
     return _join_clauses(clauses)
 
 
-def circo_matches(attrs: dict, constraints: dict) -> bool:
-    """Whether an image's attributes have every value a CIRCO query asks for."""
-    return all(attrs[k] == v for k, v in constraints.items())
+def circo_matches(columns: dict[str, np.ndarray], constraints: dict) -> np.ndarray:
+    """Which images (attribute `columns`: name -> one value per image) have every value a CIRCO query asks for."""
+    match = np.ones(len(next(iter(columns.values()))), dtype=bool)
+    for k, v in constraints.items():
+        match &= columns[k] == v
+    return match
 
 
 def _make_circo(root: Path, seed: int, num_queries: int, num_distractors: int) -> tuple[dict, dict]:
@@ -764,12 +767,13 @@ def _make_circo(root: Path, seed: int, num_queries: int, num_distractors: int) -
     _write_json(_coco_image_info(images), root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
 
     hidden: dict = {"test": {}}
+    columns = {k: np.array([a[k] for a in gallery]) for k in SCENE_ATTRIBUTES}
     for split in CIRCO_SPLITS:
         entries = []
         for qid, q in enumerate(queries[split]):
             target_id = ids[q["target"]]
-            # every gallery image with the shared shape and the asked-for attributes is a ground truth
-            others = [ids[i] for i, a in enumerate(gallery) if circo_matches(a, q["constraints"]) and ids[i] != target_id]
+            # every gallery image with the concept's and the caption's attributes is a ground truth
+            others = [ids[i] for i in np.flatnonzero(circo_matches(columns, q["constraints"])) if ids[i] != target_id]
             gt = [target_id] + [others[i] for i in rng.permutation(len(others))]
             ref_id = ids[q["ref"]]
             if split == "val":
