@@ -1,24 +1,35 @@
 """The whole FTI4CIR pipeline on a built-in toy world, on a CPU, in a few minutes.
 
 1. generates a small world of coloured shapes and garments in the exact layouts of ImageNet,
-   FashionIQ, CIRR and CIRCO (scripts/make_toy_data.py);
-2. trains FTI4CIR on its ImageNet part with a tiny random CLIP (or a real one: --clip-weights);
-3. evaluates on the three benchmarks and writes the CIRR / CIRCO test submissions;
-4. draws retrieval examples (reference, text, top-5, target framed) as PNG grids;
-5. prints where everything went, and every metric beside its chance level.
+   FashionIQ, CIRR and CIRCO, plus a separate "web" part of captioned images (scripts/make_toy_data.py);
+2. trains a small CLIP on the web part only (scripts/make_toy_clip.py), which stands in for OpenAI's
+   CLIP: it knows the toy world's words and pictures but has never seen a benchmark annotation;
+3. trains FTI4CIR on the toy ImageNet images and their caption pairs over that frozen CLIP;
+4. evaluates FTI4CIR and the image-only and text-only baselines on the three benchmarks, writes the
+   CIRR / CIRCO test submissions and draws retrieval examples (reference, text, top 5, target framed);
+5. prints one table per benchmark: FTI4CIR, image-only, text-only and chance, each figure with its
+   standard error over the queries, and writes everything to <out>/summary.json.
 
-It runs the real scripts (src/train.py, src/evaluate.py, src/test.py) with flags, printing each
-command, so every step can be rerun by hand. Everything goes under --out, which a rerun replaces.
-With the tiny random CLIP the numbers are those of an untrained text/image space: they show the
-pipeline works end to end, not what FTI4CIR achieves.
+Each step runs one of the real scripts (src/train.py, src/evaluate.py, src/test.py, scripts/...) with
+flags, in this process (so the libraries are imported once), printing its command: every step can be
+rerun by hand. Everything goes under --out, which a rerun replaces. `--clip-weights FILE` runs the same
+demo over a real CLIP file instead of the toy one.
+
+Spreads: a recall is a mean of per-query hits, so its standard error is sqrt(p(1-p)/n) over the n queries.
+A per-query AP lies in [0, 1], so by the Bhatia-Davis inequality its variance is at most mAP(1-mAP): the
+same formula is an upper bound on the standard error of mAP. FashionIQ's average combines the three
+categories' errors (sqrt of the sum of squares, over 3).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import json
+import math
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,23 +39,57 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 MARKER = ".fti4cir-demo"
+METHODS = ("fti4cir", "image-only", "text-only", "chance")
+BENCHMARKS = ("fashioniq", "cirr", "circo")
+# the figures the demo is about: FTI4CIR should beat both baselines on each by more than their spreads
+HEADLINE = {"fashioniq": ("average_10",), "cirr": ("cirr_recall_at1", "cirr_group_recall_at1"),
+            "circo": ("circo_map_at5",)}
+EXAMPLE_TOP = 5  # results per query in the example grids (evaluate.py draws the top 5)
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Runs one pipeline step, echoing the command and teeing its output to a log file."""
-    shown = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
+class _Tee(io.TextIOBase):
+    """Writes to a log file and keeps the text; echoes to the terminal too when `echo`."""
+
+    def __init__(self, log, echo: bool):
+        self.log, self.echo, self.text = log, echo, []
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        self.text.append(s)
+        if self.echo:
+            sys.__stdout__.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+        if self.echo:
+            sys.__stdout__.flush()
+
+
+def run(script: str, args: list[str], log: Path, live: bool = False):
+    """Runs `python <script> <args>` as a call of the script's main(argv) in this process, echoing the
+    command and logging its output; prints the output's tail (all of it, as it comes, when `live`: its
+    progress bar then goes to the terminal). Returns what main returned."""
+    shown = " ".join(shlex.quote(a) for a in ["python", script] + args)
     print(f"\n$ {shown}", flush=True)
     t = time.time()
+    module = importlib.import_module(Path(script).stem)
     with open(log, "a") as f:
         f.write(f"$ {shown}\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        f.write(proc.stdout)
-    tail = proc.stdout.strip().splitlines()[-12:]
-    print("\n".join("  " + line for line in tail))
-    if proc.returncode != 0:
-        raise SystemExit(f"demo step failed (exit {proc.returncode}); full output in {log}")
-    print(f"  ({time.time() - t:.1f} s)")
+        tee = _Tee(f, echo=live)
+        failure = None
+        with contextlib.redirect_stdout(tee), (contextlib.nullcontext() if live else contextlib.redirect_stderr(tee)):
+            try:
+                result = module.main(args)
+            except SystemExit as e:  # the scripts report user errors this way
+                failure = e.code if e.code not in (None, 0) else None
+    if not live:
+        tail = "".join(tee.text).strip().splitlines()[-12:]
+        print("\n".join("  " + line for line in tail))
+    if failure is not None:
+        raise SystemExit(f"demo step failed ({failure}); full output in {log}")
+    print(f"  ({time.time() - t:.1f} s)", flush=True)
+    return result
 
 
 # chance levels: what a random ranking scores on the same annotations ---------------------------
@@ -62,49 +107,181 @@ def _ap_chance(k: int, n_rel: int, gallery: int) -> float:
     return 100.0 * total / min(n_rel, k)
 
 
+def _ident(image):
+    return image  # metadata only: no image is loaded
+
+
 def chance_levels(data: Path) -> dict[str, dict[str, float]]:
     from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
+    from evaluate import METRIC_KEYS
 
     out = {"fashioniq": {}, "cirr": {}, "circo": {}}
-    ident = lambda im: im  # noqa: E731 - metadata only, no image is loaded
     per_cat = {}
     for cat in ("dress", "shirt", "toptee"):
-        g = len(FashionIQDataset(data / "FashionIQ", "val", [cat], "gallery", ident).names)
+        g = len(FashionIQDataset(data / "FashionIQ", "val", [cat], "gallery", _ident).names)
         per_cat[cat] = {k: _recall_chance(k, g) for k in (10, 50)}
         for k in (10, 50):
             out["fashioniq"][f"{cat}_{k}"] = per_cat[cat][k]
     for k in (10, 50):
         out["fashioniq"][f"average_{k}"] = sum(per_cat[c][k] for c in per_cat) / 3
-    g = len(CIRRDataset(data / "CIRR", "val", "gallery", ident).names)
+    g = len(CIRRDataset(data / "CIRR", "val", "gallery", _ident).names)
     for k in (1, 5, 10, 50):
         out["cirr"][f"cirr_recall_at{k}"] = _recall_chance(k, g - 1)  # the reference is removed
     for k in (1, 2, 3):
         out["cirr"][f"cirr_group_recall_at{k}"] = 100.0 * k / 5
-    gallery = len(CIRCODataset(data / "CIRCO", "val", "gallery", ident).names)
-    queries = CIRCODataset(data / "CIRCO", "val", "query", ident).queries
+    gallery = len(CIRCODataset(data / "CIRCO", "val", "gallery", _ident).names)
+    queries = CIRCODataset(data / "CIRCO", "val", "query", _ident).queries
     for k in (5, 10, 25, 50):
         out["circo"][f"circo_recall_at{k}"] = _recall_chance(k, gallery)
         out["circo"][f"circo_map_at{k}"] = sum(_ap_chance(k, len([i for i in q["gt_img_ids"] if i]), gallery)
                                               for q in queries) / len(queries)
+    return {b: {k: out[b][k] for k in METRIC_KEYS[b]} for b in out}  # in the metric files' order
+
+
+# spreads ---------------------------------------------------------------------------------------
+
+def query_counts(data: Path) -> dict:
+    """Validation queries per benchmark (FashionIQ: per category)."""
+    from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
+
+    return {"fashioniq": {c: len(FashionIQDataset(data / "FashionIQ", "val", [c], "query", _ident).queries)
+                          for c in ("dress", "shirt", "toptee")},
+            "cirr": len(CIRRDataset(data / "CIRR", "val", "query", _ident).queries),
+            "circo": len(CIRCODataset(data / "CIRCO", "val", "query", _ident).queries)}
+
+
+def _standard_error(percent: float, n: int) -> float:
+    p = min(max(percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1 - p) / n)
+
+
+def spreads(metrics: dict[str, dict[str, float]], counts: dict) -> dict[str, dict[str, float]]:
+    """Standard errors (percent points) of every figure of one method, keyed as `metrics`: binomial for
+    recalls, its Bhatia-Davis upper bound for mAP; FashionIQ's average from its three categories'."""
+    out = {}
+    for bench, values in metrics.items():
+        se = {}
+        for key, v in values.items():
+            if bench != "fashioniq":
+                se[key] = _standard_error(v, counts[bench])
+                continue
+            cat, k = key.rsplit("_", 1)
+            if cat == "average":  # the mean of independent per-category figures
+                cats = [_standard_error(values[f"{c}_{k}"], n) for c, n in counts["fashioniq"].items()]
+                se[key] = math.sqrt(sum(e * e for e in cats)) / len(cats)
+            else:
+                se[key] = _standard_error(v, counts["fashioniq"][cat])
+        out[bench] = se
     return out
 
 
-def main(argv=None) -> dict:
+# examples --------------------------------------------------------------------------------------
+
+def example_hits(data: Path, checkpoint: Path, clip_model: str, clip_weights: str, device: str, count: int,
+                 cache: Path) -> dict[str, list[bool]]:
+    """For every example grid: whether each drawn query has a target among its top 5 results. The
+    queries are the ones `evaluate.py --save-examples` draws (evenly spaced over the split)."""
+    import metrics as M
+    import torch
+    from checkpoint import load_network
+    from clip_loader import load_clip
+    from evaluate import compute_features
+
+    clip = load_clip(clip_model, clip_weights, device=device)
+    net, _ = load_network(checkpoint, device)
+    out = {}
+    for bench, category in (("fashioniq", "dress"), ("fashioniq", "shirt"), ("fashioniq", "toptee"),
+                            ("cirr", None), ("circo", None)):
+        root = data / {"fashioniq": "FashionIQ", "cirr": "CIRR", "circo": "CIRCO"}[bench]
+        names, g, q, queries = compute_features(net, clip, bench, root, "val", category, batch_size=16, workers=0,
+                                                device=device, cache_dir=cache, progress=False)
+        pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
+        index = {n: i for i, n in enumerate(names)}
+        exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick]) if bench == "cirr" else None
+        ranked = M.topk_indices(q[pick], g, EXAMPLE_TOP, exclude)
+        hits = []
+        for row, i in zip(ranked.tolist(), pick):
+            targets = {str(t) for t in queries[i].get("gt_img_ids") or []} | {queries[i]["target_name"]}
+            hits.append(any(names[j] in targets for j in row))
+        out[bench + (f"_{category}" if category else "")] = hits
+    return out
+
+
+# the printed summary ---------------------------------------------------------------------------
+
+def _label(bench: str, key: str) -> str:
+    if bench == "fashioniq":
+        cat, k = key.rsplit("_", 1)
+        return f"{cat} R@{k}"
+    name, k = key.rsplit("_at", 1)
+    return {"cirr_recall": "R@", "cirr_group_recall": "R_subset@", "circo_map": "mAP@", "circo_recall": "R@"}[name] + k
+
+
+def format_tables(metrics: dict, spread: dict, counts: dict, galleries: dict) -> str:
+    titles = {"fashioniq": f"FashionIQ val ({' / '.join(str(n) for n in counts['fashioniq'].values())} queries "
+                           f"per category dress / shirt / toptee; gallery {galleries['fashioniq']}, reference kept)",
+              "cirr": f"CIRR val ({counts['cirr']} queries; gallery {galleries['cirr']}, reference removed; "
+                      "R_subset over each query's 6-image set)",
+              "circo": f"CIRCO val ({counts['circo']} queries; gallery {galleries['circo']}, reference kept; "
+                       "mAP over every ground truth)"}
+    lines = []
+    for bench in BENCHMARKS:
+        lines += ["", titles[bench], f"  {'':<13}" + "".join(f"{m:>16}" for m in METHODS)]
+        for key in metrics["fti4cir"][bench]:
+            cells = [f"{metrics[m][bench][key]:7.2f} ± {spread[m][bench][key]:5.2f}" for m in METHODS]
+            lines.append(f"  {_label(bench, key):<13}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def headline_verdicts(metrics: dict, spread: dict) -> list[dict]:
+    """FTI4CIR against each baseline on the headline figures: ahead by more than the sum of both spreads?"""
+    out = []
+    for bench, keys in HEADLINE.items():
+        for key in keys:
+            for base in ("image-only", "text-only"):
+                diff = metrics["fti4cir"][bench][key] - metrics[base][bench][key]
+                margin = spread["fti4cir"][bench][key] + spread[base][bench][key]
+                out.append({"benchmark": bench, "metric": key, "baseline": base, "difference": diff,
+                            "spread_sum": margin, "ahead": diff > margin})
+    return out
+
+
+def gallery_sizes(data: Path) -> dict:
+    from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
+
+    fiq = [len(FashionIQDataset(data / "FashionIQ", "val", [c], "gallery", _ident).names) for c in ("dress", "shirt", "toptee")]
+    return {"fashioniq": " / ".join(map(str, fiq)),
+            "cirr": len(CIRRDataset(data / "CIRR", "val", "gallery", _ident).names),
+            "circo": len(CIRCODataset(data / "CIRCO", "val", "gallery", _ident).names)}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output folder (replaced on rerun)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    p.add_argument("--num-train-images", type=int, default=256, help="toy ImageNet images to train on")
-    p.add_argument("--num-queries", type=int, default=16, help="toy queries per benchmark split (and FashionIQ category)")
-    p.add_argument("--num-distractors", type=int, default=20,
-                   help="extra toy gallery images per split (20: CIRR test1 lists reach the full 50 names)")
-    p.add_argument("--examples", type=int, default=4, help="queries drawn per benchmark in the example grids")
-    p.add_argument("--clip-model", default="ViT-L/14", help="CLIP architecture when --clip-weights is given")
-    p.add_argument("--clip-weights", default=None, help="a real CLIP file instead of the built-in tiny random one")
-    p.add_argument("--device", default="cpu", help="torch device for every step")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy world and the training run")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy world, the toy CLIP and the training run (default %(default)s)")
+    w = p.add_argument_group("toy world")
+    w.add_argument("--num-train-images", type=int, default=1000, help="toy ImageNet images to train FTI4CIR on (default %(default)s)")
+    w.add_argument("--num-queries", type=int, default=150, help="queries per CIRR and CIRCO split (default %(default)s)")
+    w.add_argument("--num-fashioniq-queries", type=int, default=60,
+                   help="queries per FashionIQ category and split (default %(default)s)")
+    w.add_argument("--num-distractors", type=int, default=20,
+                   help="extra gallery images per split that no query uses (default %(default)s)")
+    c = p.add_argument_group("toy CLIP (skipped with --clip-weights)")
+    c.add_argument("--toy-clip-steps", type=int, default=1200, help="training steps of the toy CLIP (default %(default)s)")
+    c.add_argument("--num-web-images", type=int, default=6000, help="web images the toy CLIP trains on (default %(default)s)")
+    c.add_argument("--clip-model", default="ViT-L/14", help="CLIP architecture when --clip-weights is given (default %(default)s)")
+    c.add_argument("--clip-weights", default=None, help="a real CLIP file to use instead of training the toy one")
+    t = p.add_argument_group("FTI4CIR training (src/train.py)")
+    t.add_argument("--epochs", type=int, default=5, help="training epochs (default %(default)s)")
+    t.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
+    p.add_argument("--examples", type=int, default=4, help="queries drawn per benchmark in the example grids (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for every step (default %(default)s)")
+    return p
 
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     t0 = time.time()
     out = args.out.resolve()
     if out.exists():
@@ -114,67 +291,101 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True)
     (out / MARKER).write_text("made by scripts/demo.py; replaced on every run\n")
     log = out / "demo.log"
-    py = sys.executable
     data, model_dir, evals, subs, cache = out / "data", out / "model", out / "eval", out / "submissions", out / "cache"
+    timings = {}
 
-    print(f"[1/5] toy world -> {data}")
-    run([py, "scripts/make_toy_data.py", "--out", str(data), "--seed", str(args.seed),
-         "--num-train-images", str(args.num_train_images), "--num-queries", str(args.num_queries),
-         "--num-distractors", str(args.num_distractors)], log)
+    def step(name, script, flags, live=False):
+        t = time.time()
+        result = run(script, [str(f) for f in flags], log, live=live)
+        timings[name] = timings.get(name, 0.0) + time.time() - t
+        return result
+
+    print(f"[1/6] toy world -> {data}")
+    step("toy world", "scripts/make_toy_data.py",
+         ["--out", data, "--seed", args.seed, "--num-train-images", args.num_train_images,
+          "--num-queries", args.num_queries, "--num-fashioniq-queries", args.num_fashioniq_queries,
+          "--num-distractors", args.num_distractors])
 
     if args.clip_weights:
-        clip_flags = ["--clip-model", args.clip_model, "--clip-weights", str(Path(args.clip_weights).resolve())]
+        print("\n[2/6] CLIP: the file given (no toy CLIP trained)")
+        clip_model, clip_weights = args.clip_model, str(Path(args.clip_weights).resolve())
+        clip_flags = ["--clip-model", clip_model, "--clip-weights", clip_weights]
+        toy_clip = None
     else:
-        from clip_loader import save_tiny_clip
-
-        tiny = save_tiny_clip(out / "clip" / "tiny_clip.pt", seed=args.seed)
-        print(f"\ntiny random CLIP (OpenAI layout, image size 32) -> {tiny}")
-        clip_flags = ["--clip-weights", str(tiny)]
+        clip_model, clip_weights = "ViT-L/14", str(out / "clip" / "toy_clip.pt")  # the architecture is read from the file
+        print(f"\n[2/6] toy CLIP, trained on the web part only -> {clip_weights}")
+        toy_clip = step("toy CLIP", "scripts/make_toy_clip.py",
+                        ["--out", clip_weights, "--world", data, "--seed", args.seed, "--steps", args.toy_clip_steps,
+                         "--num-web-images", args.num_web_images], live=True)
+        clip_flags = ["--clip-weights", clip_weights]
     common = clip_flags + ["--device", args.device, "--workers", "0"]
 
-    print(f"\n[2/5] training -> {model_dir}")
-    run([py, "src/train.py", "--imagenet-path", str(data / "ImageNet"), "--pairs-path", str(data / "ImageNet" / "pairs.json"),
-         "--model-dir", str(model_dir), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-         "--save-frequency", "1", "--lr", "1e-3", "--seed", str(args.seed), "--precision", "fp32", "--no-progress"]
-        + common, log)
+    print(f"\n[3/6] FTI4CIR training -> {model_dir}")
+    step("FTI4CIR training", "src/train.py",
+         ["--imagenet-path", data / "ImageNet", "--pairs-path", data / "ImageNet" / "pairs.json",
+          "--model-dir", model_dir, "--epochs", args.epochs, "--batch-size", args.batch_size,
+          "--save-frequency", args.epochs, "--lr", args.lr, "--seed", args.seed, "--precision", "fp32",
+          "--no-progress"] + common)
     checkpoint = model_dir / "checkpoints" / f"epoch_{args.epochs}.pt"
 
     roots = {"fashioniq": ("--fashioniq-path", data / "FashionIQ"), "cirr": ("--cirr-path", data / "CIRR"),
              "circo": ("--circo-path", data / "CIRCO")}
-    print(f"\n[3/5] validation metrics -> {evals}")
+    eval_flags = ["--save-path", evals, "--cache-dir", cache, "--batch-size", "32", "--no-progress"] + common
+    print(f"\n[4/6] validation metrics of FTI4CIR and both baselines -> {evals}")
+    metrics = {m: {} for m in METHODS}
     for name, (flag, root) in roots.items():
-        run([py, "src/evaluate.py", "--dataset", name, flag, str(root), "--model-path", str(checkpoint),
-             "--save-path", str(evals), "--cache-dir", str(cache), "--batch-size", "16", "--no-progress",
-             "--save-examples", str(args.examples)] + common, log)
-    print(f"\n[4/5] test-server submissions -> {subs}")
+        base = ["--dataset", name, flag, root]
+        metrics["fti4cir"][name] = step("evaluation", "src/evaluate.py", base + ["--model-path", checkpoint,
+                                        "--save-examples", args.examples] + eval_flags)
+        for baseline in ("image-only", "text-only"):
+            metrics[baseline][name] = step("evaluation", "src/evaluate.py", base + ["--baseline", baseline] + eval_flags)
+    print(f"\n[5/6] test-server submissions -> {subs}")
     for name in ("cirr", "circo"):
         flag, root = roots[name]
-        run([py, "src/test.py", "--dataset", name, flag, str(root), "--model-path", str(checkpoint),
-             "--save-path", str(subs), "--cache-dir", str(cache), "--batch-size", "16", "--no-progress"] + common, log)
+        step("submissions", "src/test.py", ["--dataset", name, flag, root, "--model-path", checkpoint,
+                                            "--save-path", subs, "--cache-dir", cache, "--batch-size", "32",
+                                            "--no-progress"] + common)
 
-    print("\n[5/5] results (percent; a toy world with a tiny random CLIP: compare with chance, not with the paper)")
-    chance = chance_levels(data)
-    results = {}
-    for name in roots:
-        metrics = json.loads((evals / f"metrics_{name}.json").read_text())
-        results[name] = metrics
-        print(f"  {name}")
-        for key, value in metrics.items():
-            c = chance[name].get(key)
-            print(f"    {key:<24s} {value:7.2f}   (chance {c:6.2f})" if c is not None else f"    {key:<24s} {value:7.2f}")
+    print("\n[6/6] summary")
+    t = time.time()
+    metrics["chance"] = chance_levels(data)
+    counts = query_counts(data)
+    spread = {m: spreads(metrics[m], counts) for m in METHODS}
+    hits = example_hits(data, checkpoint, clip_model, clip_weights, args.device, args.examples, cache)
+    timings["summary"] = time.time() - t
+    what = "a toy CLIP trained on the web part" if toy_clip else f"CLIP {clip_weights}"
+    print(f"\nresults in percent, each ± its standard error over the queries (mAP: an upper bound); "
+          f"FTI4CIR and both baselines over {what}")
+    print(format_tables(metrics, spread, counts, gallery_sizes(data)))
+    verdicts = headline_verdicts(metrics, spread)
+    print("\nFTI4CIR against the baselines (ahead = difference larger than the two standard errors together):")
+    for v in verdicts:
+        print(f"  {v['benchmark']:<9} {_label(v['benchmark'], v['metric']):<12} vs {v['baseline']:<10} "
+              f"{v['difference']:+7.2f} (spreads {v['spread_sum']:5.2f}): {'ahead' if v['ahead'] else 'NOT ahead'}")
+    drawn = sum(len(h) for h in hits.values())
+    shown = sum(sum(h) for h in hits.values())
+    print(f"\nexample grids: {shown} of {drawn} drawn queries have a target in their top {EXAMPLE_TOP} ("
+          + ", ".join(f"{k} {sum(h)}/{len(h)}" for k, h in hits.items()) + ")")
     pngs = sorted(evals.glob("**/*.png"))
     print("\nwhere everything went:")
     print(f"  toy data          {data}")
-    print(f"  checkpoints       {model_dir / 'checkpoints'} (latest.pt, epoch_N.pt)")
+    print(f"  CLIP              {clip_weights}")
+    print(f"  checkpoints       {model_dir / 'checkpoints'} (latest.pt, epoch_{args.epochs}.pt)")
     print(f"  hyper-parameters  {model_dir / 'hyperparameters.json'}")
     print(f"  TensorBoard       tensorboard --logdir {model_dir / 'tensorboard'}")
-    print(f"  metrics           {evals}/metrics_<dataset>.json")
+    print(f"  metrics           {evals}/metrics_<dataset>[_image_only|_text_only].json")
     print(f"  submissions       {subs / 'cirr'}/cirr.json, subset_cirr.json; {subs / 'circo'}/circo.json")
     for png in pngs:
         print(f"  examples          {png}")
+    print(f"  summary           {out / 'summary.json'}")
     print(f"  full log          {log}")
-    print(f"\ndemo finished in {time.time() - t0:.0f} s")
-    summary = {"metrics": results, "chance": chance, "checkpoint": str(checkpoint), "examples": [str(p) for p in pngs]}
+    timings["total"] = time.time() - t0
+    print(f"\ndemo finished in {timings['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()
+                                                             if k != "total") + ")")
+    summary = {"metrics": metrics, "spread": spread, "queries": counts, "headline": verdicts,
+               "examples": {"top": EXAMPLE_TOP, "target_in_top": hits, "files": [str(p) for p in pngs]},
+               "toy_clip": toy_clip, "clip_weights": clip_weights, "checkpoint": str(checkpoint),
+               "seed": args.seed, "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

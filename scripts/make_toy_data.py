@@ -3,20 +3,25 @@ pairs), FashionIQ, CIRR and CIRCO, for the README demo and for tests.
 
 Every image is drawn from a few named attributes, and every text describes its image truthfully:
 
-- shape world (ImageNet, CIRR, CIRCO): one coloured shape (circle, square, triangle, star, diamond,
-  hexagon; small or large) on a plain, striped, dotted or checkered background of another colour;
+- shape world (ImageNet, CIRR, CIRCO): one coloured shape (circle, square, triangle, star, cross,
+  heart; small or large) on a plain, striped, dotted or checkered background of another colour;
   canvases of 160x96, 96x144 (elongated: targetpad pads them), 120x120 and 136x112 (it does not).
-  ImageNet pairs: subject "a small red circle", attribute "on a blue striped background".
+  ImageNet pairs: subject "a small red circle", attribute "on a blue striped background"; a quarter
+  of the ImageNet images are garments instead ("a loose long red dress", "with stripes").
   CIRR captions name every attribute that changes from reference to target ("is green and a square
   instead, make it bigger and with a yellow background"); the target is the only image of its split
   with the resulting attributes; the other members of its 6-image set are near-duplicates.
-  CIRCO: `shared_concept` names the shape that reference and targets share ("a star"),
-  `relative_caption` the attributes the targets have ("is green and has a dotted background");
-  `gt_img_ids` is every gallery image with that shape and those attributes, the target first.
-- garment world (FashionIQ): a dress, shirt or top silhouette of one colour, solid, striped or dotted,
-  in two cuts per category (dress short/long, shirt short/long sleeves, top sleeveless/short sleeves).
-  Caption 1 names the changes ("is blue and has stripes"), caption 2 describes the target in full
-  ("is a blue striped shirt with long sleeves").
+  CIRCO: `shared_concept` names the object that reference and targets share ("a small red star"; its
+  colour only when the caption keeps it), `relative_caption` the attributes the targets have ("is
+  green and has a dotted background"); `gt_img_ids` is every gallery image with the concept's and the
+  caption's attributes, the target first; images may repeat attributes, as COCO's near-duplicates do.
+- garment world (FashionIQ): a dress, shirt or top silhouette of one colour, solid, striped, dotted or
+  plaid, fitted or loose, in two cuts per category (dress short/long, shirt short/long sleeves, top
+  sleeveless/short sleeves): 144 garments per category. The two relative captions are two annotators'
+  ("is blue and is looser", "has stripes and is blue"): each names some of the 1-3 changes, together
+  they name all of them.
+- web part (`web_pages`, not written to disk): captioned images for training a small CLIP
+  (scripts/make_toy_clip.py), in pages of near-duplicates, none of them an image of the world above.
 
 Besides the real layouts, the output root holds `toy_manifest.json`: the seed, the sizes, every image's
 attributes, and the targets that the test splits' annotations leave out (as the real ones do).
@@ -26,7 +31,7 @@ distinct images at the exact paths the real datasets use for a list of names, so
 subset of the REAL annotation files without the real images.
 
 Usage: python scripts/make_toy_data.py [--out data/toy] [--seed 0] [--num-train-images 64]
-       [--num-queries 8] [--num-distractors 8]
+       [--num-queries 8] [--num-fashioniq-queries N] [--num-distractors 8]
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "gray": (130, 130, 130),
 }
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")  # outlines far apart even at 32-64 pixels
 PATTERNS = ("plain", "striped", "dotted", "checkered")
 SIZES = ("small", "large")
 SCENE_ATTRIBUTES = ("shape", "colour", "background", "pattern", "size")
@@ -66,9 +71,10 @@ SCENE_CANVASES = ((160, 96), (120, 120), (96, 144), (136, 112))
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 GARMENT_COLOURS = tuple(c for c in COLOURS if c not in ("white", "gray"))  # must stand out from the light backdrop
-GARMENT_PATTERNS = ("solid", "striped", "dotted")
+GARMENT_PATTERNS = ("solid", "striped", "dotted", "plaid")
 GARMENT_VARIANTS = {"dress": ("short", "long"), "shirt": ("short", "long"), "toptee": ("sleeveless", "short")}
-GARMENT_ATTRIBUTES = ("colour", "pattern", "variant")
+GARMENT_FITS = ("fitted", "loose")
+GARMENT_ATTRIBUTES = ("colour", "pattern", "variant", "fit")
 GARMENT_CANVASES = ((96, 128), (120, 120), (100, 150))
 GARMENT_BACKDROP = (236, 236, 236)
 
@@ -111,7 +117,8 @@ SCENE_DOMAINS = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(
 
 
 def _garment_domains(category: str) -> dict[str, tuple[str, ...]]:
-    return {"colour": GARMENT_COLOURS, "pattern": GARMENT_PATTERNS, "variant": GARMENT_VARIANTS[category]}
+    return {"colour": GARMENT_COLOURS, "pattern": GARMENT_PATTERNS, "variant": GARMENT_VARIANTS[category],
+            "fit": GARMENT_FITS}
 
 
 def _valid_scene(attrs: dict) -> bool:
@@ -136,11 +143,12 @@ def _sample(rng, domains: dict, valid: Callable[[dict], bool], fixed: dict | Non
     raise ValueError(f"no valid attributes with {fixed}")
 
 
-def _mutate(rng, attrs: dict, domains: dict, valid, n_changes: int) -> dict:
-    """`attrs` with `n_changes` attributes set to other values."""
+def _mutate(rng, attrs: dict, domains: dict, valid, n_changes: int, weights: Sequence[float] | None = None) -> dict:
+    """`attrs` with `n_changes` attributes set to other values (chosen with probabilities ∝ `weights`)."""
     names = list(domains)
+    p = None if weights is None else np.asarray(weights, dtype=float) / sum(weights)
     for _ in range(1000):
-        changed = rng.choice(len(names), size=n_changes, replace=False)
+        changed = rng.choice(len(names), size=n_changes, replace=False, p=p)
         new = dict(attrs)
         for i in sorted(int(i) for i in changed):
             name = names[i]
@@ -212,6 +220,99 @@ def _background_clause(rng, background: str | None, pattern: str | None) -> str:
     return f"{_pick(rng, ('with', 'has', 'is on'))} {_with_article(words)} background"
 
 
+# Captions of the web part: alt-text-like descriptions of one image, in many phrasings, full or partial
+# (any attribute may go unmentioned), so that a CLIP trained on them knows every word the benchmark
+# texts use about the toy world without ever seeing a benchmark text.
+_SIZE_WORDS = {"small": ("small", "little", "tiny", "smaller"), "large": ("large", "big", "bigger", "larger")}
+_SCENE_PATTERN_ADJ = {"plain": ("plain",), "striped": ("striped",), "dotted": ("dotted", "polka dot"),
+                      "checkered": ("checkered", "checked")}
+_WEB_PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "a drawing of ")
+_GRAYSCALE_PREFIXES = ("a grayscale photo of ", "a monochrome picture of ", "a grayscale image of ")
+
+
+def _mentioned(rng, keys: Sequence[str], always: float, each: float) -> set:
+    """Which attributes a caption names: all of them with probability `always`, else each with
+    probability `each` (at least one)."""
+    if rng.random() < always:
+        return set(keys)
+    chosen = {k for k in keys if rng.random() < each}
+    return chosen or {_pick(rng, list(keys))}
+
+
+def _shuffled_words(rng, words: list[str], keep_order: float = 0.7) -> list[str]:
+    return words if rng.random() < keep_order else [words[i] for i in rng.permutation(len(words))]
+
+
+def web_scene_caption(rng, attrs: dict) -> str:
+    """'a small red circle on a blue striped background', 'a circle that is red', 'a picture of a
+    checked green background with a big star', 'a tiny shape in pink', ..."""
+    if rng.random() < 0.2:  # many alt texts only name the thing: "a star", "a photo of a heart"
+        return _pick(rng, _WEB_PREFIXES) + _with_article(attrs["shape"])
+    if attrs.get("grayscale"):  # no colour to be seen, none named
+        said = _mentioned(rng, ("shape", "size", "pattern"), always=0.5, each=0.6)
+        bg = f" on a {_pick(rng, _SCENE_PATTERN_ADJ[attrs['pattern']])} background" if "pattern" in said else ""
+        size = _pick(rng, _SIZE_WORDS[attrs["size"]]) + " " if "size" in said else ""
+        noun = attrs["shape"] if "shape" in said else _pick(rng, ("shape", "object", "figure"))
+        return f"{_pick(rng, _GRAYSCALE_PREFIXES)}{_with_article(size + noun)}{bg}"
+    said = _mentioned(rng, SCENE_ATTRIBUTES, always=0.4, each=0.55)
+    colour = attrs["colour"] if "colour" in said else None
+    size = _pick(rng, _SIZE_WORDS[attrs["size"]]) if "size" in said else None
+    noun = attrs["shape"] if "shape" in said else _pick(rng, ("shape", "object", "figure"))
+    obj = None
+    if {"shape", "colour", "size"} & said:
+        form = rng.random()
+        if colour and form < 0.25:
+            obj = _with_article(" ".join(w for w in (size, noun) if w) + f" that is {colour}")
+        elif colour and form < 0.4:
+            obj = _with_article(" ".join(w for w in (size, noun) if w) + f" in {colour}")
+        else:
+            obj = _with_article(" ".join(_shuffled_words(rng, [w for w in (size, colour) if w]) + [noun]))
+    bg = None
+    if {"background", "pattern"} & said:
+        words = [w for w in (attrs["background"] if "background" in said else None,
+                             _pick(rng, _SCENE_PATTERN_ADJ[attrs["pattern"]]) if "pattern" in said else None) if w]
+        bg = _with_article(" ".join(_shuffled_words(rng, words)) + " background")
+    prefix = _pick(rng, _WEB_PREFIXES)
+    if obj and bg:
+        form = rng.random()
+        if form < 0.2:
+            return f"{prefix}{bg} with {obj}"
+        if form < 0.3:
+            return f"{obj}, {_pick(rng, ('on', 'with'))} {bg}"
+        return f"{prefix}{obj} {_pick(rng, ('on', 'on', 'with', 'against'))} {bg}"
+    return prefix + (obj or bg)
+
+
+def web_garment_caption(rng, category: str, attrs: dict) -> str:
+    """'a loose long red striped dress', 'a blue shirt with long sleeves', 'a tee that is green and
+    plaid', 'a photo of a slim sleeveless top', ..."""
+    said = _mentioned(rng, GARMENT_ATTRIBUTES, always=0.35, each=0.5)
+    noun = _pick(rng, _GARMENT_NOUNS[category])
+    adjectives, after = [], []
+    if "fit" in said:
+        adjectives.append(_pick(rng, _FIT_ADJ[attrs["fit"]]))
+    if "variant" in said:
+        if category == "dress":
+            adjectives.append(attrs["variant"])
+        else:
+            sleeves = _pick(rng, _SLEEVES_WITH[attrs["variant"]])
+            (after if sleeves.startswith("with") else adjectives).append(sleeves)
+    colour = attrs["colour"] if "colour" in said else None
+    pattern = None
+    if "pattern" in said:
+        if rng.random() < 0.35:
+            after.append(_GARMENT_PATTERN_WITH[attrs["pattern"]])
+        else:
+            pattern = _pick(rng, _GARMENT_PATTERN_ADJ[attrs["pattern"]])
+    prefix = _pick(rng, _WEB_PREFIXES)
+    if colour and rng.random() < 0.25:  # "a loose dress that is red and striped"
+        rest = " and ".join(w for w in (colour, pattern) if w)
+        return prefix + _with_article(" ".join(_shuffled_words(rng, adjectives) + [noun])) + \
+            " " + " ".join(after + [f"that is {rest}"])
+    words = _shuffled_words(rng, adjectives + [w for w in (colour, pattern) if w]) + [noun]
+    return prefix + " ".join([_with_article(" ".join(words))] + after)
+
+
 def _scene_change_text(rng, ref: dict, tgt: dict) -> str:
     """CIRR modification: names every attribute in which `tgt` differs from `ref`."""
     clauses = []
@@ -234,37 +335,71 @@ def _scene_change_text(rng, ref: dict, tgt: dict) -> str:
     return _join_clauses(clauses)
 
 
-_GARMENT_NOUN = {"dress": "dress", "shirt": "shirt", "toptee": "top"}
-_PATTERN_CHANGE = {"solid": "is solid", "striped": "has stripes", "dotted": "has dots"}
+_GARMENT_NOUNS = {"dress": ("dress",), "shirt": ("shirt",), "toptee": ("top", "tee")}
+# how the garment attributes are worded: as adjectives (descriptions) and as changes (relative captions,
+# in the style of FashionIQ's: "is darker", "has no sleeves", "is looser")
+_GARMENT_PATTERN_ADJ = {"solid": ("solid", "plain"), "striped": ("striped",), "dotted": ("dotted", "polka dot"),
+                        "plaid": ("plaid", "checked")}
+_GARMENT_PATTERN_WITH = {"solid": "in a solid color", "striped": "with stripes", "dotted": "with dots",
+                         "plaid": "with a plaid pattern"}
+_FIT_ADJ = {"fitted": ("fitted", "tight", "slim"), "loose": ("loose", "baggy", "flowy")}
+_SLEEVES_WITH = {"short": ("with short sleeves", "short-sleeved"), "long": ("with long sleeves", "long-sleeved"),
+                 "sleeveless": ("sleeveless", "with no sleeves")}
+_COLOUR_CHANGE = ("is {}", "is {} in color", "is {} colored")
+_PATTERN_CHANGE = {"solid": ("is solid", "is plain", "is a solid color"), "striped": ("has stripes", "is striped"),
+                   "dotted": ("has dots", "has polka dots", "is dotted"),
+                   "plaid": ("is plaid", "has a plaid pattern", "is checked")}
 _VARIANT_CHANGE = {
-    "dress": {"short": "is shorter", "long": "is longer"},
-    "shirt": {"short": "has short sleeves", "long": "has long sleeves"},
-    "toptee": {"sleeveless": "has no sleeves", "short": "has short sleeves"},
+    "dress": {"short": ("is shorter", "is short"), "long": ("is longer", "is long")},
+    "shirt": {"short": ("has short sleeves", "has shorter sleeves"), "long": ("has long sleeves", "has longer sleeves")},
+    "toptee": {"sleeveless": ("has no sleeves", "is sleeveless"), "short": ("has short sleeves", "has sleeves")},
 }
+_FIT_CHANGE = {"fitted": ("is tighter", "is more fitted", "is fitted"), "loose": ("is looser", "is more loose", "is loose")}
 
 
-def garment_description(category: str, attrs: dict) -> str:
-    """A full description of a garment: 'is a long red striped dress'."""
-    c, p, v = attrs["colour"], attrs["pattern"], attrs["variant"]
-    noun = _GARMENT_NOUN[category]
+def garment_pair(category: str, attrs: dict) -> tuple[str, str]:
+    """A caption of a garment split as the ImageNet pairs are (subject up to the first noun, attribute
+    the rest): ('a loose long red dress', 'with stripes'), ('a fitted blue top', 'with no sleeves and dots')."""
+    c, p, v, f = attrs["colour"], attrs["pattern"], attrs["variant"], attrs["fit"]
+    noun = _GARMENT_NOUNS[category][0]
     if category == "dress":
-        return f"is {_with_article(f'{v} {c} {p} {noun}')}"
-    if v == "sleeveless":
-        return f"is {_with_article(f'{c} {p} sleeveless {noun}')}"
-    return f"is {_with_article(f'{c} {p} {noun}')} with {v} sleeves"
+        return f"a {f} {v} {c} {noun}", _GARMENT_PATTERN_WITH[p]
+    sleeves = "with no sleeves" if v == "sleeveless" else f"with {v} sleeves"
+    pattern = _GARMENT_PATTERN_WITH[p]
+    return f"a {f} {c} {noun}", f"{sleeves} {'and ' + pattern[5:] if pattern.startswith('with ') else pattern}"
 
 
-def _garment_change_text(category: str, ref: dict, tgt: dict) -> str:
-    clauses = []
-    if ref["colour"] != tgt["colour"]:
-        clauses.append(f"is {tgt['colour']}")
-    if ref["pattern"] != tgt["pattern"]:
-        clauses.append(_PATTERN_CHANGE[tgt["pattern"]])
-    if ref["variant"] != tgt["variant"]:
-        clauses.append(_VARIANT_CHANGE[category][tgt["variant"]])
-    if not clauses:
+def _garment_change_clause(rng, category: str, key: str, tgt: dict) -> str:
+    """One relative clause naming the target's value of `key`."""
+    if key == "colour":
+        return _pick(rng, _COLOUR_CHANGE).format(tgt["colour"])
+    if key == "pattern":
+        return _pick(rng, _PATTERN_CHANGE[tgt["pattern"]])
+    if key == "variant":
+        return _pick(rng, _VARIANT_CHANGE[category][tgt["variant"]])
+    return _pick(rng, _FIT_CHANGE[tgt["fit"]])
+
+
+def fashioniq_captions(rng, category: str, ref: dict, tgt: dict) -> list[str]:
+    """Two annotators' relative captions, as in FashionIQ: each names some of the changes (a change
+    may be named by both, in other words), together they name every change; now and then one also
+    names the target's colour with the garment ("is a blue dress") although the colour is kept."""
+    changed = [k for k in GARMENT_ATTRIBUTES if ref[k] != tgt[k]]
+    if not changed:
         raise ValueError("reference and target are identical")
-    return " and ".join(clauses)
+    order = [changed[i] for i in rng.permutation(len(changed))]
+    cut = int(rng.integers(1, len(order) + 1))
+    first, second = order[:cut], order[cut:]
+    if not second or rng.random() < 0.4:  # the second annotator also names one the first did
+        second = second + [_pick(rng, first)]
+    texts = []
+    for keys in (first, second):
+        keys = [k for k in GARMENT_ATTRIBUTES if k in keys]  # annotators name colour first, fit last
+        clauses = [_garment_change_clause(rng, category, k, tgt) for k in keys]
+        if "colour" not in keys and rng.random() < 0.15:
+            clauses.insert(0, f"is {_with_article(tgt['colour'] + ' ' + _pick(rng, _GARMENT_NOUNS[category]))}")
+        texts.append(_join_clauses(clauses) if rng.random() < 0.5 else " and ".join(clauses))
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +408,7 @@ def _garment_change_text(category: str, ref: dict, tgt: dict) -> str:
 
 def _pattern_array(w: int, h: int, base: Sequence[int], pattern: str, period: int) -> np.ndarray:
     """[h, w, 3] uint8: `base` with its tint in bands, dots or checks; the top-left corner is `base`."""
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = np.ogrid[0:h, 0:w]  # broadcast, not materialised
     half = period // 2
     if pattern in ("plain", "solid"):
         mask = np.zeros((h, w), dtype=bool)
@@ -283,11 +418,14 @@ def _pattern_array(w: int, h: int, base: Sequence[int], pattern: str, period: in
         mask = ((xx % period) - half) ** 2 + ((yy % period) - half) ** 2 <= max(2, period // 4) ** 2
     elif pattern == "checkered":
         mask = ((xx // half) + (yy // half)) % 2 == 1
+    elif pattern == "plaid":  # thin bands both ways: the base colour still covers most of the cloth
+        band = max(2, period // 4)
+        mask = ((yy % period) >= period - band) | ((xx % period) >= period - band)
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
     out = np.empty((h, w, 3), dtype=np.uint8)
     out[...] = base
-    out[mask] = _tint(base)
+    out[np.broadcast_to(mask, (h, w))] = _tint(base)
     return out
 
 
@@ -301,10 +439,16 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
         return [(cx - a, cy - a), (cx + a, cy - a), (cx + a, cy + a), (cx - a, cy + a)]
     if shape == "triangle":
         return ring(3, r)  # centroid at the centre, so the centre pixel is inside
-    if shape == "diamond":
-        return ring(4, r)
-    if shape == "hexagon":
-        return ring(6, r, start=0.0)
+    if shape == "cross":
+        a = r * 0.32
+        arm = [(a, -r), (a, -a), (r, -a), (r, a), (a, a), (a, r)]
+        return [(cx + x, cy + y) for x, y in arm] + [(cx - x, cy - y) for x, y in arm]
+    if shape == "heart":  # the classic parametric heart, its bounding box centred on (cx, cy)
+        ts = [2 * math.pi * i / 48 for i in range(48)]
+        xs = [16 * math.sin(t) ** 3 for t in ts]
+        ys = [-(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) for t in ts]
+        k, mid = r / 16.0, (max(ys) + min(ys)) / 2
+        return [(cx + k * x, cy + k * (y - mid)) for x, y in zip(xs, ys)]
     if shape == "star":
         outer, inner = ring(5, r), ring(5, r * 0.45, start=-54.0)
         return [p for pair in zip(outer, inner) for p in pair]
@@ -326,8 +470,18 @@ def render_scene(record: dict) -> Image.Image:
     return img
 
 
-def _garment_polygons(category: str, variant: str) -> list[list[tuple[float, float]]]:
-    """Silhouette polygons in unit coordinates (x right, y down); (0.5, 0.5) is always inside."""
+def _garment_polygons(category: str, variant: str, fit: str = "fitted") -> list[list[tuple[float, float]]]:
+    """Silhouette polygons in unit coordinates (x right, y down); (0.5, 0.5) is always inside.
+    A loose garment is the fitted one widened about the centre line."""
+    polygons = _fitted_polygons(category, variant)
+    if fit == "fitted":
+        return polygons
+    if fit != "loose":
+        raise ValueError(f"unknown fit {fit!r}")
+    return [[(0.5 + 1.22 * (x - 0.5), y) for x, y in poly] for poly in polygons]
+
+
+def _fitted_polygons(category: str, variant: str) -> list[list[tuple[float, float]]]:
     if category == "dress":
         hem = 0.62 if variant == "short" else 1.0
         return [[(0.36, 0.0), (0.64, 0.0), (0.68, 0.34), (0.32, 0.34)],
@@ -353,16 +507,34 @@ def render_garment(category: str, record: dict) -> Image.Image:
     """The image of a FashionIQ record (attributes + canvas + center) on a light backdrop."""
     w, h = record["canvas"]
     cx, cy = record["center"]
-    bw, bh = 0.8 * min(w, h), 0.86 * h
+    bw, bh = 0.72 * min(w, h), 0.86 * h  # a loose garment's long sleeves still stay clear of the edges
     x0, y0 = cx - bw / 2, cy - bh / 2
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
-    for poly in _garment_polygons(category, record["variant"]):
+    for poly in _garment_polygons(category, record["variant"], record["fit"]):
         draw.polygon([(x0 + u * bw, y0 + v * bh) for u, v in poly], fill=255)
-    cloth = Image.fromarray(_pattern_array(w, h, COLOURS[record["colour"]], record["pattern"], period=9))
+    # a period the 32-64 pixel inputs of a small CLIP still resolve
+    cloth = Image.fromarray(_pattern_array(w, h, COLOURS[record["colour"]], record["pattern"], period=12))
     img = Image.new("RGB", (w, h), GARMENT_BACKDROP)
     img.paste(cloth, (0, 0), mask)
     return img
+
+
+KINDS = ("scene",) + FASHIONIQ_CATEGORIES  # what an image shows: a shape scene or a garment of a category
+KIND_ATTRIBUTES = {"scene": SCENE_ATTRIBUTES, **{c: GARMENT_ATTRIBUTES for c in FASHIONIQ_CATEGORIES}}
+
+
+def random_attributes(rng, kind: str) -> dict:
+    if kind == "scene":
+        return _sample(rng, SCENE_DOMAINS, _valid_scene)
+    return _sample(rng, _garment_domains(kind), _always_valid)
+
+
+def render_record(record: dict) -> Image.Image:
+    """The image of any record that carries its `kind` (ImageNet and web records do)."""
+    kind = record["kind"]
+    img = render_scene(record) if kind == "scene" else render_garment(kind, record)
+    return img.convert("L").convert("RGB") if record.get("grayscale") else img
 
 
 def _save_image(img: Image.Image, path: Path) -> None:
@@ -385,22 +557,25 @@ def _write_json(obj, path: Path) -> None:
 # The four benchmarks
 
 
-def _make_imagenet(root: Path, rng, n: int) -> dict:
+def _make_imagenet(root: Path, rng, n: int, garment_share: float = 0.25) -> dict:
+    """ImageNet test images with caption pairs: mostly shape scenes, and a share of garments (ImageNet
+    holds clothes too: jerseys, gowns, cardigans...), so the network learns to invert both kinds."""
     taken: set = set()
     records, pairs = {}, []
     for i in range(1, n + 1):
         img_id = f"{i:08d}"
+        kind = "scene" if rng.random() >= garment_share else _pick(rng, FASHIONIQ_CATEGORIES)
         # unique while the attribute space allows it; repeats only for very large --num-train-images
-        attrs = _sample(rng, SCENE_DOMAINS, _valid_scene)
         for _ in range(50):
-            if _key(attrs, SCENE_ATTRIBUTES) not in taken:
+            attrs = random_attributes(rng, kind)
+            if (kind, *_key(attrs, KIND_ATTRIBUTES[kind])) not in taken:
                 break
-            attrs = _sample(rng, SCENE_DOMAINS, _valid_scene)
-        taken.add(_key(attrs, SCENE_ATTRIBUTES))
-        rec = {**attrs, **_layout(rng, SCENE_CANVASES)}
-        _save_image(render_scene(rec), root / "test" / f"ILSVRC2012_test_{img_id}.JPEG")
+        taken.add((kind, *_key(attrs, KIND_ATTRIBUTES[kind])))
+        rec = {"kind": kind, **attrs, **_layout(rng, SCENE_CANVASES if kind == "scene" else GARMENT_CANVASES)}
+        _save_image(render_record(rec), root / "test" / f"ILSVRC2012_test_{img_id}.JPEG")
         records[img_id] = rec
-        pairs.append({"img_id": img_id, "subject": scene_subject(attrs), "attribute": scene_attribute(attrs)})
+        subject, attribute = (scene_subject(attrs), scene_attribute(attrs)) if kind == "scene" else garment_pair(kind, attrs)
+        pairs.append({"img_id": img_id, "subject": subject, "attribute": attribute})
     _write_json(pairs, root / "pairs.json")
     return records
 
@@ -424,7 +599,7 @@ def _make_fashioniq(root: Path, seed: int, num_queries: int, num_distractors: in
         if 2 * num_queries + num_distractors > space:
             raise ValueError(
                 f"FashionIQ {cat}: {2 * num_queries + num_distractors} distinct images per split requested "
-                f"but only {space} attribute combinations exist; lower --num-queries / --num-distractors"
+                f"but only {space} attribute combinations exist; lower --num-fashioniq-queries / --num-distractors"
             )
         for si, split in enumerate(FASHIONIQ_SPLITS):
             rng = np.random.default_rng([seed, 1, ci, si])
@@ -441,12 +616,10 @@ def _make_fashioniq(root: Path, seed: int, num_queries: int, num_distractors: in
 
             for _ in range(num_queries):
                 ref = _unique(lambda: _sample(rng, domains, _always_valid), taken, GARMENT_ATTRIBUTES, "a reference")
-                tgt = _unique(lambda: _mutate(rng, ref, domains, _always_valid, int(rng.integers(1, 3))),
+                tgt = _unique(lambda: _mutate(rng, ref, domains, _always_valid, int(rng.integers(1, 4))),
                               taken, GARMENT_ATTRIBUTES, "a target")
                 ref_name, tgt_name = add(ref), add(tgt)
-                texts = [_garment_change_text(cat, ref, tgt), garment_description(cat, tgt)]
-                if rng.random() < 0.5:  # two annotators: either may have written the full description
-                    texts.reverse()
+                texts = fashioniq_captions(rng, cat, ref, tgt)
                 texts = [t + "." if rng.random() < 0.25 else t for t in texts]  # real captions carry stray dots
                 entry = {"candidate": ref_name, "captions": texts} if split == "test" else \
                     {"target": tgt_name, "candidate": ref_name, "captions": texts}
@@ -531,9 +704,12 @@ def _circo_change_text(rng, changes: dict) -> str:
     return _join_clauses(clauses)
 
 
-def circo_matches(attrs: dict, constraints: dict) -> bool:
-    """Whether an image's attributes have every value a CIRCO query asks for."""
-    return all(attrs[k] == v for k, v in constraints.items())
+def circo_matches(columns: dict[str, np.ndarray], constraints: dict) -> np.ndarray:
+    """Which images (attribute `columns`: name -> one value per image) have every value a CIRCO query asks for."""
+    match = np.ones(len(next(iter(columns.values()))), dtype=bool)
+    for k, v in constraints.items():
+        match &= columns[k] == v
+    return match
 
 
 def _make_circo(root: Path, seed: int, num_queries: int, num_distractors: int) -> tuple[dict, dict]:
@@ -559,25 +735,25 @@ def _make_circo(root: Path, seed: int, num_queries: int, num_distractors: int) -
                     break
             else:
                 raise ValueError(f"no valid change of {changed} for {ref}")
-            constraints = {"shape": ref["shape"], **changes}
-            make_gt = lambda: _sample(rng, SCENE_DOMAINS, _valid_scene, fixed=constraints)  # noqa: E731
-            target = _unique(make_gt, taken, SCENE_ATTRIBUTES, "a target")
-            members = [add(ref), add(target)]
-            for _ in range(int(rng.integers(1, 4))):  # further ground truths (CIRCO has several per query)
-                try:
-                    members.append(add(_unique(make_gt, taken, SCENE_ATTRIBUTES, "a ground truth")))
-                except ValueError:
-                    break  # every combination with these constraints is already in the gallery
-            # a hard negative: right shape and all but one of the asked-for attributes
+            # The shared concept is the object as the reference shows it (its size, its colour unless the
+            # caption changes it, its shape); the caption says what else the targets have; whatever neither
+            # names is free.
+            concept = {k: ref[k] for k in ("size", "colour", "shape") if k not in changes}
+            constraints = {**concept, **changes}
+            # Every gallery image that matches is a ground truth, so images may repeat attributes (as COCO's
+            # near-duplicates do): only the references are kept distinct.
+            members = [add(ref)] + [add(_sample(rng, SCENE_DOMAINS, _valid_scene, fixed=constraints))
+                                    for _ in range(int(rng.integers(2, 5)))]  # the target and further ground truths
+            # a hard negative: all but one of the concept's and the caption's attributes
             broken = _pick(rng, list(constraints))
             near = dict(constraints)
             near.pop(broken)
-            add(_unique(lambda: _mutate_until(rng, near, broken, constraints), taken, SCENE_ATTRIBUTES, "a distractor"))
+            add(_mutate_until(rng, near, broken, constraints))
             queries[split].append({"ref": members[0], "target": members[1], "constraints": constraints,
                                    "caption": _circo_change_text(rng, changes),
-                                   "concept": _with_article(ref["shape"])})
+                                   "concept": _with_article(" ".join(concept.values()))})
     for _ in range(num_distractors):
-        add(_unique(lambda: _sample(rng, SCENE_DOMAINS, _valid_scene), taken, SCENE_ATTRIBUTES, "a distractor"))
+        add(_sample(rng, SCENE_DOMAINS, _valid_scene))
 
     ids = [int(i) + 1 for i in rng.choice(581929, size=len(gallery), replace=False)]  # COCO-like ids
     records, images = {}, []
@@ -591,12 +767,13 @@ def _make_circo(root: Path, seed: int, num_queries: int, num_distractors: int) -
     _write_json(_coco_image_info(images), root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
 
     hidden: dict = {"test": {}}
+    columns = {k: np.array([a[k] for a in gallery]) for k in SCENE_ATTRIBUTES}
     for split in CIRCO_SPLITS:
         entries = []
         for qid, q in enumerate(queries[split]):
             target_id = ids[q["target"]]
-            # every gallery image with the shared shape and the asked-for attributes is a ground truth
-            others = [ids[i] for i, a in enumerate(gallery) if circo_matches(a, q["constraints"]) and ids[i] != target_id]
+            # every gallery image with the concept's and the caption's attributes is a ground truth
+            others = [ids[i] for i in np.flatnonzero(circo_matches(columns, q["constraints"])) if ids[i] != target_id]
             gt = [target_id] + [others[i] for i in rng.permutation(len(others))]
             ref_id = ids[q["ref"]]
             if split == "val":
@@ -637,6 +814,68 @@ def _coco_image_info(images: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The web part: image-caption pairs for training a small CLIP (scripts/make_toy_clip.py)
+
+
+def image_key(kind: str, record: dict) -> tuple:
+    """What decides an image's pixels: its kind, attributes, canvas and centre."""
+    return (kind, *_key(record, KIND_ATTRIBUTES[kind]), *record["canvas"], *record["center"])
+
+
+def world_image_keys(manifest: dict) -> set:
+    """The image keys of every image of a toy world (its toy_manifest.json): ImageNet and all benchmarks."""
+    images = manifest["images"]
+    keys = {image_key(r["kind"], r) for r in images["ImageNet"].values()}
+    keys |= {image_key(cat, r) for cat, recs in images["FashionIQ"].items() for r in recs.values()}
+    keys |= {image_key("scene", r) for part in ("CIRR", "CIRCO") for r in images[part].values()}
+    return keys
+
+
+SCENE_PAGE_WEIGHTS = (0.4, 0.15, 0.15, 0.1, 0.2)  # shape, colour, background, pattern, size: sheets of shapes
+
+
+def web_pages(seed: int, num_pages: int, page_size: int = 4, exclude: set = frozenset(),
+              garment_share: float = 0.4, grayscale_share: float = 0.25) -> list[list[dict]]:
+    """The web part: `num_pages` pages of `page_size` distinct images each (records with their `kind`),
+    none of whose keys is in `exclude`. A page shows variants of one thing, each one or two attributes
+    away from the page's first image (a shop page of one dress in several colours, a sheet of shapes in
+    one colour), as the web is full of near-duplicates; a page is a scene page or, with probability
+    `garment_share`, a garment page of any category; a share `grayscale_share` of the scene pages are
+    black-and-white photos (their captions name no colour), where only the outlines tell things apart.
+    Deterministic."""
+    rng = np.random.default_rng([seed, 4])
+    seen = set(exclude)
+    pages = []
+    while len(pages) < num_pages:
+        kind = "scene" if rng.random() >= garment_share else _pick(rng, FASHIONIQ_CATEGORIES)
+        domains = SCENE_DOMAINS if kind == "scene" else _garment_domains(kind)
+        valid = _valid_scene if kind == "scene" else _always_valid
+        canvases = SCENE_CANVASES if kind == "scene" else GARMENT_CANVASES
+        base = random_attributes(rng, kind)
+        grayscale = kind == "scene" and rng.random() < grayscale_share
+        page, keys = [], set()
+        for _ in range(20 * page_size):
+            if len(page) == page_size:
+                break
+            attrs = base if not page else _mutate(rng, base, domains, valid, int(rng.integers(1, 3)),
+                                                  SCENE_PAGE_WEIGHTS if kind == "scene" else None)
+            rec = {"kind": kind, **attrs, **_layout(rng, canvases), **({"grayscale": True} if grayscale else {})}
+            key = image_key(kind, rec)  # a grey copy of a world image counts as that image: it is left out too
+            if key not in seen and _key(attrs, KIND_ATTRIBUTES[kind]) not in keys:
+                keys.add(_key(attrs, KIND_ATTRIBUTES[kind]))
+                seen.add(key)
+                page.append(rec)
+        if len(page) == page_size:
+            pages.append(page)
+    return pages
+
+
+def web_caption(rng, record: dict) -> str:
+    kind = record["kind"]
+    return web_scene_caption(rng, record) if kind == "scene" else web_garment_caption(rng, kind, record)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry points
 
 
@@ -654,20 +893,24 @@ def _check_replaceable(out: Path) -> None:
 
 def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES["num_train_images"],
                    num_queries: int = DEFAULT_SIZES["num_queries"],
-                   num_distractors: int = DEFAULT_SIZES["num_distractors"]) -> Path:
+                   num_distractors: int = DEFAULT_SIZES["num_distractors"],
+                   num_fashioniq_queries: int | None = None) -> Path:
     """Write ImageNet/, FashionIQ/, CIRR/, CIRCO/ and toy_manifest.json under `out`; return `out`.
 
     num_train_images: ImageNet test images (one caption pair each).
-    num_queries: queries per split (FashionIQ: per category and split; CIRCO val and test).
+    num_queries: queries per split of CIRR and CIRCO (val and test).
+    num_fashioniq_queries: queries per FashionIQ category and split (default: num_queries).
     num_distractors: images per gallery that no query uses.
     Gallery images of one split differ in their attributes (so each target is the only right answer);
-    FashionIQ has 54 combinations per category, hence 2 * num_queries + num_distractors <= 54.
+    FashionIQ has 144 combinations per category, hence 2 * num_fashioniq_queries + num_distractors <= 144.
     Deterministic given the arguments. An existing toy world at `out` is replaced in one rename
     (built in a temporary sibling first); any other non-empty folder there is refused.
     """
-    if num_train_images < 1 or num_queries < 1 or num_distractors < 0:
-        raise ValueError("need --num-train-images >= 1, --num-queries >= 1 and --num-distractors >= 0; got "
-                         f"{num_train_images}, {num_queries}, {num_distractors}")
+    num_fashioniq_queries = num_queries if num_fashioniq_queries is None else num_fashioniq_queries
+    if num_train_images < 1 or num_queries < 1 or num_fashioniq_queries < 1 or num_distractors < 0:
+        raise ValueError("need --num-train-images >= 1, --num-queries >= 1, --num-fashioniq-queries >= 1 and "
+                         f"--num-distractors >= 0; got {num_train_images}, {num_queries}, {num_fashioniq_queries}, "
+                         f"{num_distractors}")
     out = Path(out).absolute()
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -676,14 +919,15 @@ def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES[
         images: dict = {}
         hidden: dict = {}
         images["ImageNet"] = _make_imagenet(tmp / "ImageNet", np.random.default_rng([seed, 0]), num_train_images)
-        images["FashionIQ"], hidden["FashionIQ"] = _make_fashioniq(tmp / "FashionIQ", seed, num_queries, num_distractors)
+        images["FashionIQ"], hidden["FashionIQ"] = _make_fashioniq(tmp / "FashionIQ", seed, num_fashioniq_queries,
+                                                                   num_distractors)
         images["CIRR"], hidden["CIRR"] = _make_cirr(tmp / "CIRR", seed, num_queries, num_distractors)
         images["CIRCO"], hidden["CIRCO"] = _make_circo(tmp / "CIRCO", seed, num_queries, num_distractors)
         manifest = {
             "generator": "scripts/make_toy_data.py",
             "seed": seed,
             "sizes": {"num_train_images": num_train_images, "num_queries": num_queries,
-                      "num_distractors": num_distractors},
+                      "num_fashioniq_queries": num_fashioniq_queries, "num_distractors": num_distractors},
             "images": images,
             "hidden_targets": hidden,
         }
@@ -717,13 +961,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--num-train-images", type=int, default=DEFAULT_SIZES["num_train_images"],
                         help="ImageNet test images with caption pairs (default %(default)s)")
     parser.add_argument("--num-queries", type=int, default=DEFAULT_SIZES["num_queries"],
-                        help="queries per split, per FashionIQ category (default %(default)s)")
+                        help="queries per CIRR and CIRCO split (default %(default)s)")
+    parser.add_argument("--num-fashioniq-queries", type=int, default=None,
+                        help="queries per FashionIQ category and split (default: --num-queries; at most "
+                             "(144 - --num-distractors) / 2)")
     parser.add_argument("--num-distractors", type=int, default=DEFAULT_SIZES["num_distractors"],
                         help="gallery images per split that no query uses (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         out = make_toy_world(args.out, seed=args.seed, num_train_images=args.num_train_images,
-                             num_queries=args.num_queries, num_distractors=args.num_distractors)
+                             num_queries=args.num_queries, num_distractors=args.num_distractors,
+                             num_fashioniq_queries=args.num_fashioniq_queries)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
     counts = {b: sum(1 for p in (out / b).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

@@ -68,18 +68,59 @@ def test_ap_chance_equals_enumeration():
     assert demo._recall_chance(10, 40) == 25.0 and demo._recall_chance(50, 40) == 100.0
 
 
+SHORT = ["--epochs", "1", "--batch-size", "8", "--num-train-images", "16", "--num-queries", "4",
+         "--num-fashioniq-queries", "4", "--num-distractors", "20", "--examples", "2"]
+
+
+def _check_summary(summary, out):
+    """The summary holds every method on every benchmark with the metric files' keys, a spread beside
+    each figure, and the query counts; what it reports matches the files written."""
+    assert list(summary["metrics"]) == ["fti4cir", "image-only", "text-only", "chance"]
+    for method in summary["metrics"]:
+        assert list(summary["metrics"][method]) == list(METRIC_KEYS) == list(summary["spread"][method])
+        for name, keys in METRIC_KEYS.items():
+            values, spread = summary["metrics"][method][name], summary["spread"][method][name]
+            assert list(values) == keys == list(spread), (method, name)
+            assert all(0.0 <= v <= 100.0 for v in values.values())
+            assert all(0.0 <= e <= 50.0 for e in spread.values())
+    for method, suffix in (("fti4cir", ""), ("image-only", "_image_only"), ("text-only", "_text_only")):
+        for name in METRIC_KEYS:  # every method was evaluated on every benchmark by evaluate.py
+            assert json.loads((out / "eval" / f"metrics_{name}{suffix}.json").read_text()) == summary["metrics"][method][name]
+    counts = summary["queries"]
+    assert counts == {"fashioniq": {"dress": 4, "shirt": 4, "toptee": 4}, "cirr": 4, "circo": 4}
+    p = summary["metrics"]["fti4cir"]["cirr"]["cirr_recall_at1"] / 100
+    assert summary["spread"]["fti4cir"]["cirr"]["cirr_recall_at1"] == pytest.approx(100 * (p * (1 - p) / 4) ** 0.5)
+    assert {(v["benchmark"], v["metric"], v["baseline"]) for v in summary["headline"]} == {
+        (b, m, base) for b, ms in demo.HEADLINE.items() for m in ms for base in ("image-only", "text-only")}
+    hits = summary["examples"]["target_in_top"]
+    assert list(hits) == ["fashioniq_dress", "fashioniq_shirt", "fashioniq_toptee", "cirr", "circo"]
+    assert all(len(h) == 2 for h in hits.values())
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_spreads_of_a_method():
+    counts = {"fashioniq": {"dress": 100, "shirt": 25, "toptee": 4}, "cirr": 16, "circo": 9}
+    metrics = {"fashioniq": {"dress_10": 50.0, "shirt_10": 20.0, "toptee_10": 0.0, "average_10": 70 / 3},
+               "cirr": {"cirr_recall_at1": 50.0}, "circo": {"circo_map_at5": 10.0}}
+    se = demo.spreads(metrics, counts)
+    assert se["cirr"]["cirr_recall_at1"] == pytest.approx(12.5)  # sqrt(.25 / 16)
+    assert se["circo"]["circo_map_at5"] == pytest.approx(10.0)  # sqrt(.1 * .9 / 9), the Bhatia-Davis bound
+    assert se["fashioniq"]["toptee_10"] == 0.0
+    assert se["fashioniq"]["average_10"] == pytest.approx((5.0 ** 2 + 8.0 ** 2) ** 0.5 / 3)
+    assert list(se["fashioniq"]) == list(metrics["fashioniq"])
+
+
 def test_short_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    summary = demo.main(["--out", str(out), "--epochs", "1", "--batch-size", "8", "--num-train-images", "16",
-                         "--num-queries", "4", "--num-distractors", "20", "--examples", "2"])
+    summary = demo.main(["--out", str(out), "--toy-clip-steps", "3", "--num-web-images", "64"] + SHORT)
+    assert (out / "clip" / "toy_clip.pt").is_file() and summary["clip_weights"] == str(out / "clip" / "toy_clip.pt")
+    assert set(summary["toy_clip"]["recall"]) >= {"image_to_text_r1", "text_to_image_r1"}
     assert (out / "model" / "checkpoints" / "epoch_1.pt").is_file()
     assert (out / "model" / "hyperparameters.json").is_file()
     assert any((out / "model" / "tensorboard").iterdir())
+    _check_summary(summary, out)
     for name, keys in METRIC_KEYS.items():
-        metrics = json.loads((out / "eval" / f"metrics_{name}.json").read_text())
-        assert list(metrics) == keys
-        assert all(0.0 <= v <= 100.0 for v in metrics.values())
-        assert set(summary["chance"][name]) == set(keys)
+        assert set(summary["metrics"]["chance"][name]) == set(keys)
     data = out / "data"
     circo_q = CIRCODataset(data / "CIRCO", "test", "query", lambda im: im).queries
     circo_g = CIRCODataset(data / "CIRCO", "test", "gallery", lambda im: im).names
@@ -107,3 +148,13 @@ def test_short_demo_end_to_end(tmp_path):
     with pytest.raises(SystemExit, match="not made by the demo"):
         demo.main(["--out", str(other)])
     assert (other / "keep.txt").exists()
+
+
+def test_short_demo_over_a_given_clip_file(tmp_path, tiny_clip_path):
+    out = tmp_path / "demo"
+    summary = demo.main(["--out", str(out), "--clip-weights", str(tiny_clip_path)] + SHORT)
+    assert not (out / "clip").exists() and summary["toy_clip"] is None  # no toy CLIP trained
+    assert summary["clip_weights"] == str(tiny_clip_path.resolve())
+    _check_summary(summary, out)
+    log = (out / "demo.log").read_text()
+    assert "make_toy_clip.py" not in log and f"--clip-weights {tiny_clip_path.resolve()}" in log

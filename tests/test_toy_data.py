@@ -15,7 +15,7 @@ import make_toy_data as mtd
 
 SMALL = {"num_train_images": 6, "num_queries": 3, "num_distractors": 2}
 SCENE_KEYS = ("shape", "colour", "background", "pattern", "size")
-GARMENT_KEYS = ("colour", "pattern", "variant")
+GARMENT_KEYS = ("colour", "pattern", "variant", "fit")
 CIRR_NAME = re.compile(r"(train|dev|test1)-\d+-\d+-img[01]")
 CIRR_PATH = re.compile(r"\./(dev|test1|train/\d+)/(?P<name>[^/]+)\.png")
 
@@ -70,16 +70,24 @@ def parse_scene_text(text: str) -> dict:
     return out
 
 
+GARMENT_PATTERN_WORDS = {"solid": "solid", "plain": "solid", "striped": "striped", "stripes": "striped",
+                         "dotted": "dotted", "dots": "dotted", "polka": "dotted", "plaid": "plaid", "checked": "plaid"}
+FIT_WORDS = {"fitted": "fitted", "tight": "fitted", "tighter": "fitted", "slim": "fitted",
+             "loose": "loose", "looser": "loose", "baggy": "loose", "flowy": "loose"}
+
+
 def parse_garment_text(category: str, text: str) -> dict:
+    """Attributes named by a garment text (FashionIQ caption, ImageNet pair, web caption)."""
     t = text.lower().strip(" .?,")
     words = re.findall(r"[a-z]+", t)
     out: dict = {}
-    patterns = {"solid": "solid", "striped": "striped", "stripes": "striped", "dotted": "dotted", "dots": "dotted"}
     for w in words:
         if w in mtd.COLOURS:
             _put(out, "colour", w, text)
-        elif w in patterns:
-            _put(out, "pattern", patterns[w], text)
+        elif w in GARMENT_PATTERN_WORDS:
+            _put(out, "pattern", GARMENT_PATTERN_WORDS[w], text)
+        elif w in FIT_WORDS:
+            _put(out, "fit", FIT_WORDS[w], text)
     if "sleeveless" in words or "no sleeves" in t:
         _put(out, "variant", "sleeveless", text)
     elif category == "dress":
@@ -88,8 +96,10 @@ def parse_garment_text(category: str, text: str) -> dict:
                 _put(out, "variant", "short" if w.startswith("short") else "long", text)
     else:
         for v in ("short", "long"):
-            if f"{v} sleeves" in t:
+            if re.search(rf"\b{v}(er)? sleeves|\b{v}-sleeved", t):
                 _put(out, "variant", v, text)
+        if category == "toptee" and re.search(r"\bhas sleeves", t):  # a top's only sleeves are short ones
+            _put(out, "variant", "short", text)
     return out
 
 
@@ -240,16 +250,24 @@ def test_imagenet_pairs_describe_their_images(world, manifest):
     records = manifest["images"]["ImageNet"]
     pairs = load(world / "ImageNet" / "pairs.json")
     assert len(pairs) == len(records) == manifest["sizes"]["num_train_images"]
-    canvases = set()
+    canvases, kinds = set(), set()
     for p in pairs:
         rec = records[p["img_id"]]
+        path = world / "ImageNet" / "test" / f"ILSVRC2012_test_{p['img_id']}.JPEG"
         assert p["subject"] != p["attribute"]
-        assert parse_scene_text(p["subject"]) == attrs(rec, ("shape", "colour", "size"))
-        # a background named without a pattern ("on an orange background") is a plain one
-        assert {"pattern": "plain", **parse_scene_text(p["attribute"])} == attrs(rec, ("background", "pattern"))
-        assert p["subject"].split()[-1] == rec["shape"]  # subject = words up to the first noun
-        check_scene_image(world / "ImageNet" / "test" / f"ILSVRC2012_test_{p['img_id']}.JPEG", rec)
+        kinds.add(rec["kind"])
+        if rec["kind"] == "scene":
+            assert parse_scene_text(p["subject"]) == attrs(rec, ("shape", "colour", "size"))
+            # a background named without a pattern ("on an orange background") is a plain one
+            assert {"pattern": "plain", **parse_scene_text(p["attribute"])} == attrs(rec, ("background", "pattern"))
+            assert p["subject"].split()[-1] == rec["shape"]  # subject = words up to the first noun
+            check_scene_image(path, rec)
+        else:  # ImageNet holds clothes too: "a loose long red dress" + "with stripes"
+            assert parse_garment_text(rec["kind"], f"{p['subject']} {p['attribute']}") == attrs(rec, GARMENT_KEYS)
+            assert p["subject"].split()[-1] == mtd._GARMENT_NOUNS[rec["kind"]][0]
+            check_garment_image(path, rec)
         canvases.add(tuple(rec["canvas"]))
+    assert kinds == set(mtd.KINDS)
     ratios = {max(w, h) / min(w, h) for w, h in canvases}
     assert any(r >= 1.25 for r in ratios) and any(r < 1.25 for r in ratios), "targetpad should be both on and off"
 
@@ -281,42 +299,55 @@ def test_cirr_modifications_lead_from_reference_to_target(world, manifest):
 
 def test_fashioniq_captions_lead_from_candidate_to_target(world, manifest):
     hidden = manifest["hidden_targets"]["FashionIQ"]
+    both_partial = 0
     for cat in mtd.FASHIONIQ_CATEGORIES:
         records = manifest["images"]["FashionIQ"][cat]
         for split in mtd.FASHIONIQ_SPLITS:
             gallery = load(world / "FashionIQ" / "image_splits" / f"split.{cat}.{split}.json")
             caps = load(world / "FashionIQ" / "captions" / f"cap.{cat}.{split}.json")
             targets = hidden[cat]["test"] if split == "test" else [q["target"] for q in caps]
-            assert len(targets) == len(caps) == manifest["sizes"]["num_queries"]
+            assert len(targets) == len(caps) == manifest["sizes"]["num_fashioniq_queries"]
             for q, target in zip(caps, targets):
                 ref, tgt = attrs(records[q["candidate"]], GARMENT_KEYS), attrs(records[target], GARMENT_KEYS)
                 assert ref != tgt
                 parsed = [parse_garment_text(cat, c) for c in q["captions"]]
-                for c, p in zip(q["captions"], parsed):
-                    assert p and {**ref, **p} == tgt, (cat, c, ref, tgt)
-                assert any(len(p) == 3 for p in parsed)  # one caption describes the target in full
+                for c, p in zip(q["captions"], parsed):  # each caption tells only the truth about the target
+                    assert p and all(tgt[k] == v for k, v in p.items()), (cat, c, ref, tgt)
+                # each names some changes, as FashionIQ's annotators do; together they name every one
+                assert {**ref, **parsed[0], **parsed[1]} == tgt, (cat, q["captions"], ref, tgt)
+                both_partial += all({**ref, **p} != tgt for p in parsed)
                 assert [n for n in gallery if attrs(records[n], GARMENT_KEYS) == tgt] == [target]
+    assert both_partial > 0  # queries where neither caption alone leads to the target exist
+
+
+def check_garment_image(path: Path, rec: dict) -> float:
+    """The garment's colour and pattern show; returns its cloth area relative to the canvas."""
+    img = Image.open(path)
+    assert img.size == tuple(rec["canvas"])
+    a = np.asarray(img.convert("RGB")).astype(int)
+    cloth = np.abs(a - np.array(mtd.GARMENT_BACKDROP)).max(-1) > 40
+    inner = cloth.copy()  # one pixel in from the outline, where JPEG blends cloth and backdrop
+    inner[1:-1, 1:-1] &= cloth[:-2, 1:-1] & cloth[2:, 1:-1] & cloth[1:-1, :-2] & cloth[1:-1, 2:]
+    pixels = a[inner]
+    assert nearest_colour(np.median(pixels, 0)) == rec["colour"], (path, rec)
+    off_base = (np.abs(pixels - np.array(mtd.COLOURS[rec["colour"]])).max(-1) > 30).mean()
+    assert (off_base > 0.05) == (rec["pattern"] != "solid"), (path, rec, off_base)
+    w, h = rec["canvas"]
+    return cloth.sum() / (min(w, h) * h)
 
 
 def test_fashioniq_images_show_their_attributes(world, manifest):
     areas: dict = {}
     for cat in mtd.FASHIONIQ_CATEGORIES:
         for name, rec in manifest["images"]["FashionIQ"][cat].items():
-            img = Image.open(world / "FashionIQ" / cat / f"{name}.jpg")
-            assert img.size == tuple(rec["canvas"])
-            a = np.asarray(img.convert("RGB")).astype(int)
-            cloth = np.abs(a - np.array(mtd.GARMENT_BACKDROP)).max(-1) > 40
-            inner = cloth.copy()  # one pixel in from the outline, where JPEG blends cloth and backdrop
-            inner[1:-1, 1:-1] &= cloth[:-2, 1:-1] & cloth[2:, 1:-1] & cloth[1:-1, :-2] & cloth[1:-1, 2:]
-            pixels = a[inner]
-            assert nearest_colour(np.median(pixels, 0)) == rec["colour"], (cat, name, rec)
-            off_base = (np.abs(pixels - np.array(mtd.COLOURS[rec["colour"]])).max(-1) > 30).mean()
-            assert (off_base > 0.05) == (rec["pattern"] != "solid"), (cat, name, rec, off_base)
-            w, h = rec["canvas"]
-            areas.setdefault((cat, rec["variant"]), []).append(cloth.sum() / (min(w, h) * h))
-    # the cut shows: more cloth for long dresses, long-sleeved shirts, tops with sleeves
+            area = check_garment_image(world / "FashionIQ" / cat / f"{name}.jpg", rec)
+            areas.setdefault((cat, rec["variant"], rec["fit"]), []).append(area)
+    # the cut shows: more cloth for long dresses, long-sleeved shirts, tops with sleeves, and loose garments
     for cat, (small, big) in {"dress": ("short", "long"), "shirt": ("short", "long"), "toptee": ("sleeveless", "short")}.items():
-        assert max(areas[(cat, small)]) < min(areas[(cat, big)]), cat
+        for fit in mtd.GARMENT_FITS:
+            assert max(areas[(cat, small, fit)]) < min(areas[(cat, big, fit)]), (cat, fit)
+        for variant in (small, big):
+            assert max(areas[(cat, variant, "fitted")]) < min(areas[(cat, variant, "loose")]), (cat, variant)
 
 
 def test_circo_ground_truths_are_exactly_the_matching_images(world, manifest):
@@ -335,9 +366,10 @@ def test_circo_ground_truths_are_exactly_the_matching_images(world, manifest):
             gt, target = truth["gt_img_ids"], truth["target_img_id"]
             ref = attrs(records[str(q["reference_img_id"])])
             concept = parse_scene_text(q["shared_concept"])
-            assert concept == {"shape": ref["shape"]}
             changes = parse_scene_text(q["relative_caption"])
             assert changes and all(ref[k] != v for k, v in changes.items()), q["relative_caption"]
+            # the concept is the reference's object: its shape, size and, unless the caption changes it, colour
+            assert concept == {k: ref[k] for k in ("shape", "size", "colour") if k not in changes}
             wanted = {**concept, **changes}
             matching = {i for i in gallery if all(records[str(i)][k] == v for k, v in wanted.items())}
             assert gt[0] == target and len(set(gt)) == len(gt) >= 2
@@ -376,8 +408,8 @@ def test_rerun_replaces_the_folder_cleanly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]  # no temporary siblings left
     # a failing run (too many FashionIQ images for the attribute space) leaves the old world as it was
     before = _tree(out)
-    with pytest.raises(ValueError, match="num-queries"):
-        mtd.make_toy_world(out, seed=6, num_train_images=2, num_queries=40, num_distractors=0)
+    with pytest.raises(ValueError, match="num-fashioniq-queries"):
+        mtd.make_toy_world(out, seed=6, num_train_images=2, num_queries=2, num_fashioniq_queries=80, num_distractors=0)
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
 

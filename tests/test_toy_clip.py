@@ -1,0 +1,131 @@
+"""The web part of the toy world and the toy CLIP trained on it (scripts/make_toy_clip.py): the web part
+avoids every world image and tells the truth; the CLIP file loads as a real one, is reproducible, and
+a short training already retrieves held-out captions far above chance."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import make_toy_clip
+import make_toy_data as mtd
+from clip_loader import load_clip
+from test_toy_data import parse_garment_text  # the same reader of garment texts as the world's tests
+
+SCENE_SIZE_WORDS = {w: size for size, words in mtd._SIZE_WORDS.items() for w in words}
+SCENE_PATTERN_WORDS = {w: p for p, words in mtd._SCENE_PATTERN_ADJ.items() for w in words for w in w.split()}
+TINY_FLAGS = ["--image-size", "32", "--patch-size", "8", "--vision-width", "64", "--vision-layers", "1",
+              "--text-width", "64", "--text-layers", "1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return mtd.make_toy_world(tmp_path_factory.mktemp("toy") / "world", seed=2, num_train_images=40, num_queries=6,
+                              num_distractors=4)
+
+
+def parse_web_scene(text: str) -> dict:
+    """Attributes a web caption names about a scene: the words just before 'background' are the
+    background's, every other colour / shape / size word is the object's."""
+    t = text.lower()
+    out: dict = {}
+
+    def put(key, value):
+        assert out.get(key, value) == value, f"{text!r} names two values for {key}"
+        out[key] = value
+
+    m = re.search(r"\ban? ((?:[a-z]+ ){0,3}?)background\b", t)
+    if m:
+        for w in m.group(1).split():
+            if w in mtd.COLOURS:
+                put("background", w)
+            elif w in SCENE_PATTERN_WORDS:
+                put("pattern", SCENE_PATTERN_WORDS[w])
+            elif w != "dot":
+                raise AssertionError(f"unexpected word {w!r} in the background phrase of {text!r}")
+        t = t[: m.start()] + " " + t[m.end():]
+    for w in re.findall(r"[a-z]+", t):
+        if w in mtd.COLOURS:
+            put("colour", w)
+        elif w in mtd.SHAPES:
+            put("shape", w)
+        elif w in SCENE_SIZE_WORDS:
+            put("size", SCENE_SIZE_WORDS[w])
+    return out
+
+
+def test_web_pages_avoid_every_world_image_and_vary_one_thing(world):
+    manifest = json.loads((world / mtd.MANIFEST_NAME).read_text())
+    keys = mtd.world_image_keys(manifest)
+    n_world = sum(len(v) for part, v in manifest["images"].items() if part != "FashionIQ") + \
+        sum(len(v) for v in manifest["images"]["FashionIQ"].values())
+    assert len(keys) == n_world  # every world image has its own key
+    free = mtd.web_pages(0, 300, 4)
+    hit = {mtd.image_key(r["kind"], r) for r in free[10] + free[200]}  # as if these were world images
+    pages = mtd.web_pages(0, 300, 4, exclude=keys | hit)
+    assert len(pages) == 300 and all(len(p) == 4 for p in pages)
+    records = [r for p in pages for r in p]
+    web_keys = [mtd.image_key(r["kind"], r) for r in records]
+    assert not set(web_keys) & (keys | hit)  # no web image is an image of the benchmarks or of the toy ImageNet
+    assert len(set(web_keys)) == len(web_keys)
+    assert {r["kind"] for r in records} == set(mtd.KINDS)
+    assert any(r.get("grayscale") for r in records)
+    for page in pages:
+        names = mtd.KIND_ATTRIBUTES[page[0]["kind"]]
+        first = [page[0][k] for k in names]
+        assert {r["kind"] for r in page} == {page[0]["kind"]}
+        assert all(1 <= sum(a != b for a, b in zip(first, [r[k] for k in names])) <= 2 for r in page[1:])
+    assert mtd.web_pages(0, 300, 4, exclude=keys | hit) == pages  # deterministic
+
+
+def test_web_captions_tell_the_truth_in_many_phrasings():
+    rng = np.random.default_rng(0)
+    records = [r for p in mtd.web_pages(1, 250, 4) for r in p]
+    captions = [mtd.web_caption(rng, r) for r in records]
+    assert len(set(captions)) > 0.8 * len(captions)
+    full = 0
+    for rec, caption in zip(records, captions):
+        if rec["kind"] == "scene":
+            said = parse_web_scene(caption)
+            if rec.get("grayscale"):
+                assert not {"colour", "background"} & set(said), caption
+            full += len(said) == 5
+        else:
+            said = parse_garment_text(rec["kind"], caption)
+            full += len(said) == 4
+        assert all(rec[k] == v for k, v in said.items()), (caption, rec)
+    # full and partial descriptions, and the words in several orders
+    assert 0.1 < full / len(records) < 0.6
+    assert any(c.startswith("a photo of") for c in captions) and any(" that is " in c for c in captions)
+    assert any(re.search(r"background with an? ", c) for c in captions)
+
+
+def test_short_run_writes_an_openai_clip_file_that_loads_the_same_each_time(tmp_path, world):
+    flags = ["--world", str(world), "--seed", "3", "--steps", "3", "--batch-size", "16", "--num-web-images", "64",
+             "--num-held-out", "16", "--no-progress"] + TINY_FLAGS
+    out = make_toy_clip.main(["--out", str(tmp_path / "a.pt")] + flags)
+    assert set(out["recall"]) == {"image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5",
+                                  "chance_r1", "chance_r5"}
+    clip = load_clip("ViT-L/14", tmp_path / "a.pt", device="cpu")  # the architecture is read from the file
+    assert clip.source.startswith("openai:")
+    assert (clip.embed_dim, clip.text_width, clip.vision_width, clip.image_size) == (64, 64, 64, 32)
+    sd = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())  # as OpenAI ships
+    make_toy_clip.main(["--out", str(tmp_path / "b.pt")] + flags)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    make_toy_clip.main(["--out", str(tmp_path / "c.pt")] + flags[:3] + ["4"] + flags[4:])  # another seed
+    assert (tmp_path / "a.pt").read_bytes() != (tmp_path / "c.pt").read_bytes()
+
+
+def test_toy_clip_retrieves_held_out_web_captions_far_above_chance(tmp_path, capsys):
+    out = make_toy_clip.main(["--out", str(tmp_path / "clip.pt"), "--steps", "150", "--batch-size", "64",
+                              "--num-web-images", "1600", "--num-held-out", "200", "--lr", "2e-3", "--no-progress"]
+                             + TINY_FLAGS)
+    r = out["recall"]
+    assert r["chance_r5"] == pytest.approx(2.5)
+    assert r["image_to_text_r5"] > 5 * r["chance_r5"] and r["text_to_image_r5"] > 5 * r["chance_r5"], r
+    printed = capsys.readouterr().out
+    assert "held-out web pairs (200)" in printed and "chance R@1 0.5" in printed
