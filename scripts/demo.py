@@ -92,6 +92,14 @@ def run(script: str, args: list[str], log: Path, live: bool = False):
     return result
 
 
+def _figures(benchmark: str, result: dict) -> dict[str, float]:
+    """The metric figures of an evaluate.py result, in the metric files' order; entries that describe a
+    departure from the protocol (evaluation.protocol_entries: not numbers) are not figures."""
+    from evaluation import METRIC_KEYS
+
+    return {k: result[k] for k in METRIC_KEYS[benchmark]}
+
+
 # chance levels: what a random ranking scores on the same annotations ---------------------------
 
 def _recall_chance(k: int, gallery: int) -> float:
@@ -99,7 +107,7 @@ def _recall_chance(k: int, gallery: int) -> float:
 
 
 def _ap_chance(k: int, n_rel: int, gallery: int) -> float:
-    """E[AP@K] of a random ranking with n_rel relevant items among `gallery` (SPEC 11's AP@K)."""
+    """E[AP@K] of a random ranking with n_rel relevant items among `gallery` (docs/METHOD.md §11's AP@K)."""
     total = 0.0
     for j in range(1, min(k, gallery) + 1):
         # P(item j relevant) * E[precision@j | item j relevant]
@@ -113,7 +121,7 @@ def _ident(image):
 
 def chance_levels(data: Path) -> dict[str, dict[str, float]]:
     from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
-    from evaluate import METRIC_KEYS
+    from evaluation import METRIC_KEYS
 
     out = {"fashioniq": {}, "cirr": {}, "circo": {}}
     per_cat = {}
@@ -185,20 +193,24 @@ def example_hits(data: Path, checkpoint: Path, clip_model: str, clip_weights: st
     import torch
     from checkpoint import load_network
     from clip_loader import load_clip
-    from evaluate import compute_features
+    from evaluation import EvalConfig, retrieve
+    from features import Encoding
 
     clip = load_clip(clip_model, clip_weights, device=device)
     net, _ = load_network(checkpoint, device)
+    net.eval()
+    config = EvalConfig(encoding=Encoding(batch_size=16, workers=0, progress=False), cache_dir=cache)
     out = {}
     for bench, category in (("fashioniq", "dress"), ("fashioniq", "shirt"), ("fashioniq", "toptee"),
                             ("cirr", None), ("circo", None)):
         root = data / {"fashioniq": "FashionIQ", "cirr": "CIRR", "circo": "CIRCO"}[bench]
-        names, g, q, queries = compute_features(net, clip, bench, root, "val", category, batch_size=16, workers=0,
-                                                device=device, cache_dir=cache, progress=False)
+        with torch.no_grad():
+            r = retrieve(net, clip, bench, root, config, category)
+        queries, names = r.queries, r.names
         pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
         index = {n: i for i, n in enumerate(names)}
         exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick]) if bench == "cirr" else None
-        ranked = M.topk_indices(q[pick], g, EXAMPLE_TOP, exclude)
+        ranked = M.topk_indices(r.query_features[pick], r.gallery.features, EXAMPLE_TOP, exclude)
         hits = []
         for row, i in zip(ranked.tolist(), pick):
             targets = {str(t) for t in queries[i].get("gt_img_ids") or []} | {queries[i]["target_name"]}
@@ -261,14 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the toy world, the toy CLIP and the training run (default %(default)s)")
     w = p.add_argument_group("toy world")
     w.add_argument("--num-train-images", type=int, default=1000, help="toy ImageNet images to train FTI4CIR on (default %(default)s)")
-    w.add_argument("--num-queries", type=int, default=150, help="queries per CIRR and CIRCO split (default %(default)s)")
+    w.add_argument("--num-queries", type=int, default=300, help="queries per CIRR and CIRCO split (default %(default)s)")
     w.add_argument("--num-fashioniq-queries", type=int, default=60,
                    help="queries per FashionIQ category and split (default %(default)s)")
     w.add_argument("--num-distractors", type=int, default=20,
                    help="extra gallery images per split that no query uses (default %(default)s)")
     c = p.add_argument_group("toy CLIP (skipped with --clip-weights)")
-    c.add_argument("--toy-clip-steps", type=int, default=1200, help="training steps of the toy CLIP (default %(default)s)")
-    c.add_argument("--num-web-images", type=int, default=6000, help="web images the toy CLIP trains on (default %(default)s)")
+    c.add_argument("--toy-clip-steps", type=int, default=1300, help="training steps of the toy CLIP (default %(default)s)")
+    c.add_argument("--num-web-images", type=int, default=12000, help="web images the toy CLIP trains on (default %(default)s)")
     c.add_argument("--clip-model", default="ViT-L/14", help="CLIP architecture when --clip-weights is given (default %(default)s)")
     c.add_argument("--clip-weights", default=None, help="a real CLIP file to use instead of training the toy one")
     t = p.add_argument_group("FTI4CIR training (src/train.py)")
@@ -335,10 +347,11 @@ def main(argv=None) -> dict:
     metrics = {m: {} for m in METHODS}
     for name, (flag, root) in roots.items():
         base = ["--dataset", name, flag, root]
-        metrics["fti4cir"][name] = step("evaluation", "src/evaluate.py", base + ["--model-path", checkpoint,
-                                        "--save-examples", args.examples] + eval_flags)
+        metrics["fti4cir"][name] = _figures(name, step("evaluation", "src/evaluate.py", base + [
+            "--model-path", checkpoint, "--save-examples", args.examples] + eval_flags))
         for baseline in ("image-only", "text-only"):
-            metrics[baseline][name] = step("evaluation", "src/evaluate.py", base + ["--baseline", baseline] + eval_flags)
+            metrics[baseline][name] = _figures(name, step("evaluation", "src/evaluate.py",
+                                                          base + ["--baseline", baseline] + eval_flags))
     print(f"\n[5/6] test-server submissions -> {subs}")
     for name in ("cirr", "circo"):
         flag, root = roots[name]

@@ -195,7 +195,7 @@ def _with_article(phrase: str) -> str:
 
 
 def scene_subject(attrs: dict) -> str:
-    """'a small red circle' (SPEC 8 subject: up to the first noun)."""
+    """'a small red circle' (METHOD §8 subject: up to the first noun)."""
     return f"a {attrs['size']} {attrs['colour']} {attrs['shape']}"
 
 
@@ -206,7 +206,7 @@ def _background_words(background: str | None, pattern: str | None) -> str:
 
 
 def scene_attribute(attrs: dict) -> str:
-    """'on a blue background' / 'on a blue striped background' (SPEC 8 attribute: the rest)."""
+    """'on a blue background' / 'on a blue striped background' (METHOD §8 attribute: the rest)."""
     words = attrs["background"] if attrs["pattern"] == "plain" else f"{attrs['background']} {attrs['pattern']}"
     return f"on {_with_article(words)} background"
 
