@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 1: set up .venv if needed, then run the whole pipeline on the embedded toy world
-# (generated data + a tiny CLIP) on the CPU. Extra arguments go to scripts/demo.py.
+# (generated data, a toy CLIP trained on its web part, FTI4CIR) on the CPU. Extra arguments go to scripts/demo.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
