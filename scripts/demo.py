@@ -16,8 +16,10 @@ rerun by hand. Everything goes under --out, which a rerun replaces. `--clip-weig
 demo over a real CLIP file instead of the toy one.
 
 Spreads: a recall is a mean of per-query hits, so its standard error is sqrt(p(1-p)/n) over the n queries.
-A per-query AP lies in [0, 1], so by the Bhatia-Davis inequality its variance is at most mAP(1-mAP): the
-same formula is an upper bound on the standard error of mAP. FashionIQ's average combines the three
+CIRCO's mAP is a mean of per-query APs, which the summary recomputes (metrics.circo_per_query, checked
+equal to evaluate.py's figures): its standard error is sqrt(var/n) of those APs. For chance, where no
+per-query values exist, the Bhatia-Davis inequality (an AP lies in [0, 1], so its variance is at most
+mAP(1-mAP)) gives the binomial formula as an upper bound. FashionIQ's average combines the three
 categories' errors (sqrt of the sum of squares, over 3).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import math
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -163,13 +166,23 @@ def _standard_error(percent: float, n: int) -> float:
     return 100.0 * math.sqrt(p * (1 - p) / n)
 
 
-def spreads(metrics: dict[str, dict[str, float]], counts: dict) -> dict[str, dict[str, float]]:
-    """Standard errors (percent points) of every figure of one method, keyed as `metrics`: binomial for
-    recalls, its Bhatia-Davis upper bound for mAP; FashionIQ's average from its three categories'."""
+def spreads(metrics: dict[str, dict[str, float]], counts: dict,
+            per_query: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, float]]:
+    """Standard errors (percent points) of every figure of one method, keyed as `metrics`.
+
+    A figure with its per-query values in `per_query` (benchmark -> key -> one value in [0, 1] per
+    query: CIRCO's APs and hits) gets the standard error of their mean, sqrt(var / n). Otherwise a recall
+    gets the binomial sqrt(p(1-p)/n), the same number for 0/1 hits, and an mAP that bound, which no
+    per-query AP in [0, 1] can exceed (Bhatia-Davis); FashionIQ's average combines its three categories'.
+    """
     out = {}
     for bench, values in metrics.items():
         se = {}
         for key, v in values.items():
+            values_of_queries = (per_query or {}).get(bench, {}).get(key)
+            if values_of_queries is not None:
+                se[key] = 100.0 * math.sqrt(statistics.pvariance(values_of_queries) / len(values_of_queries))
+                continue
             if bench != "fashioniq":
                 se[key] = _standard_error(v, counts[bench])
                 continue
@@ -185,27 +198,37 @@ def spreads(metrics: dict[str, dict[str, float]], counts: dict) -> dict[str, dic
 
 # examples --------------------------------------------------------------------------------------
 
-def example_hits(data: Path, checkpoint: Path, clip_model: str, clip_weights: str, device: str, count: int,
-                 cache: Path) -> dict[str, list[bool]]:
+def load_models(checkpoint: Path, clip_model: str, clip_weights: str, device: str):
+    """(FTI4CIR network in eval mode, frozen CLIP) for the summary's own retrievals."""
+    from checkpoint import load_network
+    from clip_loader import load_clip
+
+    clip = load_clip(clip_model, clip_weights, device=device)
+    net, _ = load_network(checkpoint, device)
+    return net.eval(), clip
+
+
+def _summary_config(cache: Path, baseline: str | None = None):
+    """evaluate.py's configuration for the demo's flags (batch 32, no workers, the same gallery cache)."""
+    from evaluation import EvalConfig
+    from features import Encoding
+
+    return EvalConfig(encoding=Encoding(batch_size=32, workers=0, progress=False), cache_dir=cache, baseline=baseline)
+
+
+def example_hits(data: Path, net, clip, count: int, cache: Path) -> dict[str, list[bool]]:
     """For every example grid: whether each drawn query has a target among its top 5 results. The
     queries are the ones `evaluate.py --save-examples` draws (evenly spaced over the split)."""
     import metrics as M
     import torch
-    from checkpoint import load_network
-    from clip_loader import load_clip
-    from evaluation import EvalConfig, retrieve
-    from features import Encoding
+    from evaluation import retrieve
 
-    clip = load_clip(clip_model, clip_weights, device=device)
-    net, _ = load_network(checkpoint, device)
-    net.eval()
-    config = EvalConfig(encoding=Encoding(batch_size=16, workers=0, progress=False), cache_dir=cache)
+    config = _summary_config(cache)
     out = {}
     for bench, category in (("fashioniq", "dress"), ("fashioniq", "shirt"), ("fashioniq", "toptee"),
                             ("cirr", None), ("circo", None)):
         root = data / {"fashioniq": "FashionIQ", "cirr": "CIRR", "circo": "CIRCO"}[bench]
-        with torch.no_grad():
-            r = retrieve(net, clip, bench, root, config, category)
+        r = retrieve(net, clip, bench, root, config, category)
         queries, names = r.queries, r.names
         pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
         index = {n: i for i, n in enumerate(names)}
@@ -216,6 +239,25 @@ def example_hits(data: Path, checkpoint: Path, clip_model: str, clip_weights: st
             targets = {str(t) for t in queries[i].get("gt_img_ids") or []} | {queries[i]["target_name"]}
             hits.append(any(names[j] in targets for j in row))
         out[bench + (f"_{category}" if category else "")] = hits
+    return out
+
+
+def circo_per_query_values(data: Path, net, clip, cache: Path, metrics: dict) -> dict[str, dict[str, list[float]]]:
+    """method -> CIRCO key -> each validation query's AP@K / target hit@K (metrics.circo_per_query), for
+    FTI4CIR and both baselines; their means must be the figures evaluate.py reported (`metrics`)."""
+    import metrics as M
+    from evaluation import retrieve
+
+    out = {}
+    for method in ("fti4cir", "image-only", "text-only"):
+        baseline = None if method == "fti4cir" else method
+        r = retrieve(net if baseline is None else None, clip, "circo", data / "CIRCO", _summary_config(cache, baseline))
+        values = M.circo_per_query(r.query_features, r.gallery.features, r.names, [x["gt_img_ids"] for x in r.queries])
+        for key, v in values.items():
+            if abs(100.0 * float(v.mean()) - metrics[method]["circo"][key]) > 1e-3:
+                raise RuntimeError(f"the summary's CIRCO {key} of {method} ({100 * float(v.mean()):.4f}) differs from "
+                                   f"evaluate.py's ({metrics[method]['circo'][key]:.4f})")
+        out[method] = {key: v.tolist() for key, v in values.items()}
     return out
 
 
@@ -363,11 +405,13 @@ def main(argv=None) -> dict:
     t = time.time()
     metrics["chance"] = chance_levels(data)
     counts = query_counts(data)
-    spread = {m: spreads(metrics[m], counts) for m in METHODS}
-    hits = example_hits(data, checkpoint, clip_model, clip_weights, args.device, args.examples, cache)
+    net, clip = load_models(checkpoint, clip_model, clip_weights, args.device)
+    per_query = circo_per_query_values(data, net, clip, cache, metrics)
+    spread = {m: spreads(metrics[m], counts, {"circo": per_query[m]} if m in per_query else None) for m in METHODS}
+    hits = example_hits(data, net, clip, args.examples, cache)
     timings["summary"] = time.time() - t
     what = "a toy CLIP trained on the web part" if toy_clip else f"CLIP {clip_weights}"
-    print(f"\nresults in percent, each ± its standard error over the queries (mAP: an upper bound); "
+    print(f"\nresults in percent, each ± its standard error over the queries (CIRCO: over its per-query values; chance mAP: an upper bound); "
           f"FTI4CIR and both baselines over {what}")
     print(format_tables(metrics, spread, counts, gallery_sizes(data)))
     verdicts = headline_verdicts(metrics, spread)

@@ -248,13 +248,13 @@ def _gt_index(gt_ids: Sequence[Sequence], lookup: Mapping) -> torch.Tensor:
     return out
 
 
-def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,
-                     gt_ids: Sequence[Sequence], ks: Iterable[int] = (5, 10, 25, 50),
-                     chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
-    """CIRCO mAP@K and Recall@K (single target = gt_ids[i][0]) in percent over the top 50.
+def circo_per_query(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,
+                    gt_ids: Sequence[Sequence], ks: Iterable[int] = (5, 10, 25, 50),
+                    chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+    """Each query's CIRCO AP@K (in [0, 1]) and target hit@K (0 or 1) over the top 50, as float tensors
+    [Q] keyed `circo_map_at{K}` / `circo_recall_at{K}`; `circo_map_recall` gives their means in percent.
 
     AP@K = (1 / min(|GT|, K)) * sum_{j<=K} precision@j * rel_j. The reference is NOT removed (code).
-    Keys `circo_map_at{K}`, `circo_recall_at{K}`.
     """
     ks = tuple(ks)
     _check_rows(query_feats.shape[0], gt_ids=gt_ids)
@@ -268,13 +268,18 @@ def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
     prec_rel = rel.cumsum(dim=1) / ranks * rel                               # precision@j * rel_j
     n_gt = (gt >= 0).sum(dim=1).float()
     target_hit = top == gt[:, :1]
-    out = {}
-    for k in ks:
-        ap = prec_rel[:, :k].sum(dim=1) / torch.clamp(n_gt, max=k)
-        out[f"circo_map_at{k}"] = float(ap.mean().item() * 100.0)
-    for k in ks:
-        out[f"circo_recall_at{k}"] = _percent(target_hit[:, :k].any(dim=1))
+    out = {f"circo_map_at{k}": prec_rel[:, :k].sum(dim=1) / torch.clamp(n_gt, max=k) for k in ks}
+    out.update({f"circo_recall_at{k}": target_hit[:, :k].any(dim=1).float() for k in ks})
     return out
+
+
+def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,
+                     gt_ids: Sequence[Sequence], ks: Iterable[int] = (5, 10, 25, 50),
+                     chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
+    """CIRCO mAP@K and Recall@K (single target = gt_ids[i][0]) in percent over the top 50: the means of
+    `circo_per_query`. Keys `circo_map_at{K}`, `circo_recall_at{K}`."""
+    return {key: float(v.mean().item() * 100.0)
+            for key, v in circo_per_query(query_feats, gallery_feats, gallery_ids, gt_ids, ks, chunk).items()}
 
 
 def circo_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,

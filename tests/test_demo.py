@@ -108,6 +108,12 @@ def test_spreads_of_a_method():
     assert se["fashioniq"]["toptee_10"] == 0.0
     assert se["fashioniq"]["average_10"] == pytest.approx((5.0 ** 2 + 8.0 ** 2) ** 0.5 / 3)
     assert list(se["fashioniq"]) == list(metrics["fashioniq"])
+    # per-query values: the standard error of their mean; 0/1 hits give the binomial figure again
+    per_query = {"circo": {"circo_map_at5": [0.5, 0.5, 0.1, 0.1], "circo_recall_at5": [0.0, 1.0, 1.0, 0.0]}}
+    metrics = {"circo": {"circo_map_at5": 30.0, "circo_recall_at5": 50.0}}
+    se = demo.spreads(metrics, {"circo": 4}, per_query)
+    assert se["circo"]["circo_map_at5"] == pytest.approx(100 * (0.04 / 4) ** 0.5)  # variance 0.04, not .3 * .7
+    assert se["circo"]["circo_recall_at5"] == pytest.approx(25.0) == demo.spreads(metrics, {"circo": 4})["circo"]["circo_recall_at5"]
 
 
 def test_short_demo_end_to_end(tmp_path):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from metrics import (circo_map_recall, circo_submission, cirr_recall, cirr_submission, fashioniq_recall,
-                     topk_indices, validate_circo_submission, validate_cirr_submission)
+from metrics import (circo_map_recall, circo_per_query, circo_submission, cirr_recall, cirr_submission,
+                     fashioniq_recall, topk_indices, validate_circo_submission, validate_cirr_submission)
 
 
 def _feats(n, d, seed):
@@ -312,3 +312,25 @@ def test_submissions_of_a_toy_gallery_smaller_than_the_server_lists():
     circo = circo_submission(q, g, names, [5, 6], top=8)
     validate_circo_submission(circo, [{"query_id": 5}, {"query_id": 6}], gallery_ids=names, top=8)
     assert len(circo["5"]) == 8
+
+
+def test_circo_per_query_values_are_each_querys_ap_and_hit():
+    n_q, n_g = 12, 80
+    q, g = _feats(n_q, 8, 21), _feats(n_g, 8, 22)
+    ids = [str(500 + j) for j in range(n_g)]
+    gen = torch.Generator().manual_seed(23)
+    gt_ids = []
+    for i in range(n_q):
+        order = [ids[j] for j in _ranking(q, g, i)]
+        pick = torch.randperm(40, generator=gen)[:int(torch.randint(1, 6, (1,), generator=gen))].tolist()
+        gt_ids.append([order[p] for p in pick])
+    per_query = circo_per_query(q, g, ids, gt_ids, ks=(5, 25))
+    assert list(per_query) == ["circo_map_at5", "circo_map_at25", "circo_recall_at5", "circo_recall_at25"]
+    for i in range(n_q):
+        order = [ids[j] for j in _ranking(q, g, i)]
+        for k in (5, 25):
+            assert float(per_query[f"circo_map_at{k}"][i]) == pytest.approx(_ap_reference(order, gt_ids[i], k), rel=1e-6)
+            assert float(per_query[f"circo_recall_at{k}"][i]) == float(gt_ids[i][0] in order[:k])
+    assert 0 < float(per_query["circo_map_at25"].sum()) < n_q  # neither all misses nor all perfect
+    means = circo_map_recall(q, g, ids, gt_ids, ks=(5, 25))
+    assert means == {key: pytest.approx(100.0 * float(v.mean())) for key, v in per_query.items()}
