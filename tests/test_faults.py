@@ -272,7 +272,7 @@ def test_non_finite_loss_lists_the_checkpoints_with_their_losses(data8, tiny_cli
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs accepted silently before
+# inputs that must not be accepted silently
 
 @pytest.mark.parametrize("pairs, needle", [
     ([{"img_id": "00000001", "subject": None, "attribute": "on grass"}], "'subject' = None, not a non-empty string"),
