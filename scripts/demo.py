@@ -48,6 +48,8 @@ BENCHMARKS = ("fashioniq", "cirr", "circo")
 HEADLINE = {"fashioniq": ("average_10",), "cirr": ("cirr_recall_at1", "cirr_group_recall_at1"),
             "circo": ("circo_map_at5",)}
 EXAMPLE_TOP = 5  # results per query in the example grids (evaluate.py draws the top 5)
+EVAL_BATCH = 32  # --batch-size of every evaluation, and of the summary's own retrievals
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 class _Tee(io.TextIOBase):
@@ -122,26 +124,38 @@ def _ident(image):
     return image  # metadata only: no image is loaded
 
 
-def chance_levels(data: Path) -> dict[str, dict[str, float]]:
+def val_splits(data: Path) -> dict[str, tuple]:
+    """The validation (gallery, query) datasets of every example grid's split, metadata only, opened once
+    for the chance levels, the query counts and the gallery sizes: keys fashioniq_<category>, cirr, circo."""
     from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
+
+    out = {f"fashioniq_{c}": (FashionIQDataset(data / "FashionIQ", "val", [c], "gallery", _ident),
+                              FashionIQDataset(data / "FashionIQ", "val", [c], "query", _ident))
+           for c in FASHIONIQ_CATEGORIES}
+    out["cirr"] = (CIRRDataset(data / "CIRR", "val", "gallery", _ident), CIRRDataset(data / "CIRR", "val", "query", _ident))
+    out["circo"] = (CIRCODataset(data / "CIRCO", "val", "gallery", _ident), CIRCODataset(data / "CIRCO", "val", "query", _ident))
+    return out
+
+
+def chance_levels(splits: dict) -> dict[str, dict[str, float]]:
     from evaluation import METRIC_KEYS
 
     out = {"fashioniq": {}, "cirr": {}, "circo": {}}
     per_cat = {}
-    for cat in ("dress", "shirt", "toptee"):
-        g = len(FashionIQDataset(data / "FashionIQ", "val", [cat], "gallery", _ident).names)
+    for cat in FASHIONIQ_CATEGORIES:
+        g = len(splits[f"fashioniq_{cat}"][0].names)
         per_cat[cat] = {k: _recall_chance(k, g) for k in (10, 50)}
         for k in (10, 50):
             out["fashioniq"][f"{cat}_{k}"] = per_cat[cat][k]
     for k in (10, 50):
         out["fashioniq"][f"average_{k}"] = sum(per_cat[c][k] for c in per_cat) / 3
-    g = len(CIRRDataset(data / "CIRR", "val", "gallery", _ident).names)
+    g = len(splits["cirr"][0].names)
     for k in (1, 5, 10, 50):
         out["cirr"][f"cirr_recall_at{k}"] = _recall_chance(k, g - 1)  # the reference is removed
     for k in (1, 2, 3):
         out["cirr"][f"cirr_group_recall_at{k}"] = 100.0 * k / 5
-    gallery = len(CIRCODataset(data / "CIRCO", "val", "gallery", _ident).names)
-    queries = CIRCODataset(data / "CIRCO", "val", "query", _ident).queries
+    gallery = len(splits["circo"][0].names)
+    queries = splits["circo"][1].queries
     for k in (5, 10, 25, 50):
         out["circo"][f"circo_recall_at{k}"] = _recall_chance(k, gallery)
         out["circo"][f"circo_map_at{k}"] = sum(_ap_chance(k, len([i for i in q["gt_img_ids"] if i]), gallery)
@@ -151,14 +165,10 @@ def chance_levels(data: Path) -> dict[str, dict[str, float]]:
 
 # spreads ---------------------------------------------------------------------------------------
 
-def query_counts(data: Path) -> dict:
+def query_counts(splits: dict) -> dict:
     """Validation queries per benchmark (FashionIQ: per category)."""
-    from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
-
-    return {"fashioniq": {c: len(FashionIQDataset(data / "FashionIQ", "val", [c], "query", _ident).queries)
-                          for c in ("dress", "shirt", "toptee")},
-            "cirr": len(CIRRDataset(data / "CIRR", "val", "query", _ident).queries),
-            "circo": len(CIRCODataset(data / "CIRCO", "val", "query", _ident).queries)}
+    return {"fashioniq": {c: len(splits[f"fashioniq_{c}"][1].queries) for c in FASHIONIQ_CATEGORIES},
+            "cirr": len(splits["cirr"][1].queries), "circo": len(splits["circo"][1].queries)}
 
 
 def _standard_error(percent: float, n: int) -> float:
@@ -209,49 +219,49 @@ def load_models(checkpoint: Path, clip_model: str, clip_weights: str, device: st
 
 
 def _summary_config(cache: Path, baseline: str | None = None):
-    """evaluate.py's configuration for the demo's flags (batch 32, no workers, the same gallery cache)."""
+    """evaluate.py's configuration for the demo's flags (its batch size, no workers, the same gallery cache)."""
     from evaluation import EvalConfig
     from features import Encoding
 
-    return EvalConfig(encoding=Encoding(batch_size=32, workers=0, progress=False), cache_dir=cache, baseline=baseline)
+    return EvalConfig(encoding=Encoding(batch_size=EVAL_BATCH, workers=0, progress=False), cache_dir=cache,
+                      baseline=baseline)
 
 
-def example_hits(data: Path, net, clip, count: int, cache: Path) -> dict[str, list[bool]]:
-    """For every example grid: whether each drawn query has a target among its top 5 results. The
-    queries are the ones `evaluate.py --save-examples` draws (evenly spaced over the split)."""
-    import metrics as M
-    import torch
+def fti4cir_retrievals(data: Path, net, clip, cache: Path) -> dict:
+    """FTI4CIR's evaluation.Retrieval of every example grid's validation split (the galleries come from the
+    evaluations' cache), keyed as `val_splits`."""
     from evaluation import retrieve
 
     config = _summary_config(cache)
-    out = {}
-    for bench, category in (("fashioniq", "dress"), ("fashioniq", "shirt"), ("fashioniq", "toptee"),
-                            ("cirr", None), ("circo", None)):
-        root = data / {"fashioniq": "FashionIQ", "cirr": "CIRR", "circo": "CIRCO"}[bench]
-        r = retrieve(net, clip, bench, root, config, category)
-        queries, names = r.queries, r.names
-        pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
-        index = {n: i for i, n in enumerate(names)}
-        exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick]) if bench == "cirr" else None
-        ranked = M.topk_indices(r.query_features[pick], r.gallery.features, EXAMPLE_TOP, exclude)
-        hits = []
-        for row, i in zip(ranked.tolist(), pick):
-            targets = {str(t) for t in queries[i].get("gt_img_ids") or []} | {queries[i]["target_name"]}
-            hits.append(any(names[j] in targets for j in row))
-        out[bench + (f"_{category}" if category else "")] = hits
+    out = {f"fashioniq_{c}": retrieve(net, clip, "fashioniq", data / "FashionIQ", config, c) for c in FASHIONIQ_CATEGORIES}
+    out["cirr"] = retrieve(net, clip, "cirr", data / "CIRR", config)
+    out["circo"] = retrieve(net, clip, "circo", data / "CIRCO", config)
     return out
 
 
-def circo_per_query_values(data: Path, net, clip, cache: Path, metrics: dict) -> dict[str, dict[str, list[float]]]:
+def example_hits(retrievals: dict, count: int) -> dict[str, list[bool]]:
+    """For every example grid: whether each drawn query has a target among its top 5 results (the queries
+    and rankings `evaluate.py --save-examples` draws: evaluation.example_rankings)."""
+    from evaluation import example_rankings, query_targets
+
+    out = {}
+    for label, r in retrievals.items():
+        rows, ranked = example_rankings(r, count, EXAMPLE_TOP)
+        out[label] = [bool(query_targets(r.queries[i]) & {r.names[j] for j in row})
+                      for row, i in zip(ranked.tolist(), rows)]
+    return out
+
+
+def circo_per_query_values(fti4cir, clip, data: Path, cache: Path, metrics: dict) -> dict[str, dict[str, list[float]]]:
     """method -> CIRCO key -> each validation query's AP@K / target hit@K (metrics.circo_per_query), for
-    FTI4CIR and both baselines; their means must be the figures evaluate.py reported (`metrics`)."""
+    FTI4CIR (`fti4cir`: its evaluation.Retrieval of CIRCO val) and both baselines; their means must be the figures evaluate.py reported
+    (`metrics`)."""
     import metrics as M
     from evaluation import retrieve
 
     out = {}
     for method in ("fti4cir", "image-only", "text-only"):
-        baseline = None if method == "fti4cir" else method
-        r = retrieve(net if baseline is None else None, clip, "circo", data / "CIRCO", _summary_config(cache, baseline))
+        r = fti4cir if method == "fti4cir" else retrieve(None, clip, "circo", data / "CIRCO", _summary_config(cache, method))
         values = M.circo_per_query(r.query_features, r.gallery.features, r.names, [x["gt_img_ids"] for x in r.queries])
         for key, v in values.items():
             if abs(100.0 * float(v.mean()) - metrics[method]["circo"][key]) > 1e-3:
@@ -300,13 +310,10 @@ def headline_verdicts(metrics: dict, spread: dict) -> list[dict]:
     return out
 
 
-def gallery_sizes(data: Path) -> dict:
-    from datasets import CIRCODataset, CIRRDataset, FashionIQDataset
-
-    fiq = [len(FashionIQDataset(data / "FashionIQ", "val", [c], "gallery", _ident).names) for c in ("dress", "shirt", "toptee")]
-    return {"fashioniq": " / ".join(map(str, fiq)),
-            "cirr": len(CIRRDataset(data / "CIRR", "val", "gallery", _ident).names),
-            "circo": len(CIRCODataset(data / "CIRCO", "val", "gallery", _ident).names)}
+def gallery_sizes(splits: dict) -> dict:
+    fiq = [len(splits[f"fashioniq_{c}"][0].names) for c in FASHIONIQ_CATEGORIES]
+    return {"fashioniq": " / ".join(map(str, fiq)), "cirr": len(splits["cirr"][0].names),
+            "circo": len(splits["circo"][0].names)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,7 +391,7 @@ def main(argv=None) -> dict:
 
     roots = {"fashioniq": ("--fashioniq-path", data / "FashionIQ"), "cirr": ("--cirr-path", data / "CIRR"),
              "circo": ("--circo-path", data / "CIRCO")}
-    eval_flags = ["--save-path", evals, "--cache-dir", cache, "--batch-size", "32", "--no-progress"] + common
+    eval_flags = ["--save-path", evals, "--cache-dir", cache, "--batch-size", EVAL_BATCH, "--no-progress"] + common
     print(f"\n[4/6] validation metrics of FTI4CIR and both baselines -> {evals}")
     metrics = {m: {} for m in METHODS}
     for name, (flag, root) in roots.items():
@@ -398,22 +405,24 @@ def main(argv=None) -> dict:
     for name in ("cirr", "circo"):
         flag, root = roots[name]
         step("submissions", "src/test.py", ["--dataset", name, flag, root, "--model-path", checkpoint,
-                                            "--save-path", subs, "--cache-dir", cache, "--batch-size", "32",
+                                            "--save-path", subs, "--cache-dir", cache, "--batch-size", EVAL_BATCH,
                                             "--no-progress"] + common)
 
     print("\n[6/6] summary")
     t = time.time()
-    metrics["chance"] = chance_levels(data)
-    counts = query_counts(data)
+    splits = val_splits(data)
+    metrics["chance"] = chance_levels(splits)
+    counts = query_counts(splits)
     net, clip = load_models(checkpoint, clip_model, clip_weights, args.device)
-    per_query = circo_per_query_values(data, net, clip, cache, metrics)
+    retrievals = fti4cir_retrievals(data, net, clip, cache)
+    per_query = circo_per_query_values(retrievals["circo"], clip, data, cache, metrics)
     spread = {m: spreads(metrics[m], counts, {"circo": per_query[m]} if m in per_query else None) for m in METHODS}
-    hits = example_hits(data, net, clip, args.examples, cache)
+    hits = example_hits(retrievals, args.examples)
     timings["summary"] = time.time() - t
     what = "a toy CLIP trained on the web part" if toy_clip else f"CLIP {clip_weights}"
     print(f"\nresults in percent, each ± its standard error over the queries (CIRCO: over its per-query values; chance mAP: an upper bound); "
           f"FTI4CIR and both baselines over {what}")
-    print(format_tables(metrics, spread, counts, gallery_sizes(data)))
+    print(format_tables(metrics, spread, counts, gallery_sizes(splits)))
     verdicts = headline_verdicts(metrics, spread)
     print("\nFTI4CIR against the baselines (ahead = difference larger than the two standard errors together):")
     for v in verdicts:

@@ -282,19 +282,30 @@ def check_submission_files(name: str, root, paths: Sequence) -> list[FileCheck]:
 # ---------------------------------------------------------------------------------------------
 # example grids
 
-def save_examples(r: Retrieval, count: int, out_dir, label: str, top: int = 5) -> Path:
-    """Draws `count` evenly spaced queries: reference, modification text, top results, targets framed."""
+def example_rankings(r: Retrieval, count: int, top: int = 5) -> tuple[list[int], torch.Tensor]:
+    """The `count` evenly spaced queries that example grids show, and each one's top results [len, top']
+    (CIRR: the reference left out; top' = top, or fewer in a smaller gallery)."""
     queries, names = r.queries, r.names
-    pick = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
+    rows = sorted({round(i * (len(queries) - 1) / max(1, count - 1)) for i in range(min(count, len(queries)))})
     exclude = None
     if isinstance(r.query_dataset, CIRRDataset):  # the reference is not a result on CIRR
         index = {n: i for i, n in enumerate(names)}
-        exclude = torch.tensor([index[queries[i]["reference_name"]] for i in pick])
+        exclude = torch.tensor([index[queries[i]["reference_name"]] for i in rows])
     top = min(top, len(names) - (exclude is not None))
-    ranked = M.topk_indices(r.query_features[pick], r.gallery.features, top, exclude)
+    return rows, M.topk_indices(r.query_features[rows], r.gallery.features, top, exclude)
+
+
+def query_targets(query: dict) -> set[str]:
+    """The gallery names that count as a query's target: CIRCO's ground truths, or the one target."""
+    return set(query.get("gt_img_ids") or []) | ({query["target_name"]} if "target_name" in query else set())
+
+
+def save_examples(r: Retrieval, count: int, out_dir, label: str, top: int = 5) -> Path:
+    """Draws `count` evenly spaced queries: reference, modification text, top results, targets framed."""
+    rows, ranked = example_rankings(r, count, top)
     split = r.query_dataset.split
-    return draw_rankings(r, pick, ranked, Path(out_dir) / f"examples_{label}_{split}.png",
-                         title=f"{label} {split}: reference | text | top {top} (green: target)")
+    return draw_rankings(r, rows, ranked, Path(out_dir) / f"examples_{label}_{split}.png",
+                         title=f"{label} {split}: reference | text | top {ranked.shape[1]} (green: target)")
 
 
 def draw_rankings(r: Retrieval, rows: Sequence[int], ranked: torch.Tensor, path, title: str) -> Path:
@@ -305,7 +316,7 @@ def draw_rankings(r: Retrieval, rows: Sequence[int], ranked: torch.Tensor, path,
     out = []
     for row, i in zip(ranked.tolist(), rows):
         x = r.queries[i]
-        targets = set(x.get("gt_img_ids") or []) | ({x["target_name"]} if "target_name" in x else set())
+        targets = query_targets(x)
         out.append(ExampleRow(reference=r.query_dataset.query_paths[i], text=r.query_dataset.query_texts(x)[0],
                               caption=f"query {i}", results=[r.gallery_dataset.gallery_paths[j] for j in row],
                               is_target=[r.names[j] in targets for j in row]))
