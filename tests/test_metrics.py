@@ -199,19 +199,25 @@ def _ap_reference(order, gts, k):
     return total / min(len(gts), k)
 
 
-def test_circo_map_recall_matches_brute_force():
-    n_q, n_g = 25, 150
-    q, g = _feats(n_q, 8, 11), _feats(n_g, 8, 12)
+def _circo_case(n_q: int, n_g: int, seeds: tuple[int, int, int], max_gt: int, pool: int, pad: int = 0):
+    """(queries, gallery, gallery ids, gt ids): each query's 1..max_gt-1 ground truths drawn from its own
+    top `pool`, so they often fall inside the top 50; `pad`: filled up with "" to that length, as the
+    authors' files are."""
+    q, g = _feats(n_q, 8, seeds[0]), _feats(n_g, 8, seeds[1])
     ids = [str(1000 + j) for j in range(n_g)]
-    gen = torch.Generator().manual_seed(13)
+    gen = torch.Generator().manual_seed(seeds[2])
     gt_ids = []
     for i in range(n_q):
         order = [ids[j] for j in _ranking(q, g, i)]
-        n = int(torch.randint(1, 8, (1,), generator=gen))
-        # draw GTs from the top 60 so they often fall inside the top 50
-        pick = torch.randperm(60, generator=gen)[:n].tolist()
-        gts = [order[p] for p in pick]
-        gt_ids.append(gts + [""] * (23 - n))  # the authors' padding
+        n = int(torch.randint(1, max_gt, (1,), generator=gen))
+        gts = [order[p] for p in torch.randperm(pool, generator=gen)[:n].tolist()]
+        gt_ids.append(gts + [""] * (pad - n))
+    return q, g, ids, gt_ids
+
+
+def test_circo_map_recall_matches_brute_force():
+    n_q = 25
+    q, g, ids, gt_ids = _circo_case(n_q, 150, (11, 12, 13), max_gt=8, pool=60, pad=23)
     got = circo_map_recall(q, g, ids, gt_ids, chunk=6)
     for k in (5, 10, 25, 50):
         aps, rec = [], []
@@ -315,15 +321,8 @@ def test_submissions_of_a_toy_gallery_smaller_than_the_server_lists():
 
 
 def test_circo_per_query_values_are_each_querys_ap_and_hit():
-    n_q, n_g = 12, 80
-    q, g = _feats(n_q, 8, 21), _feats(n_g, 8, 22)
-    ids = [str(500 + j) for j in range(n_g)]
-    gen = torch.Generator().manual_seed(23)
-    gt_ids = []
-    for i in range(n_q):
-        order = [ids[j] for j in _ranking(q, g, i)]
-        pick = torch.randperm(40, generator=gen)[:int(torch.randint(1, 6, (1,), generator=gen))].tolist()
-        gt_ids.append([order[p] for p in pick])
+    n_q = 12
+    q, g, ids, gt_ids = _circo_case(n_q, 80, (21, 22, 23), max_gt=6, pool=40)
     per_query = circo_per_query(q, g, ids, gt_ids, ks=(5, 25))
     assert list(per_query) == ["circo_map_at5", "circo_map_at25", "circo_recall_at5", "circo_recall_at25"]
     for i in range(n_q):
