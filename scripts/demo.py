@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("toy world")
     w.add_argument("--num-train-images", type=int, default=1000, help="toy ImageNet images to train FTI4CIR on (default %(default)s)")
     w.add_argument("--num-queries", type=int, default=300, help="queries per CIRR and CIRCO split (default %(default)s)")
-    w.add_argument("--num-fashioniq-queries", type=int, default=60,
+    w.add_argument("--num-fashioniq-queries", type=int, default=120,
                    help="queries per FashionIQ category and split (default %(default)s)")
     w.add_argument("--num-distractors", type=int, default=20,
                    help="extra gallery images per split that no query uses (default %(default)s)")

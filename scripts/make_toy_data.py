@@ -16,8 +16,8 @@ Every image is drawn from a few named attributes, and every text describes its i
   green and has a dotted background"); `gt_img_ids` is every gallery image with the concept's and the
   caption's attributes, the target first; images may repeat attributes, as COCO's near-duplicates do.
 - garment world (FashionIQ): a dress, shirt or top silhouette of one colour, solid, striped, dotted or
-  plaid, fitted or loose, in two cuts per category (dress short/long, shirt short/long sleeves, top
-  sleeveless/short sleeves): 144 garments per category. The two relative captions are two annotators'
+  plaid, with or without a graphic on the chest, fitted or loose, in two cuts per category (dress
+  short/long, shirt short/long sleeves, top sleeveless/short sleeves): 288 garments per category. The two relative captions are two annotators'
   ("is blue and is looser", "has stripes and is blue"): each names some of the 1-3 changes, together
   they name all of them.
 - web part (`web_pages`, not written to disk): captioned images for training a small CLIP
@@ -73,8 +73,9 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 GARMENT_COLOURS = tuple(c for c in COLOURS if c not in ("white", "gray"))  # must stand out from the light backdrop
 GARMENT_PATTERNS = ("solid", "striped", "dotted", "plaid")
 GARMENT_VARIANTS = {"dress": ("short", "long"), "shirt": ("short", "long"), "toptee": ("sleeveless", "short")}
+GARMENT_PRINTS = ("none", "graphic")  # a block of ink on the chest, as FashionIQ's "has a graphic" / "no logo"
 GARMENT_FITS = ("fitted", "loose")
-GARMENT_ATTRIBUTES = ("colour", "pattern", "variant", "fit")
+GARMENT_ATTRIBUTES = ("colour", "pattern", "print", "variant", "fit")
 GARMENT_CANVASES = ((96, 128), (120, 120), (100, 150))
 GARMENT_BACKDROP = (236, 236, 236)
 
@@ -117,8 +118,8 @@ SCENE_DOMAINS = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(
 
 
 def _garment_domains(category: str) -> dict[str, tuple[str, ...]]:
-    return {"colour": GARMENT_COLOURS, "pattern": GARMENT_PATTERNS, "variant": GARMENT_VARIANTS[category],
-            "fit": GARMENT_FITS}
+    return {"colour": GARMENT_COLOURS, "pattern": GARMENT_PATTERNS, "print": GARMENT_PRINTS,
+            "variant": GARMENT_VARIANTS[category], "fit": GARMENT_FITS}
 
 
 def _valid_scene(attrs: dict) -> bool:
@@ -285,7 +286,7 @@ def web_scene_caption(rng, attrs: dict) -> str:
 
 def web_garment_caption(rng, category: str, attrs: dict) -> str:
     """'a loose long red striped dress', 'a blue shirt with long sleeves', 'a tee that is green and
-    plaid', 'a photo of a slim sleeveless top', ..."""
+    plaid', 'a photo of a slim sleeveless top', 'a graphic tee', 'a pink shirt with no logo', ..."""
     said = _mentioned(rng, GARMENT_ATTRIBUTES, always=0.35, each=0.5)
     noun = _pick(rng, _GARMENT_NOUNS[category])
     adjectives, after = [], []
@@ -304,13 +305,18 @@ def web_garment_caption(rng, category: str, attrs: dict) -> str:
             after.append(_GARMENT_PATTERN_WITH[attrs["pattern"]])
         else:
             pattern = _pick(rng, _GARMENT_PATTERN_ADJ[attrs["pattern"]])
+    if "print" in said:
+        if attrs["print"] == "graphic" and rng.random() < 0.3:
+            adjectives.append("graphic")  # "a graphic tee"
+        else:
+            after.append(_pick(rng, _PRINT_WITH[attrs["print"]]))
     prefix = _pick(rng, _WEB_PREFIXES)
     if colour and rng.random() < 0.25:  # "a loose dress that is red and striped"
         rest = " and ".join(w for w in (colour, pattern) if w)
         return prefix + _with_article(" ".join(_shuffled_words(rng, adjectives) + [noun])) + \
             " " + " ".join(after + [f"that is {rest}"])
     words = _shuffled_words(rng, adjectives + [w for w in (colour, pattern) if w]) + [noun]
-    return prefix + " ".join([_with_article(" ".join(words))] + after)
+    return prefix + " ".join([_with_article(" ".join(words))] + ([_join_clauses(after)] if after else []))
 
 
 def _scene_change_text(rng, ref: dict, tgt: dict) -> str:
@@ -342,6 +348,8 @@ _GARMENT_PATTERN_ADJ = {"solid": ("solid", "plain"), "striped": ("striped",), "d
                         "plaid": ("plaid", "checked")}
 _GARMENT_PATTERN_WITH = {"solid": "in a solid color", "striped": "with stripes", "dotted": "with dots",
                          "plaid": "with a plaid pattern"}
+_PRINT_WITH = {"graphic": ("with a graphic", "with a logo", "with a print on the front"),
+               "none": ("with no graphic", "without a logo", "with no print")}
 _FIT_ADJ = {"fitted": ("fitted", "tight", "slim"), "loose": ("loose", "baggy", "flowy")}
 _SLEEVES_WITH = {"short": ("with short sleeves", "short-sleeved"), "long": ("with long sleeves", "long-sleeved"),
                  "sleeveless": ("sleeveless", "with no sleeves")}
@@ -354,19 +362,31 @@ _VARIANT_CHANGE = {
     "shirt": {"short": ("has short sleeves", "has shorter sleeves"), "long": ("has long sleeves", "has longer sleeves")},
     "toptee": {"sleeveless": ("has no sleeves", "is sleeveless"), "short": ("has short sleeves", "has sleeves")},
 }
+_PRINT_CHANGE = {"graphic": ("has a graphic", "has a logo", "has a print on the front"),
+                 "none": ("has no graphic", "has no logo", "is without a print")}
 _FIT_CHANGE = {"fitted": ("is tighter", "is more fitted", "is fitted"), "loose": ("is looser", "is more loose", "is loose")}
 
 
 def garment_pair(category: str, attrs: dict) -> tuple[str, str]:
     """A caption of a garment split as the ImageNet pairs are (subject up to the first noun, attribute
-    the rest): ('a loose long red dress', 'with stripes'), ('a fitted blue top', 'with no sleeves and dots')."""
+    the rest): ('a loose long red dress', 'with stripes'), ('a fitted blue top', 'with no sleeves and dots'),
+    ('a loose green shirt', 'with long sleeves, stripes and a graphic'); a garment without a graphic is
+    said no more about, as a plain background is not."""
     c, p, v, f = attrs["colour"], attrs["pattern"], attrs["variant"], attrs["fit"]
     noun = _GARMENT_NOUNS[category][0]
-    if category == "dress":
-        return f"a {f} {v} {c} {noun}", _GARMENT_PATTERN_WITH[p]
-    sleeves = "with no sleeves" if v == "sleeveless" else f"with {v} sleeves"
+    graphic = ["a graphic"] if attrs["print"] == "graphic" else []
     pattern = _GARMENT_PATTERN_WITH[p]
-    return f"a {f} {c} {noun}", f"{sleeves} {'and ' + pattern[5:] if pattern.startswith('with ') else pattern}"
+    if category == "dress":
+        subject = f"a {f} {v} {c} {noun}"
+        things = []
+    else:
+        subject = f"a {f} {c} {noun}"
+        things = ["no sleeves" if v == "sleeveless" else f"{v} sleeves"]
+    if pattern.startswith("with "):
+        return subject, "with " + _join_clauses(things + [pattern[5:]] + graphic)
+    # "in a solid color": the other things follow with their own "with"
+    rest = " with " + _join_clauses(things + graphic) if things or graphic else ""
+    return subject, pattern + rest
 
 
 def _garment_change_clause(rng, category: str, key: str, tgt: dict) -> str:
@@ -377,6 +397,8 @@ def _garment_change_clause(rng, category: str, key: str, tgt: dict) -> str:
         return _pick(rng, _PATTERN_CHANGE[tgt["pattern"]])
     if key == "variant":
         return _pick(rng, _VARIANT_CHANGE[category][tgt["variant"]])
+    if key == "print":
+        return _pick(rng, _PRINT_CHANGE[tgt["print"]])
     return _pick(rng, _FIT_CHANGE[tgt["fit"]])
 
 
@@ -503,6 +525,16 @@ def _fitted_polygons(category: str, variant: str) -> list[list[tuple[float, floa
     raise ValueError(f"unknown FashionIQ category {category!r}")
 
 
+GRAPHIC_BOX = ((0.40, 0.18), (0.60, 0.38))  # unit coordinates of a graphic, inside every cut's chest
+
+
+def graphic_ink(colour: str) -> tuple[int, int, int]:
+    """A graphic's colour: black on light cloth, yellow on dark (white would vanish into the backdrop);
+    neither is the tint of a pattern."""
+    c = COLOURS[colour]
+    return COLOURS["black"] if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] >= 100 else COLOURS["yellow"]
+
+
 def render_garment(category: str, record: dict) -> Image.Image:
     """The image of a FashionIQ record (attributes + canvas + center) on a light backdrop."""
     w, h = record["canvas"]
@@ -515,6 +547,10 @@ def render_garment(category: str, record: dict) -> Image.Image:
         draw.polygon([(x0 + u * bw, y0 + v * bh) for u, v in poly], fill=255)
     # a period the 32-64 pixel inputs of a small CLIP still resolve
     cloth = Image.fromarray(_pattern_array(w, h, COLOURS[record["colour"]], record["pattern"], period=12))
+    if record["print"] == "graphic":  # on the chest, above the centre (so (0.5, 0.5) keeps the cloth's colour)
+        (u0, v0), (u1, v1) = GRAPHIC_BOX
+        ImageDraw.Draw(cloth).rectangle([x0 + u0 * bw, y0 + v0 * bh, x0 + u1 * bw, y0 + v1 * bh],
+                                        fill=graphic_ink(record["colour"]))
     img = Image.new("RGB", (w, h), GARMENT_BACKDROP)
     img.paste(cloth, (0, 0), mask)
     return img
@@ -902,7 +938,7 @@ def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES[
     num_fashioniq_queries: queries per FashionIQ category and split (default: num_queries).
     num_distractors: images per gallery that no query uses.
     Gallery images of one split differ in their attributes (so each target is the only right answer);
-    FashionIQ has 144 combinations per category, hence 2 * num_fashioniq_queries + num_distractors <= 144.
+    FashionIQ has 288 combinations per category, hence 2 * num_fashioniq_queries + num_distractors <= 288.
     Deterministic given the arguments. An existing toy world at `out` is replaced in one rename
     (built in a temporary sibling first); any other non-empty folder there is refused.
     """
@@ -964,7 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="queries per CIRR and CIRCO split (default %(default)s)")
     parser.add_argument("--num-fashioniq-queries", type=int, default=None,
                         help="queries per FashionIQ category and split (default: --num-queries; at most "
-                             "(144 - --num-distractors) / 2)")
+                             "(288 - --num-distractors) / 2)")
     parser.add_argument("--num-distractors", type=int, default=DEFAULT_SIZES["num_distractors"],
                         help="gallery images per split that no query uses (default %(default)s)")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import make_toy_data as mtd
 
 SMALL = {"num_train_images": 6, "num_queries": 3, "num_distractors": 2}
 SCENE_KEYS = ("shape", "colour", "background", "pattern", "size")
-GARMENT_KEYS = ("colour", "pattern", "variant", "fit")
+GARMENT_KEYS = ("colour", "pattern", "print", "variant", "fit")
 CIRR_NAME = re.compile(r"(train|dev|test1)-\d+-\d+-img[01]")
 CIRR_PATH = re.compile(r"\./(dev|test1|train/\d+)/(?P<name>[^/]+)\.png")
 
@@ -79,8 +79,12 @@ FIT_WORDS = {"fitted": "fitted", "tight": "fitted", "tighter": "fitted", "slim":
 def parse_garment_text(category: str, text: str) -> dict:
     """Attributes named by a garment text (FashionIQ caption, ImageNet pair, web caption)."""
     t = text.lower().strip(" .?,")
-    words = re.findall(r"[a-z]+", t)
     out: dict = {}
+    # a graphic, a logo or a print on the front; "no" / "without" before it says there is none
+    for m in re.finditer(r"\b(?:(no|without an?) )?(?:graphic|logo|print)\b", t):
+        _put(out, "print", "none" if m.group(1) else "graphic", text)
+    t = re.sub(r"\b(?:(no|without an?) )?(?:graphic|logo|print)\b", " ", t)
+    words = re.findall(r"[a-z]+", t)
     for w in words:
         if w in mtd.COLOURS:
             _put(out, "colour", w, text)
@@ -263,7 +267,9 @@ def test_imagenet_pairs_describe_their_images(world, manifest):
             assert p["subject"].split()[-1] == rec["shape"]  # subject = words up to the first noun
             check_scene_image(path, rec)
         else:  # ImageNet holds clothes too: "a loose long red dress" + "with stripes"
-            assert parse_garment_text(rec["kind"], f"{p['subject']} {p['attribute']}") == attrs(rec, GARMENT_KEYS)
+            # a garment without a graphic is not said to lack one ("a loose long red dress with stripes")
+            said = {"print": "none", **parse_garment_text(rec["kind"], f"{p['subject']} {p['attribute']}")}
+            assert said == attrs(rec, GARMENT_KEYS)
             assert p["subject"].split()[-1] == mtd._GARMENT_NOUNS[rec["kind"]][0]
             check_garment_image(path, rec)
         canvases.add(tuple(rec["canvas"]))
@@ -328,10 +334,16 @@ def check_garment_image(path: Path, rec: dict) -> float:
     cloth = np.abs(a - np.array(mtd.GARMENT_BACKDROP)).max(-1) > 40
     inner = cloth.copy()  # one pixel in from the outline, where JPEG blends cloth and backdrop
     inner[1:-1, 1:-1] &= cloth[:-2, 1:-1] & cloth[2:, 1:-1] & cloth[1:-1, :-2] & cloth[1:-1, 2:]
-    pixels = a[inner]
-    assert nearest_colour(np.median(pixels, 0)) == rec["colour"], (path, rec)
-    off_base = (np.abs(pixels - np.array(mtd.COLOURS[rec["colour"]])).max(-1) > 30).mean()
+    below = a[rec["center"][1]:][inner[rec["center"][1]:]]  # the cloth under the centre: a graphic sits above it
+    assert nearest_colour(np.median(below, 0)) == rec["colour"], (path, rec)
+    off_base = (np.abs(below - np.array(mtd.COLOURS[rec["colour"]])).max(-1) > 30).mean()
     assert (off_base > 0.05) == (rec["pattern"] != "solid"), (path, rec, off_base)
+    # a graphic: a patch of ink (black or yellow, neither a pattern's tint) on the chest, and nowhere else
+    ink = np.abs(a - np.array(mtd.graphic_ink(rec["colour"]))).max(-1) <= 40
+    ink_rows = np.nonzero(ink.any(1))[0]
+    assert (ink.sum() > 40) == (rec["print"] == "graphic"), (path, rec, int(ink.sum()))
+    if rec["print"] == "graphic":
+        assert ink_rows.max() < rec["center"][1], (path, rec)
     w, h = rec["canvas"]
     return cloth.sum() / (min(w, h) * h)
 
@@ -409,7 +421,7 @@ def test_rerun_replaces_the_folder_cleanly(tmp_path):
     # a failing run (too many FashionIQ images for the attribute space) leaves the old world as it was
     before = _tree(out)
     with pytest.raises(ValueError, match="num-fashioniq-queries"):
-        mtd.make_toy_world(out, seed=6, num_train_images=2, num_queries=2, num_fashioniq_queries=80, num_distractors=0)
+        mtd.make_toy_world(out, seed=6, num_train_images=2, num_queries=2, num_fashioniq_queries=150, num_distractors=0)
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
 
