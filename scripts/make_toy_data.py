@@ -17,9 +17,9 @@ Every image is drawn from a few named attributes, and every text describes its i
   caption's attributes, the target first; images may repeat attributes, as COCO's near-duplicates do.
 - garment world (FashionIQ): a dress, shirt or top silhouette of one colour, solid, striped, dotted or
   plaid, with or without a graphic on the chest, fitted or loose, in two cuts per category (dress
-  short/long, shirt short/long sleeves, top sleeveless/short sleeves): 288 garments per category. The two relative captions are two annotators'
-  ("is blue and is looser", "has stripes and is blue"): each names some of the 1-3 changes, together
-  they name all of them.
+  short/long, shirt short/long sleeves, top sleeveless/short sleeves): 288 garments per category. The
+  two relative captions are two annotators' ("is blue and is looser", "has stripes and is blue"): each
+  names some of the 1-3 changes, together they name all of them.
 - web part (`web_pages`, not written to disk): captioned images for training a small CLIP
   (scripts/make_toy_clip.py), in pages of near-duplicates, none of them an image of the world above.
 

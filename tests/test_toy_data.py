@@ -76,14 +76,17 @@ FIT_WORDS = {"fitted": "fitted", "tight": "fitted", "tighter": "fitted", "slim":
              "loose": "loose", "looser": "loose", "baggy": "loose", "flowy": "loose"}
 
 
+# a graphic, a logo or a print on the front; "no" / "without" before it says there is none
+GRAPHIC_PHRASE = re.compile(r"\b(?:(no|without an?) )?(?:graphic|logo|print)\b")
+
+
 def parse_garment_text(category: str, text: str) -> dict:
     """Attributes named by a garment text (FashionIQ caption, ImageNet pair, web caption)."""
     t = text.lower().strip(" .?,")
     out: dict = {}
-    # a graphic, a logo or a print on the front; "no" / "without" before it says there is none
-    for m in re.finditer(r"\b(?:(no|without an?) )?(?:graphic|logo|print)\b", t):
+    for m in GRAPHIC_PHRASE.finditer(t):
         _put(out, "print", "none" if m.group(1) else "graphic", text)
-    t = re.sub(r"\b(?:(no|without an?) )?(?:graphic|logo|print)\b", " ", t)
+    t = GRAPHIC_PHRASE.sub(" ", t)
     words = re.findall(r"[a-z]+", t)
     for w in words:
         if w in mtd.COLOURS:

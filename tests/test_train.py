@@ -284,7 +284,8 @@ def test_ddp_two_processes_equal_one_process(data8, tiny_clip, tiny_clip_path, t
     # lr 1e-5: Adam moves every weight by about lr per step whatever its gradient's size, so where a
     # gradient entry is near zero, float rounding (batch 2+2 vs 4 sums) can flip its step: weights can
     # differ by a fraction of lr x steps. The gradients themselves are compared below, through Adam's moments
-    common = ["--epochs", 2, "--lr", 1e-5, "--mapper-dropout", 0, "--save-frequency", 2]
+    lr = 1e-5
+    common = ["--epochs", 2, "--lr", lr, "--mapper-dropout", 0, "--save-frequency", 2]
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     argv = base_args(data8, tiny_clip_path, ddp_dir, "--batch-size", 2, *common)
     mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
@@ -299,7 +300,7 @@ def test_ddp_two_processes_equal_one_process(data8, tiny_clip, tiny_clip_path, t
 
     a = load_checkpoint(ddp_dir / "checkpoints" / "epoch_2.pt")
     b = load_checkpoint(single_dir / "checkpoints" / "epoch_2.pt")
-    lr, steps = 1e-5, len(log_one)
+    steps = len(log_one)
     for k, v in b["state_dict"].items():
         # all but a few weights agree to 1e-6; a weight whose gradient sits at rounding level may have
         # had one of its Adam steps flipped (up to 2 lr each), which CPUs with other kernels do differently
