@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-distractors", type=int, default=20,
                    help="extra gallery images per split that no query uses (default %(default)s)")
     c = p.add_argument_group("toy CLIP (skipped with --clip-weights)")
-    c.add_argument("--toy-clip-steps", type=int, default=1300, help="training steps of the toy CLIP (default %(default)s)")
+    c.add_argument("--toy-clip-steps", type=int, default=800, help="training steps of the toy CLIP (default %(default)s)")
     c.add_argument("--num-web-images", type=int, default=12000, help="web images the toy CLIP trains on (default %(default)s)")
     c.add_argument("--clip-model", default="ViT-L/14", help="CLIP architecture when --clip-weights is given (default %(default)s)")
     c.add_argument("--clip-weights", default=None, help="a real CLIP file to use instead of training the toy one")

@@ -3,9 +3,11 @@
 The model is an open_clip `CLIP` in OpenAI's layout (QuickGELU, vocabulary 49408, context 77), built as
 `clip_loader.build_tiny_clip` builds one, with text width == embedding size as FTI4CIR needs. It is
 trained contrastively, with open_clip's own `ClipLoss`, on image-caption pairs of the toy world's *web*
-part (`make_toy_data.web_records`): shape scenes and garments, none of them an image of the benchmarks
-or of the toy ImageNet, each caption drawn afresh every epoch from many phrasings, full or partial.
-It never sees a benchmark annotation. The file written is an OpenAI-format state dict, stored in fp16
+part (`make_toy_data.web_pages`): shape scenes and garments, none of them an image of the benchmarks
+or of the toy ImageNet. Every epoch each image gets several captions (`--captions-per-image`), each
+drawn on its own from many phrasings, full or partial, as an image on the web carries several alt
+texts; a step's loss is the mean of `ClipLoss` over them, so one pass of the visual tower, the costly
+part, learns from all of them. It never sees a benchmark annotation. The file written is an OpenAI-format state dict, stored in fp16
 as OpenAI ships its weights, which every script loads through `--clip-weights`.
 
     python scripts/make_toy_clip.py --world data/toy --out data/toy_clip.pt
@@ -52,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-held-out", type=int, default=500, help="further web pairs for the recall check (default %(default)s)")
     p.add_argument("--page-size", type=int, default=4,
                    help="images per web page (variants of one thing; a batch holds whole pages) (default %(default)s)")
-    p.add_argument("--steps", type=int, default=1300, help="optimiser steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=800, help="optimiser steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step (default %(default)s)")
+    p.add_argument("--captions-per-image", type=int, default=4,
+                   help="captions drawn for every image each epoch; a step's loss is the mean of CLIP's loss over "
+                        "them (default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay after warm-up (default %(default)s)")
     p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay of the weight matrices (default %(default)s)")
     p.add_argument("--image-size", type=int, default=48, help="input resolution (default %(default)s)")
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-layers", type=int, default=3, help="ViT blocks (default %(default)s)")
     p.add_argument("--text-width", type=int, default=64,
                    help="text transformer width, also the embedding size (default %(default)s)")
-    p.add_argument("--text-layers", type=int, default=2, help="text transformer blocks (default %(default)s)")
+    p.add_argument("--text-layers", type=int, default=1, help="text transformer blocks (default %(default)s)")
     p.add_argument("--threads", type=int, default=2,
                    help="CPU threads; the file is reproducible for a fixed value (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,6 +81,51 @@ def render_images(records: list[dict], image_size: int) -> torch.Tensor:
     for i, rec in enumerate(records):
         out[i] = tf(render_record(rec))
     return out
+
+
+class WordCachedTokenizer:
+    """`FrozenCLIP.tokenize` for plain lower-case captions, a space-separated word at a time with a cache.
+
+    CLIP's tokenizer cleans the text, then splits it by a pattern that never crosses a space, then
+    byte-pair-encodes each piece; so for text that cleaning leaves unchanged, the ids of a caption are
+    the ids of its words in a row. The web captions use about a hundred words, so after the first few
+    captions every word is a dictionary look-up (a test checks the ids equal the tokenizer's)."""
+
+    def __init__(self, clip: FrozenCLIP):
+        self.tokenizer, self.context_length = clip.tokenizer, clip.context_length
+        self.sot, self.eot = clip.sot_id, clip.eot_id
+        self.words: dict[str, list[int]] = {}
+
+    def ids(self, caption: str) -> list[int]:
+        out = [self.sot]
+        for word in caption.split(" "):
+            got = self.words.get(word)
+            if got is None:
+                if self.tokenizer.clean_fn(word) != word:
+                    raise ValueError(f"caption {caption!r}: {word!r} is not plain lower-case text")
+                got = self.words[word] = self.tokenizer.encode(word)
+            out += got
+        out.append(self.eot)
+        if len(out) > self.context_length:
+            raise ValueError(f"caption {caption!r} is longer than {self.context_length} tokens")
+        return out
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        """[len(captions), context length] token ids, zero-padded after the end token, as CLIP's."""
+        rows = [self.ids(c) for c in captions]
+        out = np.zeros((len(rows), self.context_length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = row
+        return torch.from_numpy(out)
+
+
+def encode_by_length(clip: FrozenCLIP, tokens: torch.Tensor, groups: int = 4) -> torch.Tensor:
+    """`clip.encode_text(tokens)`, the captions sorted by length and encoded in `groups` groups, each cut
+    after its own longest caption: the causal mask makes that exact, and it spares the padding that a
+    batch cut at its single longest caption would carry (captions run from 4 to 25 tokens)."""
+    order = tokens.argmax(dim=-1).argsort()  # the end token has the largest id
+    parts = [clip.encode_text(tokens[part]) for part in order.chunk(groups)]
+    return torch.cat(parts)[order.argsort()]
 
 
 def _optimizers(model, lr: float, wd: float):
@@ -117,9 +167,9 @@ def held_out_recall(clip: FrozenCLIP, images: torch.Tensor, texts: list[str]) ->
     return out
 
 
-def train_toy_clip(args) -> tuple[dict, dict]:
-    """(state dict of the trained CLIP, held-out recall)."""
-    torch.set_num_threads(args.threads)
+def web_data(args) -> tuple[list[dict], list[dict], torch.Tensor]:
+    """(training records, held-out records, the images of both in that order): the web part of the seed,
+    none of its images in the toy world `args.world`."""
     exclude = set()
     if args.world is not None:
         manifest = json.loads((Path(args.world) / MANIFEST_NAME).read_text())
@@ -129,54 +179,91 @@ def train_toy_clip(args) -> tuple[dict, dict]:
     records = [r for page in pages for r in page]
     train_recs = records[:train_pages * args.page_size]
     held_recs = records[len(train_recs):len(train_recs) + args.num_held_out]
-    records = train_recs + held_recs
     t0 = time.time()
-    images = render_images(records, args.image_size)
+    images = render_images(train_recs + held_recs, args.image_size)
     print(f"web part: {len(train_recs)} training + {len(held_recs)} held-out images, none in the toy world "
           f"({len(exclude)} images checked against), drawn in {time.time() - t0:.1f} s", flush=True)
+    return train_recs, held_recs, images
 
+
+def epoch_plan(args, epoch: int, records: list[dict], tokenize: WordCachedTokenizer) -> tuple[np.ndarray, torch.Tensor]:
+    """(image order, token ids [N, captions per image, 77]) of an epoch: the pages in a new order (a batch
+    holds whole pages), and new captions for every image, each drawn on its own from all the phrasings."""
+    rng = np.random.default_rng([args.seed, 5, epoch])
+    pages = len(records) // args.page_size
+    order = (rng.permutation(pages)[:, None] * args.page_size + np.arange(args.page_size)).reshape(-1)
+    k = args.captions_per_image
+    tokens = tokenize([web_caption(rng, r) for r in records for _ in range(k)]).view(len(records), k, -1)
+    return order, tokens
+
+
+def multi_caption_loss(clip: FrozenCLIP, loss_fn: ClipLoss, images: torch.Tensor, tokens: torch.Tensor,
+                       groups: int = 4) -> torch.Tensor:
+    """The mean over the k captions of each image of CLIP's contrastive loss (`tokens` [B, k, 77]): one
+    image pass serves k batches of captions, each a partial description, so a step teaches the visual
+    tower about more of what each image shows for a little text-tower work. The B * k captions go
+    through the text tower in `groups` groups of similar length (`encode_by_length`)."""
+    b, k = tokens.shape[:2]
+    image_f = F.normalize(clip.encode_image(images), dim=-1)
+    text_f = F.normalize(encode_by_length(clip, tokens.transpose(0, 1).reshape(k * b, -1), groups), dim=-1)
+    scale = clip.model.logit_scale.exp()
+    return sum(loss_fn(image_f, t, scale) for t in text_f.split(b)) / k
+
+
+def make_trainable(args) -> tuple[FrozenCLIP, tuple]:
+    """(the toy CLIP of `args`, randomly initialised and unfrozen, its two optimisers)."""
     model = build_tiny_clip(args.seed, embed_dim=args.text_width, text_width=args.text_width,
                             text_layers=args.text_layers, vision_width=args.vision_width,
                             vision_layers=args.vision_layers, patch_size=args.patch_size, image_size=args.image_size)
     clip = FrozenCLIP(model, "toy")  # the project's encoders (text passes cut after the end token) ...
     model.requires_grad_(True)  # ... with the weights unfrozen for training (CLIP has no dropout)
-    dense, sparse = _optimizers(model, args.lr, args.wd)
-    loss_fn = ClipLoss()
-    n = len(train_recs)
-    per_epoch = max(1, n // args.batch_size)
+    return clip, _optimizers(model, args.lr, args.wd)
+
+
+def train_step(clip: FrozenCLIP, optimizers, loss_fn: ClipLoss, images: torch.Tensor, tokens: torch.Tensor,
+               lr: float, groups: int = 4) -> torch.Tensor:
+    """One optimiser step on a batch (images [B, 3, S, S], tokens [B, k, 77]) at learning rate `lr`."""
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = lr
+    loss = multi_caption_loss(clip, loss_fn, images, tokens, groups)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    with torch.no_grad():
+        clip.model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training does
+    return loss.detach()
+
+
+def train_toy_clip(args) -> tuple[dict, dict]:
+    """(state dict of the trained CLIP, held-out recall)."""
+    torch.set_num_threads(args.threads)
+    train_recs, held_recs, images = web_data(args)
+    clip, optimizers = make_trainable(args)
+    loss_fn, tokenize = ClipLoss(), WordCachedTokenizer(clip)
+    per_epoch = max(1, len(train_recs) // args.batch_size)
     bar = tqdm(range(args.steps), desc="toy CLIP", disable=args.no_progress, dynamic_ncols=True)
-    order, captions = None, None
     for step in bar:
         epoch, i = divmod(step, per_epoch)
-        if i == 0:  # a new epoch: pages in a new order (a batch holds whole pages), a new caption for every image
-            rng = np.random.default_rng([args.seed, 5, epoch])
-            order = (rng.permutation(train_pages)[:, None] * args.page_size + np.arange(args.page_size)).reshape(-1)
-            captions = [web_caption(rng, r) for r in train_recs]
+        if i == 0:
+            order, tokens = epoch_plan(args, epoch, train_recs, tokenize)
         idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-        for group in (dense, sparse):
-            for g in group.param_groups:
-                g["lr"] = _lr_at(step, args.steps, args.lr)
-        image_f = F.normalize(clip.encode_image(images[idx].float()), dim=-1)
-        text_f = F.normalize(clip.encode_text(clip.tokenize([captions[j] for j in idx])), dim=-1)
-        loss = loss_fn(image_f, text_f, model.logit_scale.exp())
-        dense.zero_grad(set_to_none=True)
-        sparse.zero_grad(set_to_none=True)
-        loss.backward()
-        dense.step()
-        sparse.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training does
+        loss = train_step(clip, optimizers, loss_fn, images[idx].float(), tokens[idx], _lr_at(step, args.steps, args.lr))
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     rng = np.random.default_rng([args.seed, 6])
     recall = held_out_recall(clip, images[len(train_recs):], [web_caption(rng, r) for r in held_recs])
-    return model.state_dict(), recall
+    return clip.model.state_dict(), recall
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.text_width % 64 or args.vision_width % 64:
         raise SystemExit("error: --text-width and --vision-width must be multiples of 64 (OpenAI's layout: width // 64 heads)")
+    if args.captions_per_image < 1:
+        raise SystemExit("error: --captions-per-image must be at least 1")
     t0 = time.time()
     threads = torch.get_num_threads()
     try:

@@ -129,3 +129,42 @@ def test_toy_clip_retrieves_held_out_web_captions_far_above_chance(tmp_path, cap
     assert r["image_to_text_r5"] > 5 * r["chance_r5"] and r["text_to_image_r5"] > 5 * r["chance_r5"], r
     printed = capsys.readouterr().out
     assert "held-out web pairs (200)" in printed and "chance R@1 0.5" in printed
+
+
+def test_word_cached_tokenizer_gives_the_clip_tokenizers_ids(tiny_clip):
+    rng = np.random.default_rng(5)
+    captions = [mtd.web_caption(rng, r) for p in mtd.web_pages(5, 600, 4) for r in p]
+    assert any("," in c for c in captions) and any("-" in c for c in captions)  # punctuation inside words too
+    tokenize = make_toy_clip.WordCachedTokenizer(tiny_clip)
+    assert torch.equal(tokenize(captions), tiny_clip.tokenize(captions))
+    assert torch.equal(tokenize(captions[:7]), tiny_clip.tokenize(captions[:7]))  # every word now from the cache
+    with pytest.raises(ValueError, match="plain lower-case"):
+        tokenize(["a Red star"])  # CLIP's cleaning would lower it: the cache refuses rather than differ
+
+
+def test_encoding_captions_grouped_by_length_equals_one_pass(tiny_clip):
+    rng = np.random.default_rng(6)
+    captions = [mtd.web_caption(rng, r) for p in mtd.web_pages(6, 12, 4) for r in p]
+    tokens = tiny_clip.tokenize(captions)
+    lengths = tokens.argmax(dim=-1)
+    assert lengths.max() - lengths.min() >= 8  # the groups are cut at different lengths
+    grouped = make_toy_clip.encode_by_length(tiny_clip, tokens, groups=4)
+    torch.testing.assert_close(grouped, tiny_clip.encode_text(tokens, trim=False), atol=1e-5, rtol=1e-5)
+
+
+def test_multi_caption_loss_is_the_mean_of_clip_losses_over_each_images_captions(tiny_clip):
+    from open_clip.loss import ClipLoss
+
+    rng = np.random.default_rng(7)
+    records = [r for p in mtd.web_pages(7, 3, 4) for r in p]  # 12 images, 3 captions each
+    captions = [[mtd.web_caption(rng, r) for _ in range(3)] for r in records]
+    tokens = torch.stack([tiny_clip.tokenize(c) for c in captions])  # [12, 3, 77]
+    images = torch.randn(len(records), 3, tiny_clip.image_size, tiny_clip.image_size, generator=torch.Generator().manual_seed(0))
+    loss_fn, scale = ClipLoss(), tiny_clip.model.logit_scale.exp()
+    image_f = torch.nn.functional.normalize(tiny_clip.encode_image(images), dim=-1)
+    reference = sum(loss_fn(image_f, torch.nn.functional.normalize(tiny_clip.encode_text(tokens[:, j]), dim=-1), scale)
+                    for j in range(3)) / 3  # caption j of every image against all images, one caption set at a time
+    got = make_toy_clip.multi_caption_loss(tiny_clip, loss_fn, images, tokens, groups=4)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    mispaired = make_toy_clip.multi_caption_loss(tiny_clip, loss_fn, images, tokens.roll(1, dims=0), groups=4)
+    assert abs(float(mispaired) - float(reference)) > 1e-3  # the check can tell a caption given to another image

@@ -1,0 +1,102 @@
+"""Time the toy CLIP's training step (scripts/make_toy_clip.py) in several set-ups, side by side.
+
+Each set-up trains the demo's toy CLIP (48-pixel images in 16-pixel patches, a 3-block ViT of width 192,
+batch 128) on a rendered web part with make_toy_clip's own step; they differ in the captions per image,
+the text blocks and whether the captions go through the text tower in one pass cut at the longest or in
+groups of similar length. The set-ups take turns, `--repeats` rounds of `--steps` timed steps after
+`--warmup` untimed ones, so that a machine whose speed drifts slows them all alike; the median round
+counts. Printed: ms per step, images per second, and each set-up's time against the first one's.
+
+    python scripts/bench_toy_clip.py [--steps 20] [--warmup 3] [--repeats 3] [--threads 2] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from open_clip.loss import ClipLoss  # noqa: E402
+
+import make_toy_clip  # noqa: E402
+from make_toy_data import web_caption, web_pages  # noqa: E402
+
+# name -> (captions per image, text blocks, text groups)
+SETUPS = {
+    "1 caption, 2 text blocks, one text pass": (1, 2, 1),
+    "4 captions, 2 text blocks, one text pass": (4, 2, 1),
+    "4 captions, 2 text blocks, by length": (4, 2, 4),
+    "4 captions, 1 text block, by length (default)": (4, 1, 4),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; the median counts (default %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default %(default)s)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    return p
+
+
+class Setup:
+    """One set-up's model, optimisers and batches, stepping on demand."""
+
+    def __init__(self, captions: int, text_layers: int, groups: int, images: torch.Tensor, records: list[dict],
+                 batch: int):
+        args = make_toy_clip.build_parser().parse_args(["--captions-per-image", str(captions),
+                                                        "--text-layers", str(text_layers)])
+        self.clip, self.optimizers = make_toy_clip.make_trainable(args)
+        self.loss_fn, self.groups, self.batch, self.images = ClipLoss(), groups, batch, images
+        rng = np.random.default_rng(0)
+        tokenize = make_toy_clip.WordCachedTokenizer(self.clip)
+        self.tokens = tokenize([web_caption(rng, r) for r in records for _ in range(captions)]).view(len(records), captions, -1)
+        self.i = 0
+
+    def step(self) -> None:
+        n = len(self.images) // self.batch
+        idx = torch.arange(self.batch) + (self.i % n) * self.batch
+        self.i += 1
+        make_toy_clip.train_step(self.clip, self.optimizers, self.loss_fn, self.images[idx].float(), self.tokens[idx],
+                                 lr=1e-3, groups=self.groups)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch = 128
+    records = [r for page in web_pages(0, 8 * batch // 4, 4) for r in page]
+    images = make_toy_clip.render_images(records, 48)
+    setups = {name: Setup(*cfg, images, records, batch) for name, cfg in SETUPS.items()}
+    for s in setups.values():
+        for _ in range(args.warmup):
+            s.step()
+    rounds: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(args.repeats):
+        for name, s in setups.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                s.step()
+            rounds[name].append((time.perf_counter() - t) / args.steps)
+    out = {name: sorted(v)[len(v) // 2] for name, v in rounds.items()}
+    first = next(iter(out.values()))
+    print(f"toy CLIP training step, batch {batch}, {args.threads} threads, median of {args.repeats} rounds of "
+          f"{args.steps} steps")
+    for name, sec in out.items():
+        print(f"  {name:<48} {1000 * sec:7.1f} ms/step  {batch / sec:7.1f} images/s  {sec / first:5.2f}x the first")
+    result = {"threads": args.threads, "batch": batch, "seconds_per_step": out, "rounds": rounds}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
