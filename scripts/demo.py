@@ -322,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the toy world, the toy CLIP and the training run (default %(default)s)")
     w = p.add_argument_group("toy world")
     w.add_argument("--num-train-images", type=int, default=1000, help="toy ImageNet images to train FTI4CIR on (default %(default)s)")
-    w.add_argument("--num-queries", type=int, default=300, help="queries per CIRR and CIRCO split (default %(default)s)")
+    w.add_argument("--num-queries", type=int, default=300, help="queries per CIRCO split (default %(default)s)")
+    w.add_argument("--num-cirr-queries", type=int, default=600,
+                   help="queries per CIRR split, six to a 6-image set (default %(default)s)")
     w.add_argument("--num-fashioniq-queries", type=int, default=120,
                    help="queries per FashionIQ category and split (default %(default)s)")
     w.add_argument("--num-distractors", type=int, default=20,
@@ -364,7 +366,8 @@ def main(argv=None) -> dict:
     print(f"[1/6] toy world -> {data}")
     step("toy world", "scripts/make_toy_data.py",
          ["--out", data, "--seed", args.seed, "--num-train-images", args.num_train_images,
-          "--num-queries", args.num_queries, "--num-fashioniq-queries", args.num_fashioniq_queries,
+          "--num-queries", args.num_queries, "--num-cirr-queries", args.num_cirr_queries,
+          "--num-fashioniq-queries", args.num_fashioniq_queries,
           "--num-distractors", args.num_distractors])
 
     if args.clip_weights:

@@ -10,7 +10,9 @@ Every image is drawn from a few named attributes, and every text describes its i
   of the ImageNet images are garments instead ("a loose long red dress", "with stripes").
   CIRR captions name every attribute that changes from reference to target ("is green and a square
   instead, make it bigger and with a yellow background"); the target is the only image of its split
-  with the resulting attributes; the other members of its 6-image set are near-duplicates.
+  with the resulting attributes; the other members of its 6-image set are near-duplicates. A set is a
+  chain of small edits; each member is a reference, its target the next member (the last one's the
+  first), so a set holds six queries (the real val split asks nine of most of its sets).
   CIRCO: `shared_concept` names the object that reference and targets share ("a small red star"; its
   colour only when the caption keeps it), `relative_caption` the attributes the targets have ("is
   green and has a dotted background"); `gt_img_ids` is every gallery image with the concept's and the
@@ -85,7 +87,7 @@ CIRCO_SPLITS = ("val", "test")
 MANIFEST_NAME = "toy_manifest.json"
 DEFAULT_SIZES = {"num_train_images": 64, "num_queries": 8, "num_distractors": 8}
 CIRR_SET_SIZE = 6
-CIRR_QUERIES_PER_SET = 3
+CIRR_QUERIES_PER_SET = 6  # every member is once a reference; the real val split asks 9 of most of its sets
 PLACEHOLDER_BENCHMARKS = ("imagenet", "fashioniq", "cirr", "circo")
 
 # ----------------------------------------------------------------------------------------------
@@ -930,12 +932,13 @@ def _check_replaceable(out: Path) -> None:
 def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES["num_train_images"],
                    num_queries: int = DEFAULT_SIZES["num_queries"],
                    num_distractors: int = DEFAULT_SIZES["num_distractors"],
-                   num_fashioniq_queries: int | None = None) -> Path:
+                   num_fashioniq_queries: int | None = None, num_cirr_queries: int | None = None) -> Path:
     """Write ImageNet/, FashionIQ/, CIRR/, CIRCO/ and toy_manifest.json under `out`; return `out`.
 
     num_train_images: ImageNet test images (one caption pair each).
-    num_queries: queries per split of CIRR and CIRCO (val and test).
+    num_queries: queries per split of CIRCO (val and test), and of CIRR unless num_cirr_queries is given.
     num_fashioniq_queries: queries per FashionIQ category and split (default: num_queries).
+    num_cirr_queries: queries per CIRR split (default: num_queries), 6 to a 6-image set.
     num_distractors: images per gallery that no query uses.
     Gallery images of one split differ in their attributes (so each target is the only right answer);
     FashionIQ has 288 combinations per category, hence 2 * num_fashioniq_queries + num_distractors <= 288.
@@ -943,9 +946,11 @@ def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES[
     (built in a temporary sibling first); any other non-empty folder there is refused.
     """
     num_fashioniq_queries = num_queries if num_fashioniq_queries is None else num_fashioniq_queries
-    if num_train_images < 1 or num_queries < 1 or num_fashioniq_queries < 1 or num_distractors < 0:
-        raise ValueError("need --num-train-images >= 1, --num-queries >= 1, --num-fashioniq-queries >= 1 and "
-                         f"--num-distractors >= 0; got {num_train_images}, {num_queries}, {num_fashioniq_queries}, "
+    num_cirr_queries = num_queries if num_cirr_queries is None else num_cirr_queries
+    if min(num_train_images, num_queries, num_fashioniq_queries, num_cirr_queries) < 1 or num_distractors < 0:
+        raise ValueError("need --num-train-images >= 1, --num-queries >= 1, --num-fashioniq-queries >= 1, "
+                         "--num-cirr-queries >= 1 and --num-distractors >= 0; got "
+                         f"{num_train_images}, {num_queries}, {num_fashioniq_queries}, {num_cirr_queries}, "
                          f"{num_distractors}")
     out = Path(out).absolute()
     _check_replaceable(out)
@@ -957,13 +962,14 @@ def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES[
         images["ImageNet"] = _make_imagenet(tmp / "ImageNet", np.random.default_rng([seed, 0]), num_train_images)
         images["FashionIQ"], hidden["FashionIQ"] = _make_fashioniq(tmp / "FashionIQ", seed, num_fashioniq_queries,
                                                                    num_distractors)
-        images["CIRR"], hidden["CIRR"] = _make_cirr(tmp / "CIRR", seed, num_queries, num_distractors)
+        images["CIRR"], hidden["CIRR"] = _make_cirr(tmp / "CIRR", seed, num_cirr_queries, num_distractors)
         images["CIRCO"], hidden["CIRCO"] = _make_circo(tmp / "CIRCO", seed, num_queries, num_distractors)
         manifest = {
             "generator": "scripts/make_toy_data.py",
             "seed": seed,
             "sizes": {"num_train_images": num_train_images, "num_queries": num_queries,
-                      "num_fashioniq_queries": num_fashioniq_queries, "num_distractors": num_distractors},
+                      "num_fashioniq_queries": num_fashioniq_queries, "num_cirr_queries": num_cirr_queries,
+                      "num_distractors": num_distractors},
             "images": images,
             "hidden_targets": hidden,
         }
@@ -998,6 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help="ImageNet test images with caption pairs (default %(default)s)")
     parser.add_argument("--num-queries", type=int, default=DEFAULT_SIZES["num_queries"],
                         help="queries per CIRR and CIRCO split (default %(default)s)")
+    parser.add_argument("--num-cirr-queries", type=int, default=None,
+                        help="queries per CIRR split, six to a 6-image set (default: --num-queries)")
     parser.add_argument("--num-fashioniq-queries", type=int, default=None,
                         help="queries per FashionIQ category and split (default: --num-queries; at most "
                              "(288 - --num-distractors) / 2)")
@@ -1007,7 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         out = make_toy_world(args.out, seed=args.seed, num_train_images=args.num_train_images,
                              num_queries=args.num_queries, num_distractors=args.num_distractors,
-                             num_fashioniq_queries=args.num_fashioniq_queries)
+                             num_fashioniq_queries=args.num_fashioniq_queries,
+                             num_cirr_queries=args.num_cirr_queries)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
     counts = {b: sum(1 for p in (out / b).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

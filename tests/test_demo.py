@@ -67,7 +67,7 @@ def test_ap_chance_equals_enumeration():
     assert demo._recall_chance(10, 40) == 25.0 and demo._recall_chance(50, 40) == 100.0
 
 
-SHORT = ["--epochs", "1", "--batch-size", "8", "--num-train-images", "16", "--num-queries", "4",
+SHORT = ["--epochs", "1", "--batch-size", "8", "--num-train-images", "16", "--num-queries", "4", "--num-cirr-queries", "6",
          "--num-fashioniq-queries", "4", "--num-distractors", "20", "--examples", "2"]
 
 
@@ -86,9 +86,9 @@ def _check_summary(summary, out):
         for name in METRIC_KEYS:  # every method was evaluated on every benchmark by evaluate.py
             assert json.loads((out / "eval" / f"metrics_{name}{suffix}.json").read_text()) == summary["metrics"][method][name]
     counts = summary["queries"]
-    assert counts == {"fashioniq": {"dress": 4, "shirt": 4, "toptee": 4}, "cirr": 4, "circo": 4}
+    assert counts == {"fashioniq": {"dress": 4, "shirt": 4, "toptee": 4}, "cirr": 6, "circo": 4}
     p = summary["metrics"]["fti4cir"]["cirr"]["cirr_recall_at1"] / 100
-    assert summary["spread"]["fti4cir"]["cirr"]["cirr_recall_at1"] == pytest.approx(100 * (p * (1 - p) / 4) ** 0.5)
+    assert summary["spread"]["fti4cir"]["cirr"]["cirr_recall_at1"] == pytest.approx(100 * (p * (1 - p) / 6) ** 0.5)
     assert {(v["benchmark"], v["metric"], v["baseline"]) for v in summary["headline"]} == {
         (b, m, base) for b, ms in demo.HEADLINE.items() for m in ms for base in ("image-only", "text-only")}
     hits = summary["examples"]["target_in_top"]

@@ -14,6 +14,7 @@ from PIL import Image
 import make_toy_data as mtd
 
 SMALL = {"num_train_images": 6, "num_queries": 3, "num_distractors": 2}
+WORLD_SIZES = {"num_cirr_queries": 10}  # CIRR's count apart from CIRCO's (8): two sets, one of them partly asked
 SCENE_KEYS = ("shape", "colour", "background", "pattern", "size")
 GARMENT_KEYS = ("colour", "pattern", "print", "variant", "fit")
 CIRR_NAME = re.compile(r"(train|dev|test1)-\d+-\d+-img[01]")
@@ -26,7 +27,7 @@ def load(path: Path):
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    return mtd.make_toy_world(tmp_path_factory.mktemp("toy") / "toy", seed=0)
+    return mtd.make_toy_world(tmp_path_factory.mktemp("toy") / "toy", seed=0, **WORLD_SIZES)
 
 
 @pytest.fixture(scope="session")
@@ -286,7 +287,7 @@ def test_cirr_modifications_lead_from_reference_to_target(world, manifest):
     for split in mtd.CIRR_SPLITS:
         smap = load(world / "CIRR" / "cirr" / "image_splits" / f"split.rc2.{split}.json")
         caps = load(world / "CIRR" / "cirr" / "captions" / f"cap.rc2.{split}.json")
-        assert len(caps) == manifest["sizes"]["num_queries"]
+        assert len(caps) == manifest["sizes"]["num_cirr_queries"]
         for name, rel in smap.items():
             check_scene_image(world / "CIRR" / rel[2:], records[name])
         for q in caps:
@@ -401,10 +402,10 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_other_seed_different(world, tmp_path):
-    again = _tree(mtd.make_toy_world(tmp_path / "again", seed=0))
+    again = _tree(mtd.make_toy_world(tmp_path / "again", seed=0, **WORLD_SIZES))
     first = _tree(world)
     assert again.keys() == first.keys() and all(again[k] == first[k] for k in first)
-    other = _tree(mtd.make_toy_world(tmp_path / "other", seed=1))
+    other = _tree(mtd.make_toy_world(tmp_path / "other", seed=1, **WORLD_SIZES))
     assert load(world / "ImageNet" / "pairs.json") != json.loads(other["ImageNet/pairs.json"])
     for rel in ("ImageNet/test/ILSVRC2012_test_00000001.JPEG", "CIRR/cirr/captions/cap.rc2.val.json",
                 "CIRCO/annotations/val.json", "FashionIQ/captions/cap.dress.val.json"):
