@@ -21,12 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 
 import make_toy_clip  # noqa: E402
-from make_toy_data import web_caption, web_pages  # noqa: E402
+from make_toy_data import web_pages  # noqa: E402
 
 # name -> (captions per image, text blocks, text groups)
 SETUPS = {
@@ -56,9 +55,7 @@ class Setup:
                                                         "--text-layers", str(text_layers)])
         self.clip, self.optimizers = make_toy_clip.make_trainable(args)
         self.loss_fn, self.groups, self.batch, self.images = ClipLoss(), groups, batch, images
-        rng = np.random.default_rng(0)
-        tokenize = make_toy_clip.WordCachedTokenizer(self.clip)
-        self.tokens = tokenize([web_caption(rng, r) for r in records for _ in range(captions)]).view(len(records), captions, -1)
+        _, self.tokens = make_toy_clip.epoch_plan(args, 0, records, make_toy_clip.WordCachedTokenizer(self.clip))
         self.i = 0
 
     def step(self) -> None:

@@ -3,12 +3,12 @@
 The model is an open_clip `CLIP` in OpenAI's layout (QuickGELU, vocabulary 49408, context 77), built as
 `clip_loader.build_tiny_clip` builds one, with text width == embedding size as FTI4CIR needs. It is
 trained contrastively, with open_clip's own `ClipLoss`, on image-caption pairs of the toy world's *web*
-part (`make_toy_data.web_pages`): shape scenes and garments, none of them an image of the benchmarks
-or of the toy ImageNet. Every epoch each image gets several captions (`--captions-per-image`), each
-drawn on its own from many phrasings, full or partial, as an image on the web carries several alt
-texts; a step's loss is the mean of `ClipLoss` over them, so one pass of the visual tower, the costly
-part, learns from all of them. It never sees a benchmark annotation. The file written is an OpenAI-format state dict, stored in fp16
-as OpenAI ships its weights, which every script loads through `--clip-weights`.
+part (`make_toy_data.web_pages`): shape scenes and garments, none of them an image of the benchmarks or
+of the toy ImageNet. Every epoch each image gets several captions (`--captions-per-image`), each drawn on
+its own from many phrasings, full or partial, as an image on the web carries several alt texts; a step's
+loss is the mean of `ClipLoss` over them, so one pass of the visual tower, the costly part, learns from
+all of them. It never sees a benchmark annotation. The file written is an OpenAI-format state dict,
+stored in fp16 as OpenAI ships its weights, which every script loads through `--clip-weights`.
 
     python scripts/make_toy_clip.py --world data/toy --out data/toy_clip.pt
 
