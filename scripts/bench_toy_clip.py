@@ -1,11 +1,11 @@
 """Time the toy CLIP's training step (scripts/make_toy_clip.py) in several set-ups, side by side.
 
-Each set-up trains the demo's toy CLIP (48-pixel images in 16-pixel patches, a 3-block ViT of width 192,
-batch 128) on a rendered web part with make_toy_clip's own step; they differ in the captions per image,
-the text blocks and whether the captions go through the text tower in one pass cut at the longest or in
-groups of similar length. The set-ups take turns, `--repeats` rounds of `--steps` timed steps after
-`--warmup` untimed ones, so that a machine whose speed drifts slows them all alike; the median round
-counts. Printed: ms per step, images per second, and each set-up's time against the first one's.
+Each set-up trains a toy CLIP on 48-pixel images (batch 128, text width 64) with make_toy_clip's own
+step; they differ in the captions per image, the text blocks, whether the captions go through the text
+tower in one pass cut at the longest or in groups of similar length, and the ViT (width and patch size;
+3 blocks). The set-ups take turns, `--repeats` rounds of `--steps` timed steps after `--warmup` untimed
+ones, so that a machine whose speed drifts slows them all alike; the median round counts. Printed: ms per
+step, images per second, and each set-up's time against the first one's.
 
     python scripts/bench_toy_clip.py [--steps 20] [--warmup 3] [--repeats 3] [--threads 2] [--json FILE]
 """
@@ -27,12 +27,12 @@ from open_clip.loss import ClipLoss  # noqa: E402
 import make_toy_clip  # noqa: E402
 from make_toy_data import web_pages  # noqa: E402
 
-# name -> (captions per image, text blocks, text groups)
+# name -> (captions per image, text blocks, text groups, ViT width, ViT patch size)
 SETUPS = {
-    "1 caption, 2 text blocks, one text pass": (1, 2, 1),
-    "4 captions, 2 text blocks, one text pass": (4, 2, 1),
-    "4 captions, 2 text blocks, by length": (4, 2, 4),
-    "4 captions, 1 text block, by length (default)": (4, 1, 4),
+    "1 caption, 2 text blocks, one pass, ViT 192/16": (1, 2, 1, 192, 16),
+    "4 captions, 2 text blocks, by length, ViT 192/16": (4, 2, 4, 192, 16),
+    "4 captions, 1 text block, by length, ViT 192/16": (4, 1, 4, 192, 16),
+    "4 captions, 1 text block, by length, ViT 128/12 (default)": (4, 1, 4, 128, 12),
 }
 
 
@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 class Setup:
     """One set-up's model, optimisers and batches, stepping on demand."""
 
-    def __init__(self, captions: int, text_layers: int, groups: int, images: torch.Tensor, records: list[dict],
-                 batch: int):
-        args = make_toy_clip.build_parser().parse_args(["--captions-per-image", str(captions),
-                                                        "--text-layers", str(text_layers)])
+    def __init__(self, captions: int, text_layers: int, groups: int, width: int, patch: int, images: torch.Tensor,
+                 records: list[dict], batch: int):
+        args = make_toy_clip.build_parser().parse_args([
+            "--captions-per-image", str(captions), "--text-layers", str(text_layers),
+            "--vision-width", str(width), "--patch-size", str(patch)])
         self.clip, self.optimizers = make_toy_clip.make_trainable(args)
         self.loss_fn, self.groups, self.batch, self.images = ClipLoss(), groups, batch, images
         _, self.tokens = make_toy_clip.epoch_plan(args, 0, records, make_toy_clip.WordCachedTokenizer(self.clip))
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
     print(f"toy CLIP training step, batch {batch}, {args.threads} threads, median of {args.repeats} rounds of "
           f"{args.steps} steps")
     for name, sec in out.items():
-        print(f"  {name:<48} {1000 * sec:7.1f} ms/step  {batch / sec:7.1f} images/s  {sec / first:5.2f}x the first")
+        print(f"  {name:<58} {1000 * sec:7.1f} ms/step  {batch / sec:7.1f} images/s  {sec / first:5.2f}x the first")
     result = {"threads": args.threads, "batch": batch, "seconds_per_step": out, "rounds": rounds}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -239,17 +239,24 @@ def fti4cir_retrievals(data: Path, net, clip, cache: Path) -> dict:
     return out
 
 
-def example_hits(retrievals: dict, count: int) -> dict[str, list[bool]]:
-    """For every example grid: whether each drawn query has a target among its top 5 results (the queries
-    and rankings `evaluate.py --save-examples` draws: evaluation.example_rankings)."""
+def _target_in_top(r, count: int) -> list[bool]:
+    """Whether each of `count` evenly spaced queries of the evaluation.Retrieval `r` has a target among its
+    top 5 results (the queries and rankings `evaluate.py --save-examples` draws: evaluation.example_rankings)."""
     from evaluation import example_rankings, query_targets
 
-    out = {}
-    for label, r in retrievals.items():
-        rows, ranked = example_rankings(r, count, EXAMPLE_TOP)
-        out[label] = [bool(query_targets(r.queries[i]) & {r.names[j] for j in row})
-                      for row, i in zip(ranked.tolist(), rows)]
-    return out
+    rows, ranked = example_rankings(r, count, EXAMPLE_TOP)
+    return [bool(query_targets(r.queries[i]) & {r.names[j] for j in row}) for row, i in zip(ranked.tolist(), rows)]
+
+
+def example_hits(retrievals: dict, count: int) -> dict[str, list[bool]]:
+    """For every example grid: whether each drawn query has a target among its top 5 results."""
+    return {label: _target_in_top(r, count) for label, r in retrievals.items()}
+
+
+def top_rates(retrievals: dict) -> dict[str, float]:
+    """For every example grid's split: the percent of all its validation queries with a target among their
+    top 5 results, the rate that the grid's drawn queries sample."""
+    return {label: 100.0 * statistics.fmean(_target_in_top(r, len(r.queries))) for label, r in retrievals.items()}
 
 
 def circo_per_query_values(fti4cir, clip, data: Path, cache: Path, metrics: dict) -> dict[str, dict[str, list[float]]]:
@@ -330,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-distractors", type=int, default=20,
                    help="extra gallery images per split that no query uses (default %(default)s)")
     c = p.add_argument_group("toy CLIP (skipped with --clip-weights)")
-    c.add_argument("--toy-clip-steps", type=int, default=800, help="training steps of the toy CLIP (default %(default)s)")
+    c.add_argument("--toy-clip-steps", type=int, default=1000, help="training steps of the toy CLIP (default %(default)s)")
     c.add_argument("--num-web-images", type=int, default=12000, help="web images the toy CLIP trains on (default %(default)s)")
     c.add_argument("--clip-model", default="ViT-L/14", help="CLIP architecture when --clip-weights is given (default %(default)s)")
     c.add_argument("--clip-weights", default=None, help="a real CLIP file to use instead of training the toy one")
@@ -338,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=5, help="training epochs (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)s)")
-    p.add_argument("--examples", type=int, default=4, help="queries drawn per benchmark in the example grids (default %(default)s)")
+    p.add_argument("--examples", type=int, default=8,
+                   help="queries drawn per benchmark in the example grids, evenly spaced (default %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for every step (default %(default)s)")
     return p
 
@@ -420,7 +428,7 @@ def main(argv=None) -> dict:
     retrievals = fti4cir_retrievals(data, net, clip, cache)
     per_query = circo_per_query_values(retrievals["circo"], clip, data, cache, metrics)
     spread = {m: spreads(metrics[m], counts, {"circo": per_query[m]} if m in per_query else None) for m in METHODS}
-    hits = example_hits(retrievals, args.examples)
+    hits, rates = example_hits(retrievals, args.examples), top_rates(retrievals)
     timings["summary"] = time.time() - t
     what = "a toy CLIP trained on the web part" if toy_clip else f"CLIP {clip_weights}"
     print(f"\nresults in percent, each ± its standard error over the queries (CIRCO: over its per-query values; chance mAP: an upper bound); "
@@ -435,6 +443,8 @@ def main(argv=None) -> dict:
     shown = sum(sum(h) for h in hits.values())
     print(f"\nexample grids: {shown} of {drawn} drawn queries have a target in their top {EXAMPLE_TOP} ("
           + ", ".join(f"{k} {sum(h)}/{len(h)}" for k, h in hits.items()) + ")")
+    print("  over all the validation queries of those splits: " + ", ".join(f"{k} {v:.1f}%" for k, v in rates.items())
+          + f"; mean {statistics.fmean(rates.values()):.1f}%")
     pngs = sorted(evals.glob("**/*.png"))
     print("\nwhere everything went:")
     print(f"  toy data          {data}")
@@ -452,7 +462,8 @@ def main(argv=None) -> dict:
     print(f"\ndemo finished in {timings['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()
                                                              if k != "total") + ")")
     summary = {"metrics": metrics, "spread": spread, "queries": counts, "headline": verdicts,
-               "examples": {"top": EXAMPLE_TOP, "target_in_top": hits, "files": [str(p) for p in pngs]},
+               "examples": {"top": EXAMPLE_TOP, "target_in_top": hits, "top_rate_percent": rates,
+                            "files": [str(p) for p in pngs]},
                "toy_clip": toy_clip, "clip_weights": clip_weights, "checkpoint": str(checkpoint),
                "seed": args.seed, "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-held-out", type=int, default=500, help="further web pairs for the recall check (default %(default)s)")
     p.add_argument("--page-size", type=int, default=4,
                    help="images per web page (variants of one thing; a batch holds whole pages) (default %(default)s)")
-    p.add_argument("--steps", type=int, default=800, help="optimiser steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="pairs per step (default %(default)s)")
     p.add_argument("--captions-per-image", type=int, default=4,
                    help="captions drawn for every image each epoch; a step's loss is the mean of CLIP's loss over "
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay after warm-up (default %(default)s)")
     p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay of the weight matrices (default %(default)s)")
     p.add_argument("--image-size", type=int, default=48, help="input resolution (default %(default)s)")
-    p.add_argument("--patch-size", type=int, default=16, help="ViT patch size (default %(default)s)")
-    p.add_argument("--vision-width", type=int, default=192, help="ViT width (default %(default)s)")
+    p.add_argument("--patch-size", type=int, default=12, help="ViT patch size (default %(default)s)")
+    p.add_argument("--vision-width", type=int, default=128, help="ViT width (default %(default)s)")
     p.add_argument("--vision-layers", type=int, default=3, help="ViT blocks (default %(default)s)")
     p.add_argument("--text-width", type=int, default=64,
                    help="text transformer width, also the embedding size (default %(default)s)")

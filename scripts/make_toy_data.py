@@ -229,7 +229,11 @@ def _background_clause(rng, background: str | None, pattern: str | None) -> str:
 _SIZE_WORDS = {"small": ("small", "little", "tiny", "smaller"), "large": ("large", "big", "bigger", "larger")}
 _SCENE_PATTERN_ADJ = {"plain": ("plain",), "striped": ("striped",), "dotted": ("dotted", "polka dot"),
                       "checkered": ("checkered", "checked")}
-_WEB_PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "a drawing of ")
+# A web text also holds words that say nothing of the picture ("make it yours"): a real CLIP has met
+# every word of the benchmarks' texts, "it", "make" and "instead" too, and so must the toy one, or their
+# embeddings stay at their random start and blur every query that uses them.
+_WEB_PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "it is ",
+                 "make it yours: ", "turn it into art: ", "use this one instead: ")
 _GRAYSCALE_PREFIXES = ("a grayscale photo of ", "a monochrome picture of ", "a grayscale image of ")
 
 
@@ -282,6 +286,8 @@ def web_scene_caption(rng, attrs: dict) -> str:
             return f"{prefix}{bg} with {obj}"
         if form < 0.3:
             return f"{obj}, {_pick(rng, ('on', 'with'))} {bg}"
+        if form < 0.4:
+            return f"{prefix}{obj} that has {bg}"
         return f"{prefix}{obj} {_pick(rng, ('on', 'on', 'with', 'against'))} {bg}"
     return prefix + (obj or bg)
 
@@ -293,14 +299,16 @@ def web_garment_caption(rng, category: str, attrs: dict) -> str:
     noun = _pick(rng, _GARMENT_NOUNS[category])
     adjectives, after = [], []
     if "fit" in said:
-        adjectives.append(_pick(rng, _FIT_ADJ[attrs["fit"]]))
+        adjectives.append(_pick(rng, _WEB_FIT_ADJ[attrs["fit"]]))
     if "variant" in said:
         if category == "dress":
-            adjectives.append(attrs["variant"])
+            adjectives.append(_pick(rng, _WEB_DRESS_LENGTH[attrs["variant"]]))
         else:
             sleeves = _pick(rng, _SLEEVES_WITH[attrs["variant"]])
             (after if sleeves.startswith("with") else adjectives).append(sleeves)
     colour = attrs["colour"] if "colour" in said else None
+    if colour and rng.random() < 0.15:
+        colour += " colored"
     pattern = None
     if "pattern" in said:
         if rng.random() < 0.35:
@@ -312,6 +320,8 @@ def web_garment_caption(rng, category: str, attrs: dict) -> str:
             adjectives.append("graphic")  # "a graphic tee"
         else:
             after.append(_pick(rng, _PRINT_WITH[attrs["print"]]))
+    if after and all(a.startswith("with ") for a in after) and rng.random() < 0.3:  # "a top that has a logo"
+        after = ["that has " + _join_clauses([a[len("with "):] for a in after])]
     prefix = _pick(rng, _WEB_PREFIXES)
     if colour and rng.random() < 0.25:  # "a loose dress that is red and striped"
         rest = " and ".join(w for w in (colour, pattern) if w)
@@ -353,6 +363,9 @@ _GARMENT_PATTERN_WITH = {"solid": "in a solid color", "striped": "with stripes",
 _PRINT_WITH = {"graphic": ("with a graphic", "with a logo", "with a print on the front"),
                "none": ("with no graphic", "without a logo", "with no print")}
 _FIT_ADJ = {"fitted": ("fitted", "tight", "slim"), "loose": ("loose", "baggy", "flowy")}
+# the web's words for fit and a dress's length also hold comparatives, as "bigger" is one of "large"
+_WEB_FIT_ADJ = {"fitted": _FIT_ADJ["fitted"] + ("tighter", "more fitted"), "loose": _FIT_ADJ["loose"] + ("looser", "more loose")}
+_WEB_DRESS_LENGTH = {"short": ("short", "shorter"), "long": ("long", "longer")}
 _SLEEVES_WITH = {"short": ("with short sleeves", "short-sleeved"), "long": ("with long sleeves", "long-sleeved"),
                  "sleeveless": ("sleeveless", "with no sleeves")}
 _COLOUR_CHANGE = ("is {}", "is {} in color", "is {} colored")
@@ -547,8 +560,8 @@ def render_garment(category: str, record: dict) -> Image.Image:
     draw = ImageDraw.Draw(mask)
     for poly in _garment_polygons(category, record["variant"], record["fit"]):
         draw.polygon([(x0 + u * bw, y0 + v * bh) for u, v in poly], fill=255)
-    # a period the 32-64 pixel inputs of a small CLIP still resolve
-    cloth = Image.fromarray(_pattern_array(w, h, COLOURS[record["colour"]], record["pattern"], period=12))
+    # the scenes' period: at the toy CLIP's 48 pixels a stripe, a dot or a plaid line is 1-2 pixels wide
+    cloth = Image.fromarray(_pattern_array(w, h, COLOURS[record["colour"]], record["pattern"], period=16))
     if record["print"] == "graphic":  # on the chest, above the centre (so (0.5, 0.5) keeps the cloth's colour)
         (u0, v0), (u1, v1) = GRAPHIC_BOX
         ImageDraw.Draw(cloth).rectangle([x0 + u0 * bw, y0 + v0 * bh, x0 + u1 * bw, y0 + v1 * bh],

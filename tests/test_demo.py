@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -94,6 +95,7 @@ def _check_summary(summary, out):
     hits = summary["examples"]["target_in_top"]
     assert list(hits) == ["fashioniq_dress", "fashioniq_shirt", "fashioniq_toptee", "cirr", "circo"]
     assert all(len(h) == 2 for h in hits.values())
+    assert list(summary["examples"]["top_rate_percent"]) == list(hits)
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
@@ -114,6 +116,24 @@ def test_spreads_of_a_method():
     assert se["circo"]["circo_map_at5"] == pytest.approx(100 * (0.04 / 4) ** 0.5)  # variance 0.04, not .3 * .7
     binomial = demo.spreads(metrics, {"circo": 4})["circo"]["circo_recall_at5"]
     assert se["circo"]["circo_recall_at5"] == pytest.approx(25.0) == pytest.approx(binomial)
+
+
+def plain_top_rates(summary: dict, run: Path) -> dict[str, float]:
+    """The percent of each grid split's validation queries with a target in their top 5, a query at a time:
+    its similarity to every gallery image, the reference left out on CIRR, the five best names."""
+    net, clip = demo.load_models(summary["checkpoint"], "ViT-L/14", summary["clip_weights"], "cpu")
+    rates = {}
+    for label, r in demo.fti4cir_retrievals(run / "data", net, clip, run / "cache").items():
+        hits = 0
+        for i, q in enumerate(r.queries):
+            sims = r.gallery.features @ r.query_features[i]
+            if label == "cirr":
+                sims[r.names.index(q["reference_name"])] = -float("inf")
+            best = {r.names[j] for j in sims.argsort(descending=True)[:5].tolist()}
+            targets = set(q.get("gt_img_ids") or []) | {q.get("target_name")}
+            hits += bool(best & targets)
+        rates[label] = 100.0 * hits / len(r.queries)
+    return rates
 
 
 def test_short_demo_end_to_end(tmp_path):
@@ -141,6 +161,7 @@ def test_short_demo_end_to_end(tmp_path):
         assert all(len(cirr[str(q["pair_id"])]) == len(gallery) - 1 for q in cirr_q)
         assert all(q["reference_name"] not in cirr[str(q["pair_id"])] for q in cirr_q)
         assert all(set(subset[str(q["pair_id"])]) <= set(q["group_members"]) for q in cirr_q)
+    assert summary["examples"]["top_rate_percent"] == pytest.approx(plain_top_rates(summary, out))
     pngs = sorted((out / "eval" / "examples").glob("*.png"))
     assert [p.name for p in pngs] == ["examples_circo_val.png", "examples_cirr_val.png", "examples_fashioniq_dress_val.png",
                                       "examples_fashioniq_shirt_val.png", "examples_fashioniq_toptee_val.png"]

@@ -103,6 +103,41 @@ def test_web_captions_tell_the_truth_in_many_phrasings():
     assert any(re.search(r"background with an? ", c) for c in captions)
 
 
+def benchmark_texts(rng, n: int) -> list[str]:
+    """`n` texts of each kind the benchmarks and the toy ImageNet carry, drawn by the world's own writers:
+    FashionIQ's two captions, CIRR's caption, CIRCO's caption and shared concept, ImageNet's pairs."""
+    texts = []
+    for _ in range(n):
+        cat = mtd.FASHIONIQ_CATEGORIES[int(rng.integers(3))]
+        ref = mtd.random_attributes(rng, cat)
+        tgt = mtd._mutate(rng, ref, mtd._garment_domains(cat), mtd._always_valid, int(rng.integers(1, 4)))
+        texts += mtd.fashioniq_captions(rng, cat, ref, tgt) + list(mtd.garment_pair(cat, tgt))
+        ref = mtd.random_attributes(rng, "scene")
+        tgt = mtd._mutate(rng, ref, mtd.SCENE_DOMAINS, mtd._valid_scene, int(rng.integers(1, 3)))
+        texts += [mtd._scene_change_text(rng, ref, tgt), mtd.scene_subject(tgt), mtd.scene_attribute(tgt)]
+        texts += [mtd._circo_change_text(rng, {k: tgt[k] for k in ("colour", "background", "pattern")
+                                               if rng.random() < 0.5} or {"colour": tgt["colour"]}),
+                  mtd._with_article(" ".join(ref[k] for k in ("size", "colour", "shape")))]
+    return texts
+
+
+def test_web_captions_use_every_word_of_the_benchmark_texts(world):
+    """A real CLIP has met every word of the benchmarks' texts; a word that no web caption uses would keep
+    its random embedding in the toy CLIP and blur every query that says it ("looser", "has", "instead")."""
+    rng = np.random.default_rng(0)
+    web = {w for p in mtd.web_pages(0, 1500, 4) for r in p for w in re.findall(r"[a-z]+", mtd.web_caption(rng, r))}
+    texts = benchmark_texts(np.random.default_rng(1), 2000)
+    for cat in mtd.FASHIONIQ_CATEGORIES:  # and the files of a world
+        texts += [c for q in json.loads((world / "FashionIQ" / "captions" / f"cap.{cat}.val.json").read_text())
+                  for c in q["captions"]]
+    texts += [q["caption"] for q in json.loads((world / "CIRR" / "cirr" / "captions" / "cap.rc2.val.json").read_text())]
+    texts += [q["relative_caption"] + " " + q["shared_concept"]
+              for q in json.loads((world / "CIRCO" / "annotations" / "val.json").read_text())]
+    words = {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
+    assert {"looser", "shorter", "has", "instead", "make", "turn", "into", "colored"} <= words  # the texts use them
+    assert words - web == set()
+
+
 def test_short_run_writes_an_openai_clip_file_that_loads_the_same_each_time(tmp_path, world):
     flags = ["--world", str(world), "--seed", "3", "--steps", "3", "--batch-size", "16", "--num-web-images", "64",
              "--num-held-out", "16", "--no-progress"] + TINY_FLAGS
