@@ -8,7 +8,9 @@
 4. evaluates FTI4CIR and the image-only and text-only baselines on the three benchmarks, writes the
    CIRR / CIRCO test submissions and draws retrieval examples (reference, text, top 5, target framed);
 5. prints one table per benchmark: FTI4CIR, image-only, text-only and chance, each figure with its
-   standard error over the queries, and writes everything to <out>/summary.json.
+   standard error over the queries, how many drawn example queries have a target in their top 5 and
+   each example split's top-5 rate over all its validation queries, and writes everything to
+   <out>/summary.json.
 
 Each step runs one of the real scripts (src/train.py, src/evaluate.py, src/test.py, scripts/...) with
 flags, in this process (so the libraries are imported once), printing its command: every step can be
@@ -256,7 +258,8 @@ def example_hits(retrievals: dict, count: int) -> dict[str, list[bool]]:
 def top_rates(retrievals: dict) -> dict[str, float]:
     """For every example grid's split: the percent of all its validation queries with a target among their
     top 5 results, the rate that the grid's drawn queries sample."""
-    return {label: 100.0 * statistics.fmean(_target_in_top(r, len(r.queries))) for label, r in retrievals.items()}
+    return {label: 100.0 * statistics.fmean(_target_in_top(r, len(r.queries))) if r.queries else math.nan
+            for label, r in retrievals.items()}
 
 
 def circo_per_query_values(fti4cir, clip, data: Path, cache: Path, metrics: dict) -> dict[str, dict[str, list[float]]]:

@@ -560,7 +560,7 @@ def render_garment(category: str, record: dict) -> Image.Image:
     draw = ImageDraw.Draw(mask)
     for poly in _garment_polygons(category, record["variant"], record["fit"]):
         draw.polygon([(x0 + u * bw, y0 + v * bh) for u, v in poly], fill=255)
-    # the scenes' period: at the toy CLIP's 48 pixels a stripe, a dot or a plaid line is 1-2 pixels wide
+    # the scenes' period: at the toy CLIP's 48 pixels a stripe or a dot is 2-3 pixels across, a plaid line 1-2
     cloth = Image.fromarray(_pattern_array(w, h, COLOURS[record["colour"]], record["pattern"], period=16))
     if record["print"] == "graphic":  # on the chest, above the centre (so (0.5, 0.5) keeps the cloth's colour)
         (u0, v0), (u1, v1) = GRAPHIC_BOX
