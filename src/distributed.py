@@ -1,21 +1,29 @@
-"""Distributed-training helpers for src/train.py: process-group setup from torchrun's environment,
-an all-gather that carries gradients (also on gloo), and a DistributedSampler that can start mid-epoch.
+"""Distributed-training helpers for src/train.py: the process layout from torchrun's or SLURM's
+environment, the device of each process, an all-gather that carries gradients (also on gloo), errors
+that reach every rank, and a DistributedSampler that can start mid-epoch.
 
-One process per device. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
-without them (plain `python src/train.py`) everything here is a no-op with world size 1.
+One process per device. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK,
+MASTER_ADDR and MASTER_PORT; `srun` without torchrun sets SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID and
+SLURM_STEP_NUM_TASKS, and the job script exports MASTER_ADDR/MASTER_PORT (README, multi-node). Without
+either (plain `python src/train.py`) everything here is a no-op with world size 1.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from errors import ConfigError
+from errors import ConfigError, DeviceError, UserError
 from utils import resolve_device
+
+
+class RankFailed(UserError):
+    """Another process of the run failed; its own output says why."""
 
 
 @dataclass
@@ -24,6 +32,9 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # True when init_distributed created the process group (and must destroy it)
+    local_world_size: int = 1  # processes on this node
+    node_rank: int = 0  # this node's number (0 .. nodes - 1)
+    launcher: str = "none"  # "torchrun", "slurm" or "none"
 
     @property
     def is_main(self) -> bool:
@@ -33,30 +44,87 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def multi_node(self) -> bool:
+        return self.world_size > self.local_world_size
+
+
+def _slurm_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's compact tasks-per-node list ("4(x2),3" -> [4, 4, 3])."""
+    out = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ConfigError(f"SLURM_STEP_TASKS_PER_NODE={spec!r} is not in SLURM's format")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def layout_from_env(env=None) -> DistInfo:
+    """The process layout the launcher describes: torchrun's variables first, else those `srun` gives each
+    task (used only inside an srun step of more than one task, so a job script's own shell, which also
+    sees SLURM_* variables, stays a single process)."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        return DistInfo(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)),
+                        local_world_size=local_world, node_rank=int(env.get("GROUP_RANK", 0)),
+                        launcher="torchrun" if world > 1 else "none")
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", 1))
+    if tasks > 1 and "SLURM_PROCID" in env:
+        node = int(env.get("SLURM_NODEID", 0))
+        per_node = _slurm_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", str(tasks)))
+        local_world = per_node[node] if node < len(per_node) else per_node[-1]
+        return DistInfo(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0)),
+                        local_world_size=local_world, node_rank=node, launcher="slurm")
+    return DistInfo()
+
+
+def pick_device(requested: torch.device, info: DistInfo, visible: int) -> torch.device:
+    """This process's device. One process: the device asked for (`cuda` = the current CUDA device). Several:
+    `cuda:LOCAL_RANK`, or `cuda:0` where the launcher shows each process only its own GPU; an index in
+    --device would put every rank on one GPU, so it is refused."""
+    if requested.type != "cuda":
+        return requested
+    if not info.enabled:
+        return requested if requested.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if requested.index is not None:
+        raise ConfigError(f"--device {requested}: with {info.world_size} processes each one takes cuda:LOCAL_RANK; "
+                          "pass --device cuda (or none) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if info.local_rank < visible:
+        return torch.device("cuda", info.local_rank)
+    raise DeviceError(f"process {info.rank} has LOCAL_RANK {info.local_rank} but sees {visible} GPU(s) "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); show each "
+                      "process all of its node's GPUs, or exactly one")
+
 
 def init_distributed(device_name: str | None, timeout_minutes: float = 60.0) -> tuple[DistInfo, torch.device]:
-    """Reads torchrun's environment, joins (or creates) the process group and picks this process's device.
+    """Reads the launcher's environment, joins (or creates) the process group and picks this process's device.
 
-    CUDA processes use NCCL and `cuda:LOCAL_RANK` (unless --device names an index); CPU processes use gloo.
-    The long timeout lets the other ranks wait while rank 0 alone runs validation.
+    CUDA processes use NCCL, CPU processes gloo. The long timeout lets the other ranks wait while rank 0
+    alone runs validation.
     """
     device = resolve_device(device_name)
     if dist.is_available() and dist.is_initialized():  # a caller set the group up already
-        info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False)
+        info = layout_from_env()
+        info.rank, info.world_size, info.owns_group = dist.get_rank(), dist.get_world_size(), False
     else:
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        info = DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)), False)
-        if world > 1:
+        info = layout_from_env()
+        if info.enabled:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise ConfigError(f"WORLD_SIZE={world} but {missing} are not set; launch with torchrun")
+                raise ConfigError(f"WORLD_SIZE={info.world_size} but {missing} are not set; launch with torchrun, or "
+                                  "export them in the job script (README, multi-node)")
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+        device = pick_device(device, info, torch.cuda.device_count())
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
         info.owns_group = True
     return info, device
 
@@ -67,6 +135,24 @@ def cleanup_distributed(info: DistInfo, ok: bool) -> None:
         if ok:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def main_only(info: DistInfo, fn, what: str):
+    """`fn()` on rank 0 alone; every rank learns whether it failed (collective). Rank 0 re-raises its own
+    error, the others raise RankFailed naming it, so no rank is left waiting for a process that stopped."""
+    result = error = None
+    if info.is_main:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to every rank, then re-raised
+            error = e
+    if info.enabled:
+        failed = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", info)[0]
+        if failed is not None and not info.is_main:
+            raise RankFailed(f"rank 0 failed while {what} ({failed.splitlines()[0][:300]}); its output has the details")
+    if error is not None:
+        raise error
+    return result
 
 
 class _GatherWithGrad(torch.autograd.Function):

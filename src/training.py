@@ -9,9 +9,8 @@ Four steps, in the order a run takes them:
 
 `train` runs them, holding the folder's lock (run_folder.py) and stopping cleanly on SIGTERM / SIGINT
 (stop_signals.py): every process finishes the same step, `latest.pt` is written, and the run ends with
-exit status 128 + the signal's number. The image features of a batch come from one object, called the same way with or
-without `--cache-image-features`: `features(batch) -> (g, P)`, `commit()` before a checkpoint,
-`close()` at the end (`TowerFeatures`, `CachedTowerFeatures`).
+exit status 128 + the signal's number. The image features of a batch come from one object, called the
+same way with or without `--cache-image-features` (train_features.py).
 
 One step: (g, P) from the frozen visual tower (or the cache) -> the network's loss (`FTI4CIR.forward`)
 under autocast -> gradient scaler -> AdamW. Only the network is in DDP; CLIP is passed to it. With N
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader
 import precision as prec
 from checkpoint import CheckpointError, capture_rng, checkpoint_summaries, link_or_copy, load_checkpoint, restore_rng, save_network
 from cli import check_output_folder, clip_from_args
-from datasets import DEFAULT_ROOTS, ImageNetPairsDataset, collate
+from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
 from distributed import (DistInfo, ResumableDistributedSampler, all_gather_object, all_reduce_mean, barrier,
                          gather_with_grad)
 from errors import ConfigError, UserError
@@ -43,7 +42,7 @@ from logs import TrainLog, get_logger
 from models import FTI4CIR
 from run_folder import RunLock, check_start, remove_leftovers
 from stop_signals import StopOnSignal, ignore_stop_signals
-from train_cache import CacheReader, CachedRowsDataset, FeatureCache, cache_meta, collate_cached, prepare_cache
+from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything
 
@@ -76,110 +75,6 @@ def non_finite_message(run: "Run", stats: list[float]) -> str:
 def learning_rate(epoch: int, lr: float, lr_decay: int, lr_div: float) -> float:
     """METHOD §7: lr for 0-based epoch `epoch`; multiplied by lr_div once, from epoch index lr_decay on."""
     return lr * lr_div if epoch >= lr_decay else lr
-
-
-# ---------------------------------------------------------------------------------------------
-# image features of a batch
-
-class TrainCollate:
-    """Stacks images and builds the regularisation loss's token ids in the DataLoader workers."""
-
-    def __init__(self, prompts, cache_reader: CacheReader | None = None):
-        self.prompts, self.cache_reader = prompts, cache_reader
-
-    def __call__(self, samples):
-        batch = collate(samples) if self.cache_reader is None else collate_cached(samples, self.cache_reader)
-        batch["texts"] = self.prompts.training_texts(batch["subject"], batch["attribute"])
-        return batch
-
-
-class TowerFeatures:
-    """(g, P) of a batch from one frozen visual pass (under the training precision's autocast)."""
-
-    def __init__(self, clip, device: torch.device, precision: str):
-        self.clip, self.device, self.precision = clip, device, precision
-
-    def wrap_dataset(self, base):
-        """The dataset the loader reads."""
-        return base
-
-    def collate(self, prompts) -> TrainCollate:
-        return TrainCollate(prompts)
-
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
-        with prec.autocast(self.precision, self.device), torch.no_grad():
-            return self.clip.encode_visual(images)
-
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(batch["image"])
-
-    def commit(self) -> None:
-        """Everything computed so far is durable (nothing to do without a cache)."""
-
-    def close(self) -> None:
-        """Stop background work."""
-
-
-class CachedTowerFeatures(TowerFeatures):
-    """--cache-image-features: rows whose sample came with cached fp16 (g, P) (read by the DataLoader
-    workers) skip the visual pass; it runs only on the others, whose fp16 outputs are queued for storing.
-    Every row's g and P are the fp16-rounded values (read, or just rounded), so the loss is
-    net(clip, g16.float(), P16.float(), texts) whether a row was cached or not."""
-
-    def __init__(self, clip, device: torch.device, precision: str, cache: FeatureCache):
-        super().__init__(clip, device, precision)
-        self.cache = cache
-        self.reader = CacheReader(cache.folder)
-
-    def wrap_dataset(self, base):
-        return CachedRowsDataset(base, self.reader)
-
-    def collate(self, prompts) -> TrainCollate:
-        return TrainCollate(prompts, self.reader)
-
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        index, image_rows, cached_rows = batch["index"], batch["image_rows"], batch["cached_rows"]
-        b, device = len(index), self.device
-        g16 = torch.empty((b,) + tuple(self.cache.meta["g_shape"][1:]), dtype=torch.float16, device=device)
-        P16 = torch.empty((b,) + tuple(self.cache.meta["P_shape"][1:]), dtype=torch.float16, device=device)
-        if len(cached_rows):
-            rows = cached_rows.to(device, non_blocking=True)
-            g16[rows] = batch["g"].to(device, non_blocking=True)
-            P16[rows] = batch["P"].to(device, non_blocking=True)
-        if len(image_rows):
-            g, P = self.encode(batch["image"])
-            g, P = g.half(), P.half()
-            self.cache.write(index[image_rows].numpy(), g, P)
-            rows = image_rows.to(device, non_blocking=True)
-            g16[rows], P16[rows] = g, P
-        return g16.float(), P16.float()
-
-    def commit(self) -> None:
-        self.cache.commit()  # every queued row stored and marked filled
-
-    def close(self) -> None:
-        self.cache.close()  # what was queued is stored, even when training stopped on an error
-
-
-def open_feature_cache(args, clip, dataset, info: DistInfo) -> FeatureCache:
-    """Rank 0 prepares the cache folder (creating or replacing it), the others wait, then every rank opens it."""
-    meta = cache_meta(clip, args.preprocess_type, clip.image_size, list(dataset.names))
-    cache_dir = Path(args.feature_cache_dir)
-    folder, error = None, None
-    if info.is_main:
-        try:
-            folder = str(prepare_cache(cache_dir, meta))
-        except (OSError, UserError) as e:
-            error = f"--feature-cache-dir {cache_dir}: {e}; pass a writable folder or drop --cache-image-features"
-    # collective, so it is also the barrier: no rank opens the folder before rank 0 made it, and a
-    # failure on rank 0 stops every rank instead of leaving them waiting
-    folder, error = all_gather_object((folder, error), info)[0]
-    if error:
-        raise ConfigError(error)
-    cache = FeatureCache(folder, meta)
-    log.info(f"feature cache: {folder}: {cache.num_filled()} of {len(dataset)} images cached")
-    return cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +189,8 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
                            reg_weight=args.reg_weight, tf_layer=args.tf_layer, tf_head=args.tf_head,
                            mapper_dropout=args.mapper_dropout).to(device)
     if args.cache_image_features:
-        features = CachedTowerFeatures(clip, device, precision, open_feature_cache(args, clip, dataset, info))
+        cache = open_feature_cache(args.feature_cache_dir, clip, args.preprocess_type, dataset.names, info)
+        features = CachedTowerFeatures(clip, device, precision, cache)
     else:
         features = TowerFeatures(clip, device, precision)
     sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=args.seed)

@@ -13,6 +13,7 @@ import torch
 import datasets
 import train
 import train_cache
+import train_features
 import training
 from checkpoint import load_checkpoint
 from clip_loader import FrozenCLIP
@@ -65,10 +66,10 @@ class Events:
 
     def __init__(self, mp: pytest.MonkeyPatch):
         self.seq = []
-        load, tokens, step = datasets.load_image, FrozenCLIP.encode_visual, training.CachedTowerFeatures.__call__
+        load, tokens, step = datasets.load_image, FrozenCLIP.encode_visual, train_features.CachedTowerFeatures.__call__
         mp.setattr(datasets, "load_image", lambda p: self.seq.append("load") or load(p))
         mp.setattr(FrozenCLIP, "encode_visual", lambda s, x: self.seq.append(f"visual{len(x)}") or tokens(s, x))
-        mp.setattr(training.CachedTowerFeatures, "__call__", lambda *a, **k: self.seq.append("step") or step(*a, **k))
+        mp.setattr(train_features.CachedTowerFeatures, "__call__", lambda *a, **k: self.seq.append("step") or step(*a, **k))
 
     def clear(self) -> list[str]:
         seq, self.seq[:] = list(self.seq), []
@@ -77,8 +78,8 @@ class Events:
 
 def round_visual_pass(mp: pytest.MonkeyPatch) -> None:
     """The uncached path with g and P rounded to fp16: what the cache must feed the network."""
-    original = training.TowerFeatures.encode
-    mp.setattr(training.TowerFeatures, "encode", lambda self, images: tuple(t.half().float() for t in original(self, images)))
+    original = train_features.TowerFeatures.encode
+    mp.setattr(train_features.TowerFeatures, "encode", lambda self, images: tuple(t.half().float() for t in original(self, images)))
 
 
 # ---------------------------------------------------------------------------------------------
