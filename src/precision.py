@@ -60,13 +60,53 @@ def autocast(precision: str, device):
     return contextlib.nullcontext()
 
 
+# PyTorch has two ways to set TF32: the legacy `torch.set_float32_matmul_precision` / `cudnn.allow_tf32`,
+# and per-backend `fp32_precision` attributes. Once anything in the process has used the per-backend
+# ones (transformers' tf32=True does, launch scripts do), reading the legacy matmul setting raises, so
+# where this torch has them they are the only ones read or written here.
+_PER_BACKEND = hasattr(torch.backends, "fp32_precision") and hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _per_backend_settings() -> list[tuple[object, str]]:
+    b = torch.backends
+    return [(b.cuda.matmul, "fp32_precision"), (b.mkldnn.matmul, "fp32_precision"), (b.cudnn.conv, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def float32_math(tf32: bool):
+    """float32 matmuls in full precision (`tf32=False`) or on TF32 tensor cores, and cuDNN convolutions
+    with TF32 allowed (PyTorch's default), for the region; the settings are restored after."""
+    if _PER_BACKEND:
+        settings = _per_backend_settings()
+        saved = [getattr(obj, name) for obj, name in settings]
+        matmul = "tf32" if tf32 else "ieee"
+        for (obj, name), value in zip(settings, (matmul, matmul, "tf32")):
+            setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for (obj, name), value in zip(settings, saved):
+                setattr(obj, name, value)
+        return
+    old_matmul = torch.get_float32_matmul_precision()
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old_matmul)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
 @contextlib.contextmanager
 def inference(precision: str, device):
     """The region of an evaluation forward pass at `precision`.
 
     fp32 and tf32 set the float32 matmul precision explicitly for the duration (and restore it
-    after), so a caller that enabled TF32 cannot change what fp32 means; cuDNN keeps PyTorch's
-    default (TF32 allowed for convolutions), which is also what the authors' fp32 runs used.
+    after), so a caller that enabled TF32, by either of PyTorch's ways, cannot change what fp32 means;
+    cuDNN keeps PyTorch's default (TF32 allowed for convolutions), which is also what the authors'
+    fp32 runs used.
     """
     device = torch.device(device)
     check_precision(precision, device)
@@ -74,16 +114,9 @@ def inference(precision: str, device):
         with torch.autocast(device.type, dtype=DTYPES[precision]):
             yield
         return
-    old_matmul = torch.get_float32_matmul_precision()
-    old_cudnn = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-    torch.backends.cudnn.allow_tf32 = True
-    try:
+    with float32_math(tf32=precision == "tf32"):
         with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast region
             yield
-    finally:
-        torch.set_float32_matmul_precision(old_matmul)
-        torch.backends.cudnn.allow_tf32 = old_cudnn
 
 
 def weights_dtype(name: str, device) -> torch.dtype:
