@@ -8,6 +8,7 @@ inside DDP or the network's state dict.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import open_clip
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
@@ -78,6 +80,9 @@ class FrozenCLIP(nn.Module):
             raise ClipLoadError(f"the tokenizer splits {STAR!r} into {star}; the method needs one token")
         self.star_id = star[0]
         self._fingerprint: dict | None = None
+        self._float32_copy: dict | None = None
+        self.train_visual = self.encode_visual  # the training step's visual pass (`compile_visual`)
+        self.causal_text = False  # `use_causal_text_attention`
         self.train(False)
 
     def train(self, mode: bool = True):  # CLIP stays in eval mode whatever its owner does
@@ -148,6 +153,47 @@ class FrozenCLIP(nn.Module):
         g = v.ln_post(P[:, 0]) @ v.proj
         return g, P
 
+    # speed options (docs/PERFORMANCE.md): none changes the method; the equality each keeps is tested
+    def hold_visual_weights_in(self, dtype: torch.dtype) -> None:
+        """Keep the frozen visual tower's weights in `dtype` (fp16/bf16 training, where autocast casts them to
+        it at every call anyway). When that cast loses digits (bf16; fp32 weights that did not come as
+        fp16), a float32 copy stays on the CPU, so `float32_weights()` gives back exactly the loaded ones.
+        The text tower stays float32: its LayerNorms run in float32 on the gradient path."""
+        state = {k: v for k, v in self.model.visual.state_dict().items() if v.is_floating_point()}
+        lossless = all(torch.equal(v.to(dtype).to(v.dtype), v) for v in state.values())
+        self._float32_copy = None if lossless else {k: v.detach().float().cpu().clone() for k, v in state.items()}
+        self.model.visual.to(dtype)
+
+    @property
+    def visual_dtype(self) -> torch.dtype:
+        return self.model.visual.conv1.weight.dtype
+
+    @contextlib.contextmanager
+    def float32_weights(self):
+        """float32 weights for the region (fp32 validation during a half-weight training run), then back."""
+        dtype = self.visual_dtype
+        if dtype == torch.float32:
+            yield
+            return
+        self.model.visual.float()
+        if self._float32_copy is not None:
+            self.model.visual.load_state_dict(self._float32_copy, strict=False)
+        try:
+            yield
+        finally:
+            self.model.visual.to(dtype)
+
+    def compile_visual(self) -> None:
+        """torch.compile the training step's visual pass (`train_visual`). Training batches keep one shape
+        (the last partial batch is dropped), so it compiles once; evaluation keeps the eager pass, whose
+        last batch differs in size."""
+        self.train_visual = torch.compile(self.encode_visual)
+
+    def use_causal_text_attention(self, on: bool = True) -> None:
+        """Text attention through scaled_dot_product_attention with `is_causal` instead of a float mask,
+        which lets PyTorch pick a fused (flash) kernel; the same product up to rounding."""
+        self.causal_text = on
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_visual(images)[0]
 
@@ -170,7 +216,10 @@ class FrozenCLIP(nn.Module):
             x = x[:, : int(eot_pos.max()) + 1]
         length = x.shape[1]
         x = x + m.positional_embedding[:length].to(x.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        if self.causal_text:
+            x = _causal_transformer(m.transformer, x)
+        else:
+            x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_pos]
         return x @ m.text_projection
@@ -178,6 +227,21 @@ class FrozenCLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor, trim: bool = True) -> torch.Tensor:
         """Plain CLIP text features of token ids [B, 77] (end token = the largest id)."""
         return self.encode_token_embeddings(self.token_embedding(ids), ids.argmax(dim=-1), trim=trim)
+
+
+def _causal_transformer(transformer, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's text `Transformer` (batch first, pre-norm `ResidualAttentionBlock`s) with its attention
+    as one `scaled_dot_product_attention(is_causal=True)` call per block: the computation of
+    `nn.MultiheadAttention` with the causal float mask, in the order it does it."""
+    B, L, E = x.shape
+    for r in transformer.resblocks:
+        a = r.attn
+        H = a.num_heads
+        q, k, v = F.linear(r.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(B, L, 3, H, E // H).unbind(2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + r.ls_1(F.linear(o.transpose(1, 2).reshape(B, L, E), a.out_proj.weight, a.out_proj.bias))
+        x = x + r.ls_2(r.mlp(r.ln_2(x)))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,12 +28,21 @@ def check_precision(precision: str, device, allowed=PRECISIONS) -> None:
     device = torch.device(device)
     if precision not in allowed:
         raise ConfigError(f"--precision {precision!r}: choose one of {tuple(allowed)}")
+    if device.type == "cuda" and precision == "bf16" and torch.cuda.is_available() and not _native_bf16(device):
+        raise DeviceError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 arithmetic (it needs an "
+                          "Ampere or newer GPU); use --precision fp16 there")
     if device.type == "cuda" or precision == "fp32":
         return
     if device.type == "cpu" and precision == "bf16":
         return
     raise DeviceError(f"--precision {precision} is not available on {device.type}: "
                       f"use fp32{' or bf16' if device.type == 'cpu' else ''} there (fp16 and tf32 need CUDA)")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself (compute capability 8.0 and up), not by emulation."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 def training_precision(precision: str, device) -> str:

@@ -34,6 +34,10 @@ class PromptBuilder:
         self.prefix = torch.tensor(tokenizer.encode(PREFIX), dtype=torch.long)
         # position of the subject slot in every sentence that starts with PREFIX (after <sot>)
         self.subject_pos = 1 + int((self.prefix == self.star).nonzero()[0, 0])
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self):  # DataLoader workers get the builder without the device copies
+        return {**self.__dict__, "_on_device": {}}
 
     # word parts -----------------------------------------------------------------------------------
     def encode_words(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +102,16 @@ class PromptBuilder:
                              tail_len: torch.Tensor | None = None, r_max: int | None = None):
         """`"a photo of * with " + "* " * r`, followed by a composed query's `tail`
         (= encode_words("but " + text)) when given; `assemble`'s outputs."""
-        prefix = self.prefix.to(r.device)
-        return self.assemble(prefix.unsqueeze(0), torch.tensor([len(prefix)], device=r.device), r, tail, tail_len,
-                             r_max=r_max)
+        prefix, prefix_len = self._prefix_on(r.device)
+        return self.assemble(prefix, prefix_len, r, tail, tail_len, r_max=r_max)
+
+    def _prefix_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix ids [1, P] and their length [1] on `device`, copied there once: a step builds its
+        sentences without a host-to-device copy."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.prefix.unsqueeze(0).to(device), torch.tensor([len(self.prefix)]).to(device))
+        return self._on_device[key]
 
     # training texts (built in data-loader workers) ------------------------------------------------
     def training_texts(self, subjects: Sequence[str], attributes: Sequence[str]) -> dict[str, torch.Tensor]:

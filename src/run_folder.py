@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +21,8 @@ from errors import ConfigError, UserError
 from logs import get_logger
 
 LOCK_NAME = ".train.lock"
+# what flock raises where the file system has no locks
+UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 # what a finished or running training leaves in its folder
 RUN_FILES = ("hyperparameters.json", "train_log.jsonl", "checkpoints/latest.pt")
 
@@ -54,6 +57,14 @@ class RunLock:
             f.close()
             raise RunFolderBusy(f"--model-dir {self.folder} is in use by another training run ({_describe(owner)}); "
                                 "wait for it to finish, or pass another --model-dir") from None
+        except OSError as e:
+            f.close()
+            if e.errno not in UNSUPPORTED:
+                raise
+            # a file system without locks (Lustre mounted without -o flock, some NFS set-ups)
+            log.warning(f"warning: {self.folder} is on a file system that cannot lock files ({e.strerror}); "
+                        "training goes on, but nothing stops a second run from using this --model-dir at the same time")
+            return
         f.seek(0)
         previous = _read_owner(f.read())
         if previous:

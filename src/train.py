@@ -25,7 +25,7 @@ from distributed import cleanup_distributed, init_distributed
 from errors import ConfigError
 from logs import get_logger, setup_logging
 from precision import TRAIN_PRECISIONS
-from training import train
+from training import train, use_deterministic_algorithms
 from transforms import PREPROCESS_TYPES
 
 log = get_logger("train")
@@ -100,6 +100,20 @@ def build_parser() -> FlagParser:
     v.add_argument("--val-cache-dir", default=".cache/features",
                    help="gallery-feature cache shared with evaluate.py ('' : none)")
 
+    f = p.add_argument_group("speed (docs/PERFORMANCE.md; each is off by default because it changes the numbers "
+                             "by float rounding)")
+    f.add_argument("--compile", action="store_true",
+                   help="torch.compile the frozen visual tower's training pass (the first steps take longer)")
+    f.add_argument("--clip-half", action="store_true",
+                   help="hold the frozen visual tower's weights in the --precision type (fp16/bf16) instead of float32")
+    f.add_argument("--causal-text-attention", action="store_true",
+                   help="text attention through scaled_dot_product_attention(is_causal=True), which lets PyTorch use a "
+                        "fused flash kernel, instead of a float mask")
+    f.add_argument("--fused-adamw", action="store_true", help="AdamW as one fused kernel")
+    f.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels, so two GPU runs give the same weights bit for bit (slower); on "
+                        "a CPU runs are deterministic without it")
+
     add_device_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch summary lines stay)")
     p.add_argument("--dist-timeout-minutes", type=float, default=60.0,
@@ -132,6 +146,8 @@ def main(argv=None) -> dict:
     check_args(args)
     args.pairs_path = args.pairs_path or str(Path(args.imagenet_path) / "pairs.json")
     args.feature_cache_dir = args.feature_cache_dir or str(Path(args.imagenet_path) / ".fti4cir_cache")
+    if args.deterministic:
+        use_deterministic_algorithms()  # before any GPU work: cuBLAS reads its workspace setting when it starts
     info, device = init_distributed(args.device, args.dist_timeout_minutes)
     setup_logging(info.is_main)
     ok = False

@@ -53,7 +53,7 @@ class TowerFeatures:
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
         with prec.autocast(self.precision, self.device), torch.no_grad():
-            return self.clip.encode_visual(images)
+            return self.clip.train_visual(images)  # compiled with --compile
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(batch["image"])

@@ -35,8 +35,8 @@ import precision as prec
 from checkpoint import CheckpointError, capture_rng, checkpoint_summaries, link_or_copy, load_checkpoint, restore_rng, save_network
 from cli import check_output_folder, clip_from_args
 from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
-from distributed import (DistInfo, ResumableDistributedSampler, all_gather_object, all_reduce_mean, barrier,
-                         gather_with_grad)
+from distributed import (DistInfo, RankFailed, ResumableDistributedSampler, all_gather_object, all_reduce_mean,
+                         gather_with_grad, main_only)
 from errors import ConfigError, UserError
 from logs import TrainLog, get_logger
 from models import FTI4CIR
@@ -47,10 +47,15 @@ from transforms import build_transform
 from utils import atomic_write_json, seed_everything
 
 LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")
-# flags that steer the run rather than define the training: a resume may change them without a warning
+# fp16 steps whose loss or gradients overflow are skipped, as the gradient scaler does; a run of this many
+# in a row means the scale cannot recover, and the run stops
+MAX_SKIPPED_STEPS = 20
+# flags that steer the run rather than define the training (the speed options change only float rounding):
+# a resume may change them without a notice
 RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device",
                     "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
-                    "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress"}
+                    "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress",
+                    "compile", "clip_half", "causal_text_attention", "fused_adamw", "deterministic"}
 
 log = get_logger("training")
 
@@ -60,16 +65,73 @@ class NonFiniteLossError(UserError):
 
 
 def non_finite_message(run: "Run", stats: list[float]) -> str:
-    """What went wrong, which checkpoints there are with the loss each was saved at, and what to change."""
+    """What went wrong, which checkpoints there are with the loss each was saved at, and what to change.
+    The step in question was skipped: its update was never applied."""
     pos, args = run.position, run.args
     saved = checkpoint_summaries(run.ckpt_dir)
     listed = "; ".join(f"{s['path']} (global step {s.get('global_step', '?')}, loss "
                        + (f"{s['loss']:.4g})" if isinstance(s.get("loss"), float) else "not recorded)")
                        for s in saved[:4]) or "none yet"
-    return (f"non-finite loss at epoch {pos.epoch + 1}, global step {pos.global_step + 1}: "
+    what = "non-finite loss" if not all(math.isfinite(x) for x in stats) else "non-finite gradients"
+    streak = f" (the {run.skipped_in_a_row}th fp16 step in a row skipped)" if run.skipped_in_a_row > 1 else ""
+    return (f"{what} at epoch {pos.epoch + 1}, global step {pos.global_step + 1}{streak}: "
             + ", ".join(f"{k} {v}" for k, v in zip(LOSS_KEYS, stats))
             + f". Stopped before that update; no weights were written. Checkpoints, newest first: {listed}. Resume from one whose loss looks sane with --resume PATH, and lower --lr (now "
             f"{args.lr:g})" + (" or train with --precision bf16 or fp32" if run.precision == "fp16" else ""))
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16: the authors' dynamic loss scaling. bf16 / fp32: a scaler held at 1.0 (multiplying by 1 is exact,
+    so the numbers are those of a plain step), kept for its check: a step whose gradients are not finite is
+    skipped on the device, without reading the loss back before the update."""
+    if prec.uses_grad_scaler(precision):
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)  # never grows
+
+
+def make_optimizer(net: torch.nn.Module, lr: float, wd: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW (the authors'); `fused`: one kernel for every parameter, equal up to float rounding, and with the
+    fp16 scaler it needs no host read to skip an overflowing step."""
+    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd, fused=True if fused else None)
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: PyTorch's deterministic kernels (cuBLAS with a fixed workspace, no atomics in the
+    backward of gather/scatter or attention), so two CUDA runs match bit for bit; slower."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set before any GPU work
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def apply_speed_options(clip, precision: str, *, compile_visual: bool, half_visual: bool, causal_text: bool) -> None:
+    """The frozen CLIP's speed options (docs/PERFORMANCE.md)."""
+    if half_visual:
+        if precision == "fp32":
+            raise ConfigError("--clip-half holds the frozen visual tower in the autocast type: pass --precision fp16 or bf16")
+        clip.hold_visual_weights_in(prec.DTYPES[precision])
+    if causal_text:
+        clip.use_causal_text_attention()
+    if compile_visual:
+        clip.compile_visual()
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Ends the loader's worker processes now, however training ended. They ignore SIGTERM (stop_signals.py),
+    so leaving them to the interpreter's exit hook, which terminates and then joins them, would hang the
+    process; a worker that does not take the shutdown message is killed."""
+    it = getattr(loader, "_iterator", None)
+    if it is None:
+        return
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    loader._iterator = None
 
 
 def learning_rate(epoch: int, lr: float, lr_decay: int, lr_div: float) -> float:
@@ -113,6 +175,10 @@ class Run:
     train_log: TrainLog | None = None
     stop: StopOnSignal | None = None  # set while the epochs run
     last_loss: float | None = None  # the total loss of the newest step, recorded in checkpoints
+    flags: torch.Tensor | None = None  # [stop asked, rank-0 failure], on the device, carried by each step's all-reduce
+    grad_scale: float = 1.0  # the scaler's scale after the newest step (it drops when a step is skipped)
+    skipped_in_a_row: int = 0
+    pending_error: BaseException | None = None  # a rank-0 failure between two steps, raised on every rank together
 
     @property
     def model_dir(self) -> Path:
@@ -183,6 +249,8 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
         raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
                           "process(es); lower --batch-size")
     clip = clip_from_args(args, device)
+    apply_speed_options(clip, precision, compile_visual=args.compile, half_visual=args.clip_half,
+                        causal_text=args.causal_text_attention)
     dataset.preprocess = build_transform(args.preprocess_type, clip.image_size)
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = FTI4CIR.for_clip(clip, num_k=args.num_k, topk=args.topk, epsilon=args.epsilon, temperature=args.temperature,
@@ -201,10 +269,13 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
                         # or a resumed run's dropout masks would differ from an uninterrupted run's
                         generator=torch.Generator().manual_seed(args.seed + info.rank),
                         persistent_workers=args.workers > 0)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=prec.uses_grad_scaler(precision))
+    optimizer = make_optimizer(net, args.lr, args.wd, args.fused_adamw)
+    scaler = make_scaler(precision, device)
     hparams = resolved_hparams(args, net, clip, info, device, precision)
-    return Run(args, info, device, precision, dataset, clip, net, features, sampler, loader, optimizer, scaler, hparams)
+    run = Run(args, info, device, precision, dataset, clip, net, features, sampler, loader, optimizer, scaler, hparams)
+    run.flags = torch.zeros(2, device=device)
+    run.grad_scale = scaler.get_scale()
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +320,9 @@ def restore(run: Run, path: Path, state: dict) -> dict | None:
     run.optimizer.load_state_dict(state["optimizer"])
     for group in run.optimizer.param_groups:  # load_state_dict brings the saved wd back; the flags apply
         group["weight_decay"] = run.args.wd
-    if state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
+    if state.get("scaler") and state.get("hparams", {}).get("precision_used") == run.precision:
+        run.scaler.load_state_dict(state["scaler"])  # another precision's scale means nothing here
+        run.grad_scale = run.scaler.get_scale()
     run.position = Position(state["epoch"], state["samples_in_epoch"], state["global_step"], path)
     world = run.world
     if run.position.samples_in_epoch % world:
@@ -274,55 +346,89 @@ def start(run: Run, rng_state: dict | None, resumed: bool) -> None:
     run.model = run.net
     if run.info.enabled:
         run.model = DistributedDataParallel(run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    if run.info.is_main:
+
+    def write_run_files():
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run.hparams, run.model_dir / "hyperparameters.json")
-    run.train_log = TrainLog(run.model_dir, run.info.is_main, purge_step=run.position.global_step if resumed else None)
+        return TrainLog(run.model_dir, True, purge_step=run.position.global_step if resumed else None)
+
+    run.train_log = main_only(run.info, write_run_files, f"writing {run.model_dir}") or TrainLog(run.model_dir, False)
 
 
 # ---------------------------------------------------------------------------------------------
 # one epoch
 
 def save_checkpoint(run: Run, path: Path, epoch: int, samples: int, step: int) -> Path:
-    """Every process's streams and rank 0's network and optimizer state, written atomically (collective)."""
+    """Every process's streams and rank 0's network and optimizer state, written atomically (collective;
+    a failed write stops every rank, not rank 0 alone)."""
     run.features.commit()  # the rows a resumed run will skip are stored and marked before the checkpoint
     rng = all_gather_object(capture_rng(run.device), run.info)
-    if run.info.is_main:
-        save_network(run.net, path, optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
-                     samples_in_epoch=samples, step=step, global_step=run.position.global_step, world_size=run.world,
-                     rng=rng, hparams=run.hparams, loss=run.last_loss)
+    main_only(run.info, lambda: save_network(
+        run.net, path, optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
+        samples_in_epoch=samples, step=step, global_step=run.position.global_step, world_size=run.world, rng=rng,
+        hparams=run.hparams, loss=run.last_loss), f"writing {path}")
     run.position.last_checkpoint = path
     return path
 
 
-def _stop_flag(run: Run) -> torch.Tensor:
-    return torch.tensor(float(run.stop is not None and run.stop.requested is not None), device=run.device)
+def _set_flags(run: Run) -> torch.Tensor:
+    """This process's [stop asked, failed] flags, written into a preallocated device tensor: no host-to-device
+    copy in the step."""
+    run.flags[0].fill_(float(run.stop is not None and run.stop.requested is not None))
+    run.flags[1].fill_(float(run.pending_error is not None))
+    return run.flags
+
+
+def _raise_pending(run: Run, failed: bool) -> None:
+    """After an all-reduce that said some process failed between two steps: every process stops now."""
+    if not failed:
+        return
+    if run.pending_error is not None:
+        error, run.pending_error = run.pending_error, None
+        raise error
+    raise RankFailed("rank 0 failed while writing the step log; its output has the details")
 
 
 def stop_agreed(run: Run) -> bool:
     """Whether any process was asked to stop (collective: every process calls it at the same point)."""
-    return bool(all_reduce_mean(_stop_flag(run), run.info) > 0)
+    stop, failed = all_reduce_mean(_set_flags(run).clone(), run.info).tolist()
+    _raise_pending(run, failed > 0)
+    return stop > 0
 
 
-def training_step(run: Run, batch: dict) -> tuple[list[float], bool]:
-    """One optimisation step. Returns the loss terms (LOSS_KEYS), averaged over processes, and whether any
-    process has been asked to stop (carried by the same all-reduce, so all stop after the same step)."""
+def training_step(run: Run, batch: dict) -> tuple[list[float], bool, bool]:
+    """One optimisation step. Returns the loss terms (LOSS_KEYS), averaged over processes, whether any
+    process has been asked to stop (carried by the same all-reduce, so all stop after the same step), and
+    whether the update was skipped (the loss or the gradients were not finite).
+
+    The whole step is queued before anything is read back: the scaler skips a non-finite step on the
+    device, and the losses and flags are read once, at the end."""
     g, P = run.features(batch)
     texts = {k: v.to(run.device, non_blocking=True) for k, v in batch["texts"].items()}
     with prec.autocast(run.precision, run.device):
         out = run.model(run.clip, g, P, texts, gather_with_grad if run.info.enabled else None)
-    reduced = all_reduce_mean(torch.stack([out[k].detach().float() for k in LOSS_KEYS] + [_stop_flag(run)]),
-                              run.info).tolist()
-    stats, stop = reduced[:-1], reduced[-1] > 0
-    if not all(math.isfinite(x) for x in stats):
-        run.features.commit()  # non-finite visual features would be the cause: that error first
-        raise NonFiniteLossError(non_finite_message(run, stats))
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out["total"]).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    run.last_loss = stats[0]
-    return stats, stop
+    reduced = all_reduce_mean(torch.cat([torch.stack([out[k].detach().float() for k in LOSS_KEYS]), _set_flags(run)]),
+                              run.info).tolist()  # the step's one read from the device
+    stats, stop, failed = reduced[:len(LOSS_KEYS)], reduced[-2] > 0, reduced[-1] > 0
+    _raise_pending(run, failed)
+    scale = run.scaler.get_scale()
+    skipped = scale < run.grad_scale or not all(math.isfinite(x) for x in stats)
+    run.grad_scale = scale
+    if not skipped:
+        run.skipped_in_a_row = 0
+        run.last_loss = stats[0]
+        return stats, stop, False
+    run.skipped_in_a_row += 1
+    if run.precision != "fp16" or run.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+        run.features.commit()  # non-finite visual features would be the cause: that error first
+        raise NonFiniteLossError(non_finite_message(run, stats))
+    log.info(f"notice: global step {run.position.global_step + 1}: the fp16 loss or gradients overflowed; the update "
+             f"was skipped and the gradient scale lowered to {scale:g} (a few such steps at the start are normal)")
+    return stats, stop, True
 
 
 @dataclass
@@ -332,11 +438,23 @@ class EpochStats:
     steps: int = 0
     data_wait: float = 0.0
     seconds: float = 0.0
+    skipped: int = 0  # fp16 steps whose update the scaler skipped (not in `sums`)
     stopped_early: bool = False  # --max-steps, or a stop signal, part-way through the epoch
     stop_signalled: bool = False  # some process was asked to stop (agreed by every process)
 
     def means(self) -> dict[str, float]:
         return dict(zip(LOSS_KEYS, self.sums / max(self.steps, 1)))
+
+
+def _write_log(run: Run, write) -> None:
+    """Rank 0 writes to the step log or TensorBoard; a failure there (a full disk) is raised on every rank
+    together, by the next all-reduce, instead of stopping rank 0 alone."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank by the next collective
+        if not run.info.enabled:
+            raise
+        run.pending_error = e
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -367,23 +485,26 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     try:
         for batch in run.loader:
             t_batch = time.perf_counter()
-            losses, stop = training_step(run, batch)
+            losses, stop, skipped = training_step(run, batch)
             step += 1
             pos.global_step += 1
             pos.samples_in_epoch += b * world
             now = time.perf_counter()
-            stats.sums += losses
-            stats.steps += 1
+            if skipped:  # its loss is not finite: left out of the epoch's means
+                stats.skipped += 1
+            else:
+                stats.sums += losses
+                stats.steps += 1
             stats.data_wait += t_batch - t_last
             record = {"epoch": epoch + 1, "step": step, "global_step": pos.global_step, "lr": lr,
                       **{("loss" if k == "total" else k if k == "num_attributes" else f"loss_{k}"): v
                          for k, v in zip(LOSS_KEYS, losses)},
                       "images_per_s": b * world / max(now - t_last, 1e-9), "data_wait_s": t_batch - t_last,
-                      "step_s": now - t_batch}
-            run.train_log.step(record, pos.global_step)
+                      "step_s": now - t_batch, **({"skipped": True} if skipped else {})}
+            _write_log(run, lambda: run.train_log.step(record, pos.global_step))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats.sums[0] / stats.steps:.4f}", lr=f"{lr:.2g}")
+                bar.set_postfix(loss=f"{stats.sums[0] / max(stats.steps, 1):.4f}", lr=f"{lr:.2g}")
             mid_epoch = step < last_step
             limit = stop or (args.max_steps and pos.global_step >= args.max_steps)
             if mid_epoch and ((args.save_every_steps and pos.global_step % args.save_every_steps == 0) or limit):
@@ -415,7 +536,8 @@ def validate(run: Run) -> dict[str, float]:
     config = EvalConfig(split="val", preprocess_type=args.preprocess_type, encoding=encoding,
                         cache_dir=args.val_cache_dir or None)
     try:
-        return evaluate(run.net, run.clip, args.val_dataset, val_root(args), config)
+        with run.clip.float32_weights():  # fp32 inference, as the authors' validation, whatever --clip-half holds
+            return evaluate(run.net, run.clip, args.val_dataset, val_root(args), config)
     except UserError as e:
         raise ConfigError(f"validation on {args.val_dataset}: {e}") from e
 
@@ -428,8 +550,7 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
     pos.epoch, pos.samples_in_epoch = done, 0
     if args.save_frequency and done % args.save_frequency == 0:
         path = save_checkpoint(run, run.ckpt_dir / f"epoch_{done}.pt", done, 0, 0)
-        if run.info.is_main:
-            link_or_copy(path, run.ckpt_dir / "latest.pt")
+        main_only(run.info, lambda: link_or_copy(path, run.ckpt_dir / "latest.pt"), f"linking {path} as latest.pt")
     else:
         save_checkpoint(run, run.ckpt_dir / "latest.pt", done, 0, 0)
     means = stats.means()
@@ -439,16 +560,17 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
     log.info(f"epoch {done}/{args.epochs}{part}: loss {means['total']:.4f} (contrastive {means['contrastive']:.4f}, "
              f"ortho {means['ortho']:.4f}, reg {means['reg']:.4f}), {means['num_attributes']:.1f} attributes/image, "
              f"lr {learning_rate(epoch, args.lr, args.lr_decay, args.lr_div):.3g}, "
-             f"{stats.steps * b * world / max(stats.seconds, 1e-9):.1f} images/s, data wait {stats.data_wait:.1f} s, "
+             f"{(stats.steps + stats.skipped) * b * world / max(stats.seconds, 1e-9):.1f} images/s, data wait {stats.data_wait:.1f} s, "
              f"{stats.seconds:.0f} s; saved {pos.last_checkpoint}")
-    run.train_log.scalars("epoch", {f"loss_{k}": v for k, v in means.items()}, pos.global_step)
+    _write_log(run, lambda: run.train_log.scalars("epoch", {f"loss_{k}": v for k, v in means.items()}, pos.global_step))
     if args.val_dataset and done % args.val_frequency == 0:
-        if run.info.is_main:
+        def validate_and_log():
             metrics = validate(run)
             log.info(f"validation {args.val_dataset} after epoch {done}: "
                      + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
             run.train_log.scalars(f"val_{args.val_dataset}", metrics, pos.global_step)
-        barrier(run.info)
+
+        main_only(run.info, validate_and_log, f"validating on {args.val_dataset}")  # also the barrier
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,20 +580,20 @@ def claim_folder(args, info: DistInfo) -> RunLock:
     """Rank 0 takes the folder's lock, refuses a folder that holds a run without --resume, checks that
     checkpoints/ can be written and removes leftovers; the other ranks wait for its result."""
     model_dir = Path(args.model_dir)
-    lock, error = RunLock(model_dir), None
-    if info.is_main:
+    lock = RunLock(model_dir)
+
+    def claim():
+        check_output_folder(model_dir, "--model-dir")
+        lock.acquire()
         try:
-            check_output_folder(model_dir, "--model-dir")
-            lock.acquire()
             check_start(model_dir, args.resume)
             check_output_folder(model_dir / "checkpoints", "--model-dir")
             remove_leftovers(model_dir)
-        except UserError as e:
+        except BaseException:
             lock.release()
-            error = str(e)
-    error = all_gather_object(error, info)[0]  # collective: also the barrier the other ranks wait at
-    if error:
-        raise ConfigError(error)
+            raise
+
+    main_only(info, claim, f"claiming --model-dir {model_dir}")  # collective: also the barrier the others wait at
     return lock
 
 
@@ -520,7 +642,10 @@ def _train(args, info: DistInfo, device: torch.device, resume_path: Path | None)
                     stopped_early = pos.epoch < args.epochs
                     break
             local = run.stop.requested
+        if run.pending_error is not None:  # a log write that failed after the last collective
+            raise run.pending_error
     finally:
+        close_loader(run.loader)
         run.train_log.close()
         run.features.close()
     stopped_by = None

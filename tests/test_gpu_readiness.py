@@ -149,3 +149,327 @@ def test_main_only_single_process_reraises():
     with pytest.raises(OSError, match="disk"):
         distributed.main_only(DistInfo(), lambda: (_ for _ in ()).throw(OSError("disk")), "saving")
     assert distributed.main_only(DistInfo(), lambda: 7, "x") == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss matrices under bf16 autocast
+
+def test_bf16_loss_matrices_in_float32():
+    """Under bf16 autocast the similarity and Gram matrices are float32 products (autocast off for them);
+    bf16 products would be off by about 1e-3."""
+    from models import contrastive_loss, orthogonality_loss
+
+    g = torch.Generator().manual_seed(0)
+    u, w = torch.randn(16, 32, generator=g).bfloat16(), torch.randn(16, 32, generator=g).bfloat16()
+    A = torch.nn.functional.normalize(torch.randn(4, 12, 32, generator=g), dim=-1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        con, ortho = contrastive_loss(u, w, 0.2), orthogonality_loss(A)
+    assert con.dtype == ortho.dtype == torch.float32
+    want_con, want_ortho = contrastive_loss(u.float(), w.float(), 0.2), orthogonality_loss(A.float())
+    torch.testing.assert_close(con, want_con, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ortho, want_ortho, rtol=1e-6, atol=0)
+    # what the products give in bf16, for scale: far outside the tolerance above
+    z = torch.cat([torch.nn.functional.normalize(u.float(), dim=-1), torch.nn.functional.normalize(w.float(), dim=-1)])
+    bf16_sim = (z.bfloat16() @ z.bfloat16().T).float()
+    assert (bf16_sim - z @ z.T).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# failure modes of a cluster job
+
+def test_bf16_refused_on_a_gpu_without_it(monkeypatch):
+    from precision import check_precision, training_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    with pytest.raises(DeviceError, match="Tesla V100-SXM2-32GB has no bf16 arithmetic.*--precision fp16"):
+        training_precision("bf16", "cuda")
+    with pytest.raises(DeviceError, match="no bf16"):
+        check_precision("bf16", "cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert training_precision("bf16", "cuda") == "bf16"
+
+
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory) -> Path:
+    from test_train import make_pairs_data
+
+    return make_pairs_data(tmp_path_factory.mktemp("imagenet8"), n=8)
+
+
+def _train_args(data: Path, clip: Path, model_dir: Path, *extra) -> list[str]:
+    return ["--imagenet-path", str(data), "--clip-weights", str(clip), "--model-dir", str(model_dir),
+            "--device", "cpu", "--workers", "0", "--batch-size", "2", "--no-progress", *map(str, extra)]
+
+
+def _log(model_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """fp16 autocast and the dynamic gradient scaler on the CPU, as train.py runs them on a GPU."""
+    import precision
+
+    monkeypatch.setattr(precision, "training_precision", lambda name, device: name)
+
+
+@pytest.fixture
+def nan_from_step(monkeypatch):
+    """The contrastive loss is NaN from training step `first` (1-based) to `last`."""
+    import models
+
+    original, calls, span = models.contrastive_loss, [], {}
+
+    def poisoned(u, w, t):
+        calls.append(1)
+        loss = original(u, w, t)
+        return loss * float("nan") if span["first"] <= len(calls) <= span["last"] else loss
+
+    monkeypatch.setattr(models, "contrastive_loss", poisoned)
+    return lambda first, last=10**9: span.update(first=first, last=last)
+
+
+def test_fp16_skips_an_overflowing_step_and_goes_on(fp16_on_cpu, nan_from_step, data8, tiny_clip_path, tmp_path, capsys):
+    import train
+    from checkpoint import load_checkpoint
+
+    nan_from_step(3, 4)
+    model_dir = tmp_path / "run"
+    train.main(_train_args(data8, tiny_clip_path, model_dir, "--epochs", 2, "--max-steps", 6, "--precision", "fp16"))
+    records = _log(model_dir)
+    assert [r["global_step"] for r in records] == [1, 2, 3, 4, 5, 6]  # every step is logged, skipped or not
+    assert records[2].get("skipped") and records[3].get("skipped")
+    assert not records[4].get("skipped") and not records[5].get("skipped")  # the run went on
+    out = capsys.readouterr().out
+    assert "notice: global step 3: the fp16 loss or gradients overflowed; the update was skipped" in out
+    state = load_checkpoint(model_dir / "checkpoints" / "latest.pt")
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert state["scaler"]["scale"] <= 2.0**14  # halved at each skipped step
+    assert state["loss"] == records[5]["loss"]
+
+
+def test_fp16_stops_after_a_run_of_skipped_steps(fp16_on_cpu, nan_from_step, data8, tiny_clip_path, tmp_path,
+                                                  monkeypatch):
+    import train
+    import training
+
+    monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 4)  # 20 on a real run
+    nan_from_step(1)
+    model_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train.main(_train_args(data8, tiny_clip_path, model_dir, "--epochs", 2, "--precision", "fp16"))
+    assert "non-finite loss at epoch 1, global step 4 (the 4th fp16 step in a row skipped)" in str(exc.value)
+    assert len(_log(model_dir)) == 3  # the last one raised before it was logged
+
+
+def test_fp32_non_finite_step_changes_no_weight(nan_from_step, data8, tiny_clip_path, tmp_path, monkeypatch):
+    """bf16 / fp32: the first non-finite step stops the run; the guard skipped its update on the device."""
+    import train
+    import training
+
+    nan_from_step(2)
+    seen = {}
+    original = training.training_step
+
+    def spy(run, batch):
+        seen.setdefault("before", {k: v.clone() for k, v in run.net.state_dict().items()})
+        try:
+            return original(run, batch)
+        except training.NonFiniteLossError:
+            seen["after"] = run.net.state_dict()
+            raise
+
+    monkeypatch.setattr(training, "training_step", spy)
+    with pytest.raises(SystemExit, match="non-finite loss at epoch 1, global step 2"):
+        train.main(_train_args(data8, tiny_clip_path, tmp_path / "run", "--epochs", 1))
+    changed = [k for k, v in seen["after"].items() if not torch.equal(v, seen["before"][k])]
+    assert changed  # step 1 trained
+    # step 2's NaN gradients reached no weight: every weight is finite
+    assert all(torch.isfinite(v).all() for v in seen["after"].values())
+
+
+def test_lock_on_a_file_system_without_locks(data8, tiny_clip_path, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import run_folder
+    import train
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_locks)
+    result = train.main(_train_args(data8, tiny_clip_path, tmp_path / "run", "--epochs", 1))
+    assert result["global_step"] == 4
+    assert "cannot lock files (Function not implemented); training goes on" in capsys.readouterr().out
+
+
+def test_a_bad_image_with_loader_workers_exits_at_once(data8, tiny_clip_path, tmp_path):
+    """DataLoader workers ignore SIGTERM (a clean stop on pre-emption); an error must still end them."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    shutil.copytree(data8, data)
+    image = data / "test" / "ILSVRC2012_test_00000003.JPEG"
+    image.write_bytes(image.read_bytes()[:200])  # truncated
+    argv = _train_args(data, tiny_clip_path, tmp_path / "run", "--epochs", 1)
+    argv[argv.index("--workers") + 1] = "2"
+    t = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "src" / "train.py"), *argv], capture_output=True, text=True,
+                          timeout=400, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    elapsed = time.monotonic() - t
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "ILSVRC2012_test_00000003.JPEG" in last, last
+    assert elapsed < 200, elapsed  # without the shutdown it waits for the workers for good
+
+
+# ---------------------------------------------------------------------------------------------
+# a failure on rank 0 alone reaches every rank
+
+def _failing_rank0_worker(rank: int, port: int, argv: list[str], out: str) -> None:
+    import os
+    import sys
+    import traceback
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import train
+    import training
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", "latest.pt")
+
+    if rank == 0:
+        training.save_network = full_disk
+    code = 0
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        Path(out, f"rank{rank}.txt").write_text(str(e.code))
+        code = 1
+    except BaseException:  # noqa: BLE001
+        Path(out, f"rank{rank}.txt").write_text(traceback.format_exc())
+        code = 2
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def test_rank0_checkpoint_failure_stops_every_rank(data8, tiny_clip_path, tmp_path):
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = _train_args(data8, tiny_clip_path, tmp_path / "run", "--epochs", 1, "--batch-size", 1,
+                       "--save-every-steps", 2, "--dist-timeout-minutes", 5)
+    t = time.monotonic()
+    ctx = mp.start_processes(_failing_rank0_worker, args=(port, argv, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=240)
+    assert time.monotonic() - t < 200  # not the process-group timeout
+    assert [p.exitcode for p in ctx.processes] == [1, 1]
+    assert "No space left on device" in (tmp_path / "rank0.txt").read_text()
+    assert "rank 0 failed while writing" in (tmp_path / "rank1.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# speed options, each against the plain path
+
+def test_compile_trains_and_its_first_loss_equals_the_plain_run(data8, tiny_clip_path, tmp_path):
+    import train
+
+    losses = {}
+    for name, extra in (("plain", ()), ("compiled", ("--compile",))):
+        train.main(_train_args(data8, tiny_clip_path, tmp_path / name, "--epochs", 1, "--max-steps", 2, *extra))
+        losses[name] = [r["loss"] for r in _log(tmp_path / name)]
+    assert losses["compiled"] == pytest.approx(losses["plain"], abs=1e-5, rel=0)
+
+
+def test_causal_text_attention_equals_the_masked_attention(tiny_clip_path):
+    """The same computation: equal to 1e-12 in float64; in float32, features and their gradients within
+    1e-5 of the largest value (the kernels round differently)."""
+    from clip_loader import load_clip
+
+    clip = load_clip("ViT-L/14", tiny_clip_path, device="cpu")
+    ids = clip.tokenize(["a photo of a red dog with a hat", "two cats", "a big blue car on the grass near a tall tree"])
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        clip.model.to(dtype)
+        x = clip.token_embedding(ids).detach().requires_grad_()
+        out = {}
+        for causal in (False, True):
+            clip.use_causal_text_attention(causal)
+            f = clip.encode_token_embeddings(x, ids.argmax(-1))
+            out[causal] = (f, *torch.autograd.grad(f.square().sum(), x))
+        for plain, fast in zip(out[False], out[True]):
+            assert (fast - plain).abs().max() <= tol * plain.abs().max(), dtype
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_half_visual_weights_within_half_precision(tiny_clip_path, dtype, tol):
+    """Under autocast the weights are cast to the half type at every call anyway; what differs on a CPU is
+    where LayerNorm rounds (CUDA's autocast runs it in float32 either way). Tolerance: `tol` relative to the
+    largest |P|, a few units of the half type's last place."""
+    from clip_loader import load_clip
+
+    plain, half = (load_clip("ViT-L/14", tiny_clip_path, device="cpu") for _ in range(2))
+    loaded = {k: v.clone() for k, v in plain.model.visual.state_dict().items()}
+    half.hold_visual_weights_in(dtype)
+    assert half.visual_dtype == dtype and half.model.token_embedding.weight.dtype == torch.float32
+    images = torch.randn(4, 3, plain.image_size, plain.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        (g0, P0), (g1, P1) = plain.encode_visual(images), half.encode_visual(images)
+    assert (P1.float() - P0.float()).abs().max() <= tol * P0.float().abs().max()
+    assert (g1.float() - g0.float()).abs().max() <= tol * g0.float().abs().max()
+    with half.float32_weights():  # fp32 validation inside a half-weight run: exactly the loaded weights
+        assert all(torch.equal(v, loaded[k]) for k, v in half.model.visual.state_dict().items())
+    assert half.visual_dtype == dtype
+
+
+def test_fused_adamw_equals_plain_adamw():
+    from training import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=g), torch.randn(32, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(10)]
+    out = {}
+    for fused in (False, True):
+        net = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in start])
+        opt = make_optimizer(net, lr=4e-3, wd=0.01, fused=fused)
+        assert opt.defaults["fused"] is (True if fused else None)
+        for step in grads:
+            for p, gr in zip(net, step):
+                p.grad = gr.clone()
+            opt.step()
+        out[fused] = [p.detach().clone() for p in net]
+    assert all(not torch.equal(a, s) for a, s in zip(out[False], start))  # they moved
+    for a, b in zip(out[False], out[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_every_speed_option_trains_in_bf16(data8, tiny_clip_path, tmp_path):
+    """--clip-half, --causal-text-attention, --fused-adamw and --deterministic together, against the plain
+    bf16 run: the first loss within bf16 rounding (2e-3 relative), both runs finite throughout."""
+    import train
+
+    losses = {}
+    for name, extra in (("plain", ()), ("fast", ("--clip-half", "--causal-text-attention", "--fused-adamw",
+                                                   "--deterministic"))):
+        train.main(_train_args(data8, tiny_clip_path, tmp_path / name, "--epochs", 1, "--max-steps", 3,
+                               "--precision", "bf16", *extra))
+        losses[name] = [r["loss"] for r in _log(tmp_path / name)]
+    assert all(np.isfinite(losses["fast"]))
+    assert losses["fast"][0] == pytest.approx(losses["plain"][0], rel=2e-3)
+    with pytest.raises(SystemExit, match="--clip-half holds the frozen visual tower in the autocast type"):
+        train.main(_train_args(data8, tiny_clip_path, tmp_path / "fp32", "--clip-half", "--precision", "fp32"))
