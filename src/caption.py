@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, SpacyUnavailable, Tagger, build_pairs
 from cli import FlagParser, check_output_folder, script_main
 from datasets import IMAGENET_FILE_RE, DatasetLayoutError, ImageLoadError, imagenet_file_name, load_image
+from distributed import layout_from_env, pick_device
 from errors import ConfigError, UserError
 from logs import get_logger
 from precision import DTYPES, weights_dtype
@@ -60,9 +61,10 @@ def discover_ids(imagenet_path: Path, limit: int | None = None) -> list[str]:
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """`--shard i/n`, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    """`--shard i/n`, else the launcher's rank and world size (torchrun or srun), else (0, 1)."""
     if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        info = layout_from_env()
+        return info.rank, info.world_size
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
         raise ConfigError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
@@ -348,9 +350,8 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
     from tqdm import tqdm
 
     device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
-    if device.type == "cuda":
+    if device.type == "cuda":  # one GPU per torchrun / srun process, as training picks it
+        device = pick_device(device, layout_from_env(), torch.cuda.device_count())
         torch.cuda.set_device(device)
     model, tokenizer = load_blip(args.blip_model, device, weights_dtype(args.dtype, device))
     model_size = model.config.vision_config.image_size
