@@ -17,7 +17,9 @@ BENCH_SCRIPTS = ["scripts/bench.py", "scripts/bench_eval.py", "scripts/bench_fea
                  "scripts/bench_toy_clip.py"]
 # flags of other programs that the documents show in commands
 OTHER_PROGRAMS = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",
-                  "--index-url", "--no-deps", "--only-binary", "--python-version"}
+                  "--index-url", "--no-deps", "--only-binary", "--python-version",
+                  # sbatch / srun
+                  "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--kill-on-bad-exit"}
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][A-Za-z0-9_-]*")
 
 
