@@ -199,7 +199,8 @@ def bench_training(clip, net, args, device, results):
         # same loss on the same images (dropout off, fp32): the fast path computes what the reference does
         net.eval()
         with torch.no_grad():
-            fast = float(net(clip, *clip.encode_visual(images[:RB]), {k: v[:RB] for k, v in texts.items()})["total"])
+            texts_rb = {k: v.to(device) for k, v in pb.training_texts(subjects[:RB], attributes[:RB]).items()}
+            fast = float(net(clip, *clip.encode_visual(images[:RB]), texts_rb)["total"])
             ref = float(reference_loss())
         res.update(loss_fast_fp32=fast, loss_reference_fp32=ref)
     except torch.OutOfMemoryError:
