@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh, the run a GPU node does, kept working between GPU runs: the whole check with
---cpu (about 3 minutes on an idle 2-core CPU, up to 6 on a busy one), and its process handling on its own."""
+--cpu (about 270 CPU-seconds: 250-340 s on a 2-core CPU shared with other jobs), and its process
+handling on its own."""
 from __future__ import annotations
 
 import json
