@@ -38,8 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SKIPPED = "skipped: no CUDA"
 SPEED_KEYS = ("train_fp16_images_per_s", "train_bf16_images_per_s", "train_compile_images_per_s",
-              "train_cached_images_per_s", "train_peak_gib", "compose_cached_images_per_s", "compose_images_per_s",
-              "circo_warm_eval_s")
+              "train_fast_images_per_s", "train_cached_images_per_s", "train_peak_gib", "train_fast_peak_gib",
+              "compose_cached_images_per_s", "compose_images_per_s", "circo_warm_eval_s")
+SPEED_SECONDS = 300  # on CUDA, kept for the speed part at the end of --time-limit
 COMPOSE_BATCH = 32  # composed queries: the evaluation scripts' default batch
 # several scripts' main(argv) in one process, one after the other (open_clip's slow import paid once):
 # argv[1] is a JSON list of [module, argv]; a failing main ends the process with its message
@@ -263,7 +264,7 @@ PATHS = [("train_fp32", train_path("fp32"), False, ()),
          ("train_cached", train_cached, False, ()),
          ("torchrun", torchrun, True, ()),  # over NCCL
          ("caption", caption, False, ()),
-         ("train_compile", train_path("fp16", "--compile"), False, ()),
+         ("train_compile", train_path("fp16", "--compile"), True, ()),  # the CPU's compile: tests/test_gpu_readiness.py
          ("evaluate", scripts_path("evaluate", [("cirr", []), ("circo", []), ("fashioniq", ["--categories", "dress"])],
                                    ["metrics_cirr.json", "metrics_circo.json", "metrics_fashioniq.json"]), False, ("train_fp32",)),
          ("test", scripts_path("test", [("cirr", []), ("circo", [])],
@@ -317,127 +318,159 @@ def run_paths(ctx: Ctx, jobs: int, report) -> None:
 # ---------------------------------------------------------------------------------------------
 # the speed figures: one process, CLIP built once, each figure on its own (an error is noted, the rest go on)
 
-def frozen_clip_hook(clip):
-    """HOOK: speed options of the frozen towers (torch.compile of the towers, half-precision frozen weights)
-    go here once the step has them; the CLIP is returned as it is until then."""
-    return clip
-
-
-def optimizer_hook(params):
-    """HOOK: the step's optimizer; fused AdamW (fused=True) goes here once the step uses it."""
-    return torch.optim.AdamW(params, lr=4e-5, weight_decay=0.01)
-
-
-def compiled_step_hook(step):
-    """HOOK: the compiled training step (train.py's --compile) goes here; None: not available, figure null."""
-    return None
-
-
-def speed_figures(device: torch.device, clip_model: str, batch: int, repeats: int, warmup: int, save) -> None:
-    """This repository's training step and composed queries with scripts/bench.py's helpers (CUDA
-    synchronised, median of `repeats` after `warmup` calls); save(speed, notes) after each figure."""
+def speed_figures(device: torch.device, clip_model: str, batch: int, repeats: int, warmup: int, save,
+                  profile: str | None = None) -> None:
+    """This repository's training step (`training.training_step`, the step train.py runs, fed batches
+    already on the device) and composed queries, CUDA-synchronised, median of `repeats` after `warmup`
+    calls; then the speed options added one by one. save(speed, notes, checks) after each figure."""
     import numpy as np
 
     import bench
+    import training
     from datasets import combine_text_features
     from models import FTI4CIR
 
-    speed, notes = {k: None for k in SPEED_KEYS if k != "circo_warm_eval_s"}, []
+    speed, notes, checks = {k: None for k in SPEED_KEYS if k != "circo_warm_eval_s"}, [], {}
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    clip = frozen_clip_hook(bench.build_clip(clip_model, device))
-    net = FTI4CIR.for_clip(clip).to(device).train()
-    opt = optimizer_hook(net.parameters())
+    clip = bench.build_clip(clip_model, device)
+    with torch.no_grad():  # random weights rounded to fp16 values, as OpenAI ships CLIP (--clip-half keeps them exactly)
+        for t in clip.model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    net = FTI4CIR.for_clip(clip).to(device)
     images = torch.randn(batch, 3, clip.image_size, clip.image_size, device=device)
     subjects, attributes = bench._captions(np.random.default_rng(0), batch)
     texts = {k: v.to(device) for k, v in net.prompts(clip).training_texts(subjects, attributes).items()}
+    train_batch = {"image": images, "texts": texts}
+    fp16 = "fp16" if cuda else "fp32"  # fp16 needs CUDA; the CPU's "fp16" figure is fp32
 
-    def visual(x=images):
-        with torch.no_grad():
-            return clip.encode_visual(x)
-
-    def step(dtype, features):
-        amp = cuda or dtype == torch.bfloat16  # the CPU autocasts to bf16 only: its fp16 figure runs fp32
-        scaler = torch.amp.GradScaler(device.type, enabled=cuda and dtype == torch.float16)
-
-        def one():
-            with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                loss = net(clip, *features(), texts)["total"]
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        return one
+    def trainer(precision: str, fused: bool = False, features=None):
+        run = training.step_only_run(clip, net, device, precision, fused_adamw=fused)
+        if features is not None:
+            run.features = features
+        net.train()
+        return lambda: training.training_step(run, train_batch)
 
     def per_s(fn, n=batch):
         t, _ = bench._timed(fn, device, repeats, warmup)
         return n / t
 
-    def fp16_step():
+    def with_peak(fn, key):
         bench._reset_mem(device)
-        value = per_s(step(torch.float16, visual))
-        speed["train_peak_gib"] = bench._peak_mem(device)
+        value = per_s(fn)
+        speed[key] = bench._peak_mem(device)
         return value
 
-    def compiled():
-        fn = compiled_step_hook(step(torch.float16, visual))
-        if fn is None:
-            notes.append("train_compile_images_per_s: null: no compiled step is wired in (compiled_step_hook)")
-        return None if fn is None else per_s(fn)
-
+    g_ref, P_ref = (x[:COMPOSE_BATCH] for x in clip.encode_visual(images[:COMPOSE_BATCH]))  # --cache-reference-tokens
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
         g16, P16 = (x.half() for x in clip.encode_visual(images))  # what --cache-image-features stores
-    q_images = images[:COMPOSE_BATCH]
-    g_ref, P_ref = visual(q_images)  # what --cache-reference-tokens keeps
     queries = [(f"{s} {a}",) for s, a in zip(subjects, attributes)][:COMPOSE_BATCH]
 
-    def compose(features):
+    def compose(from_tokens: bool):
         def one():
             with torch.no_grad():
-                return combine_text_features(net.compose(clip, *features(), queries))
+                g, P = (g_ref, P_ref) if from_tokens else clip.encode_visual(images[:COMPOSE_BATCH])
+                return combine_text_features(net.compose(clip, g, P, queries))
+        net.eval()
         return one
 
-    figures = [("train_fp16_images_per_s", fp16_step),
-               ("train_bf16_images_per_s", lambda: per_s(step(torch.bfloat16, visual))),
-               ("train_compile_images_per_s", compiled),
+    def cached_features(b):
+        return g16.float(), P16.float()
+
+    def first_loss(precision: str) -> float:
+        """One forward of the step's loss on the batch, dropout off (for the options' equality checks)."""
+        net.eval()
+        with torch.no_grad(), training.prec.autocast(precision, device):
+            g, P = clip.train_visual(images)
+            return float(net(clip, g, P, texts)["total"])
+
+    def compile_options():
+        eager = first_loss(fp16)
+        clip.compile_visual()
+        checks["compile_loss_abs_diff"] = abs(first_loss(fp16) - eager)
+        return per_s(trainer(fp16))
+
+    def every_option():
+        plain_visual = clip.encode_visual
+        with torch.no_grad(), training.prec.autocast(fp16, device):
+            P_plain = plain_visual(images[:8])[1]
+        if cuda:
+            clip.hold_visual_weights_in(torch.float16)
+            with torch.no_grad(), training.prec.autocast(fp16, device):
+                checks["clip_half_P_max_abs_diff"] = float((plain_visual(images[:8])[1] - P_plain).abs().max())
+        clip.use_causal_text_attention()
+        return with_peak(trainer(fp16, fused=True), "train_fast_peak_gib")
+
+    def compiled_on_cuda():
+        if not cuda:  # inductor's CPU compile of even the tiny tower takes minutes on a small machine
+            notes.append("train_compile_images_per_s: null: measured on CUDA only")
+            return None
+        return compile_options()
+
+    figures = [("compose_cached_images_per_s", lambda: per_s(compose(True), COMPOSE_BATCH)),
+               ("compose_images_per_s", lambda: per_s(compose(False), COMPOSE_BATCH)),
+               ("train_fp16_images_per_s", lambda: with_peak(trainer(fp16), "train_peak_gib")),
+               ("train_bf16_images_per_s", lambda: per_s(trainer("bf16"))),
                # epoch 2 on with --cache-image-features: fp16 g and P already on the device, no visual pass
-               ("train_cached_images_per_s", lambda: per_s(step(torch.float16, lambda: (g16.float(), P16.float())))),
-               ("compose_cached_images_per_s", lambda: per_s(compose(lambda: (g_ref, P_ref)), COMPOSE_BATCH)),
-               ("compose_images_per_s", lambda: per_s(compose(lambda: visual(q_images)), COMPOSE_BATCH))]
+               ("train_cached_images_per_s", lambda: per_s(trainer(fp16, features=cached_features))),
+               ("train_compile_images_per_s", compiled_on_cuda),  # --compile
+               # --compile --clip-half --causal-text-attention --fused-adamw
+               ("train_fast_images_per_s", every_option)]
     for key, fn in figures:
-        net.train(not key.startswith("compose"))  # queries are composed in eval mode, fp32
         oom = False
         try:
             speed[key] = fn()
-            print(f"{key}: {speed[key]}", flush=True)
+            print(f"{key}: {speed[key]} {checks}", flush=True)
         except torch.OutOfMemoryError:
             oom = True
         except Exception as e:
             notes.append(f"{key}: {type(e).__name__}: {last_line(str(e))}")
         if oom:  # freed once the exception no longer holds the failed step's tensors
-            opt.zero_grad(set_to_none=True)
             notes.append(f"{key}: " + bench._free_after_oom(device, COMPOSE_BATCH if key.startswith("compose") else batch))
-        save(speed, notes)
+        save(speed, notes, checks)
+    if profile:
+        try:
+            Path(profile).write_text(profile_table(device, trainer(fp16)))
+        except Exception as e:
+            notes.append(f"profile: {type(e).__name__}: {last_line(str(e))}")
+        save(speed, notes, checks)
+
+
+def profile_table(device: torch.device, step, steps: int = 3) -> str:
+    """torch.profiler over `steps` steps of the default training step: the operators by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return (f"{steps} training steps (fp16 on CUDA, the defaults), operators by {key}\n"
+            + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 def speed_part(ctx: Ctx, out: Path, merge) -> None:
     """speed_figures in a process of its own (ViT-L/14 on CUDA, the tiny CLIP on the CPU), then a warm
     CIRCO-sized evaluation through scripts/bench_eval.py's command line; merge(speed, notes) records them."""
     figures = ctx.work / "speed.json"
-    options = (dict(clip_model="ViT-L-14", batch=256, repeats=5, warmup=2) if ctx.cuda else
-               dict(clip_model="tiny", batch=8, repeats=2, warmup=1))
+    options = (dict(clip_model="ViT-L-14", batch=256, repeats=5, warmup=2, profile=str(out / "profile.txt"))
+               if ctx.cuda else dict(clip_model="tiny", batch=8, repeats=2, warmup=1))
     argv = [PY, "scripts/gpu_check.py", "--speed", figures, json.dumps(dict(options, device=ctx.device))]
     if not ctx.cuda:
-        merge({}, ["CPU run: the speed figures are the tiny CLIP at batch 8 (fp32 where CUDA runs fp16; train_peak_gib "
-                   "is the process's peak resident memory) and a 1,200-image CIRCO gallery of 64-float features, "
+        merge({}, ["CPU run: the speed figures are the tiny CLIP at batch 8 (fp32 where CUDA runs fp16; the peaks "
+                   "are the process's peak resident memory) and a 1,200-image CIRCO gallery of 64-float features, "
                    "measured while the paths ran: they show that the speed code runs, they are not figures of the step"])
     try:
-        run(ctx, "speed", argv, 300)
+        run(ctx, "speed", argv, 330)
     except Failed as e:
         merge({}, [f"speed figures stopped: {e}"])
     if figures.is_file():  # what was measured before a failure or a timeout too
         measured = json.loads(figures.read_text())
-        merge(measured["speed"], measured["notes"])
+        merge(measured["speed"], measured["notes"], measured["checks"])
     eval_json = out / "circo_eval.json"
     argv = [PY, "scripts/bench_eval.py", "--device", ctx.device, "--json", eval_json,
             *(["--repeats", 2, "--workers", 8] if ctx.cuda else
@@ -465,8 +498,8 @@ def main(argv=None) -> int:
         sys.path[:0] = [str(REPO / "src"), str(REPO / "scripts")]
         file = Path(args.speed[0])
 
-        def save(speed, notes):
-            file.with_suffix(".tmp").write_text(json.dumps({"speed": speed, "notes": notes}, indent=1))
+        def save(speed, notes, checks):
+            file.with_suffix(".tmp").write_text(json.dumps({"speed": speed, "notes": notes, "checks": checks}, indent=1))
             file.with_suffix(".tmp").replace(file)
         kwargs = json.loads(args.speed[1])
         speed_figures(torch.device(kwargs.pop("device")), save=save, **kwargs)
@@ -480,12 +513,13 @@ def main(argv=None) -> int:
         notes.append("no CUDA device: ran as --cpu")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("summary.json", "paths.log", "speed.log", "circo_eval.json"):  # a rerun replaces them
+    for name in ("summary.json", "paths.log", "speed.log", "circo_eval.json", "profile.txt"):  # a rerun replaces them
         (out / name).unlink(missing_ok=True)
     summary = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
                "cuda": torch.version.cuda if cuda else None,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "paths": {}, "speed": dict.fromkeys(SPEED_KEYS), "notes": notes, "seconds": 0.0, "path_seconds": {}}
+               "paths": {}, "speed": dict.fromkeys(SPEED_KEYS), "checks": {}, "notes": notes, "seconds": 0.0,
+               "path_seconds": {}}
     lock = threading.Lock()
 
     def write() -> None:
@@ -500,9 +534,9 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if not cuda:  # the jobs share the cores instead of each taking all of them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    # CUDA: the speed part runs alone after the paths, in the last 270 s of the time limit; the CPU's
+    # CUDA: the speed part runs alone after the paths, in the last SPEED_SECONDS of the time limit; the CPU's
     # speed figures mean nothing, so there it runs beside the paths
-    ctx = Ctx(cuda, work, t0 + args.time_limit - (270 if cuda else 0), env)
+    ctx = Ctx(cuda, work, t0 + args.time_limit - (SPEED_SECONDS if cuda else 0), env)
     sizes = [512, 40, 40] if cuda else [256, 24, 24]  # a smaller toy world on the CPU, the same paths
 
     def stop(signum, frame):
@@ -521,9 +555,10 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t0:6.1f} s] {name}: {verdict} ({seconds:.1f} s)", flush=True)
         write()
 
-    def merge(speed: dict, more_notes: list) -> None:
+    def merge(speed: dict, more_notes: list, checks: dict | None = None) -> None:
         with lock:
             summary["speed"].update(speed)
+            summary["checks"].update(checks or {})
             notes.extend(more_notes)
         write()
 
@@ -554,8 +589,6 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    if "--compile" in summary["paths"].get("train_compile", ""):
-        merge({}, ["train_compile: train.py has no --compile flag yet"])
     for key, value in summary["speed"].items():
         print(f"  {key}: {value}")
     write()

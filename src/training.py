@@ -278,6 +278,19 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
     return run
 
 
+def step_only_run(clip, net, device: torch.device, precision: str, *, fused_adamw: bool = False, lr: float = 4e-5,
+                  wd: float = 0.01) -> Run:
+    """A Run that `training_step` can take, without data, loader or output folder: a benchmark feeds it
+    batches of {"image", "texts"} already on the device, through the same step a training run takes."""
+    optimizer = make_optimizer(net, lr, wd, fused_adamw)
+    scaler = make_scaler(precision, device)
+    run = Run(None, DistInfo(), device, precision, None, clip, net, TowerFeatures(clip, device, precision), None, None,
+              optimizer, scaler, {}, model=net)
+    run.flags = torch.zeros(2, device=device)
+    run.grad_scale = scaler.get_scale()
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # restoring a checkpoint
 
