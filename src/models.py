@@ -275,7 +275,10 @@ class FTI4CIR(nn.Module):
             raise ValueError(f"compose needs {B} rows of {T} texts each, got {[len(row) for row in texts]}")
         # host-side tokenisation, texts in text-major order: every row's first text, then every second...
         tail, tail_len = self.prompts(clip).query_tails([row[t] for t in range(T) for row in texts])
-        return self.compose_tokens(clip, g, P, tail.to(g.device), tail_len.to(g.device))
+        if g.device.type == "cuda":  # pinned, so the copies below need not wait for the device
+            tail, tail_len = tail.pin_memory(), tail_len.pin_memory()
+        return self.compose_tokens(clip, g, P, tail.to(g.device, non_blocking=True),
+                                   tail_len.to(g.device, non_blocking=True))
 
     def compose_tokens(self, clip, g: torch.Tensor, P: torch.Tensor, tail: torch.Tensor,
                        tail_len: torch.Tensor) -> torch.Tensor:
