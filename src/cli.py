@@ -175,7 +175,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> N
     """The flags of a script that encodes a gallery and composed queries (evaluate.py, test.py, retrieve.py):
     the network or a baseline, CLIP, preprocessing, output folder, device, batching, precision, cache."""
     from features import BASELINES
-    from gallery_cache import DEFAULT_CACHE_DIR
+    from feature_store import DEFAULT_CACHE_DIR
     from precision import PRECISIONS
     from transforms import PREPROCESS_TYPES
 
