@@ -27,6 +27,8 @@ running are removed when a store's root is opened.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import io
@@ -59,6 +61,10 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+# Linux's sync_file_range(2), which os does not offer: starts writing a file's dirty pages back without
+# waiting, so that the flush that follows (fdatasync) finds little left to write
+_sync_file_range = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), "sync_file_range", None)
+_SYNC_FILE_RANGE_WRITE = 2
 
 log = get_logger("feature_store")
 
@@ -205,8 +211,8 @@ def references_key(key: dict, refs: Sequence[str]) -> dict:
 # folders and files
 
 def _size(n: float) -> str:
-    return next(f"{n / 2**k:.{d}f} {unit}" for k, d, unit in ((30, 2, "GiB"), (20, 1, "MiB"), (10, 1, "KiB"), (0, 0, "bytes"))
-                if n >= 2**k or k == 0)
+    units = ((30, 2, "GiB"), (20, 1, "MiB"), (10, 1, "KiB"), (0, 0, "bytes"))
+    return next(f"{n / 2**k:.{d}f} {unit}" for k, d, unit in units if n >= 2**k or k == 0)
 
 
 def _temp_path(folder: Path) -> Path:
@@ -430,10 +436,12 @@ def prepare_store(root, key: dict, arrays: dict[str, tuple], suffix: str = "") -
     else:
         others = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for other in others[:10]:
-            log.info(f"feature cache: {other} not used ({why_not_used(other, key, arrays)})")
+            why = why_not_used(other, key, arrays)
+            if why is not None:  # None: another node's store for the same key
+                log.info(f"feature cache: {other} not used ({why})")
     store = create_store(folder, key, arrays)
     n, row = key["num_images"], sum(int(np.prod(s[1:])) for s in arrays.values()) * np.dtype(key["dtype"]).itemsize
-    log.info(f"feature cache: new cache {folder}: {n} images x {_size(row)} = {_size(n * row)}, reserved on disk")
+    log.info(f"feature cache: new cache {folder}: {n} images x {_size(row)} = {_size(n * row)}")
     return store
 
 
@@ -485,6 +493,11 @@ class RowFiles:
         for j in np.argsort(rows, kind="stable"):
             _pwrite_all(fd, data[j], offset + int(rows[j]) * size)
 
+    def start_writeback(self, name: str) -> None:
+        """Start writing the file's dirty pages back, without waiting (nothing where Linux's call is missing)."""
+        if _sync_file_range is not None:
+            _sync_file_range(self.fds[name], ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+
     def sync(self, name: str) -> None:
         os.fdatasync(self.fds[name])
 
@@ -531,7 +544,7 @@ class EvalCache:
             self.root.mkdir(parents=True, exist_ok=True)
             remove_dead_temporaries(self.root)
             create_store(folder, key, {name: a.shape for name, a in data.items()}, data)
-        except (OSError, FeatureCacheError) as e:  # a full disk or read-only folder costs the next run time, not this run's result
+        except (OSError, FeatureCacheError) as e:  # a full disk or read-only folder costs the next run time, not this run's
             log.info(f"{what}: could not write {folder} ({e}); continuing without caching")
             return False
         log.info(f"{what}: wrote {folder}")

@@ -122,7 +122,20 @@ class CachedTowerFeatures(TowerFeatures):
 # the writer thread
 
 def _all_finite(g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """On the device of g and P, one bool: every value finite."""
     return torch.isfinite(g).all() & torch.isfinite(P).all()
+
+
+def finite_fp16(a: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """Every value of an fp16 array finite, by its bits (an exponent of all ones is inf or NaN), a chunk at a
+    time: several times faster on a CPU than isfinite, which converts each value first."""
+    bits = np.ascontiguousarray(a).reshape(-1).view(np.uint16)
+    scratch = np.empty(min(chunk, len(bits)), np.uint16)
+    for s in range(0, len(bits), chunk):
+        part = bits[s:s + chunk]
+        if np.bitwise_and(part, 0x7C00, out=scratch[:len(part)]).max() == 0x7C00:
+            return False
+    return True
 
 
 class _Staging:
@@ -229,15 +242,17 @@ class RowWriter:
     def _store(self, item: _Batch) -> None:
         if item.event is not None:
             item.event.synchronize()  # the copies (and the flag) have landed in host memory
-        g, P = item.staging.g[:item.k], item.staging.P[:item.k]
-        finite = item.staging.finite if item.event is not None else _all_finite(g, P)
-        if not bool(finite):
+        g, P = item.staging.g[:item.k].numpy(), item.staging.P[:item.k].numpy()
+        finite = bool(item.staging.finite) if item.event is not None else finite_fp16(g) and finite_fp16(P)
+        if not finite:
             raise FeatureCacheError(f"CLIP features of training rows {item.rows.tolist()[:8]} are not finite in fp16 "
                                     "(overflow?); train without --cache-image-features")
         if self._files is None:
             self._files = RowFiles(self.store)
-        self._files.write_rows("g", item.rows, g.numpy())
-        self._files.write_rows("P", item.rows, P.numpy())
+        self._files.write_rows("g", item.rows, g)
+        self._files.write_rows("P", item.rows, P)
+        for name in self.store.shapes:  # on its way to the disk now: the flush then waits for little
+            self._files.start_writeback(name)
         self._pending.append(item.rows)
         if len(self._pending) >= self.flush_every:
             self._flush()
@@ -389,7 +404,7 @@ def open_feature_cache(cache_dir, clip, dataset, precision: str, info: DistInfo,
     if info.local_rank == 0:
         try:
             if hash_contents:
-                log.info(f"feature cache: hashing the contents of {len(dataset.names)} training images (--cache-hash-images)")
+                log.info(f"feature cache: hashing the contents of {len(dataset.names)} training images")
             key = training_key(clip, dataset, precision, hash_contents)
             arrays = training_arrays(clip, len(dataset.names))
             prepared = (str(prepare_store(cache_dir, key, arrays, suffix)), key, arrays)

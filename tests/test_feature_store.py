@@ -19,10 +19,9 @@ import pytest
 import torch
 
 import datasets
-import train
 import feature_store
+import train
 import train_features
-import training
 from checkpoint import load_checkpoint
 from clip_loader import FrozenCLIP
 from distributed import DistInfo
@@ -362,6 +361,21 @@ def test_row_writes_equal_plain_assignment(tmp_path, data8):
     assert np.array_equal(P_file, want_P) and np.array_equal(filled, want_filled)
 
 
+def test_fp16_finiteness_by_bits_equals_isfinite():
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal(5000) * 1e3).astype(np.float16)
+    specials = np.array([np.inf, -np.inf, np.nan, 65504, -65504, 6e-8, -0.0], dtype=np.float16)
+    cases = [base, base.reshape(50, 100), specials[3:]]
+    for v in specials:
+        for at in (0, 1023, 1024, 4999):  # inside, at the edges of the 1024-value chunks
+            x = base.copy()
+            x[at] = v
+            cases.append(x.reshape(5, 1000))
+    for x in cases:
+        assert train_features.finite_fp16(x, chunk=1024) == bool(np.isfinite(x).all()), x
+    assert train_features.finite_fp16(np.empty((0, 3), np.float16))
+
+
 def test_writer_failure_is_raised_and_marks_nothing(tmp_path, data8, monkeypatch):
     cache = _tiny_cache(tmp_path, data8)
     cache.write(np.array([0]), torch.randn(1, 3), torch.randn(1, 2, 4))
@@ -373,10 +387,10 @@ def test_writer_failure_is_raised_and_marks_nothing(tmp_path, data8, monkeypatch
     monkeypatch.setattr(cache, "_store", disk_full)
     cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
     cache._queue.join()
-    with pytest.raises(feature_store.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space left"):
+    with pytest.raises(feature_store.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space"):
         cache.write(np.array([5]), torch.randn(1, 3), torch.randn(1, 2, 4))  # the next write reports it
     cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
-    with pytest.raises(feature_store.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space left"):
+    with pytest.raises(feature_store.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space"):
         cache.commit()
     assert open_arrays(cache.folder)[2].tolist() == [True] + [False] * 7
     monkeypatch.undo()
