@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -687,7 +688,14 @@ def test_one_store_per_node(data8, tmp_path):
                "GROUP_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-c", NODE_WORKER, src, str(data8), json.dumps(dirs), str(tmp_path)],
                                       env=env))
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    deadline = time.monotonic() + 300
+    # until both are done, or one failed (the other would wait for it in a collective until gloo's timeout)
+    while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    assert [p.wait() for p in procs] == [0, 0]
     res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert res[0]["multi_node"] and res[1]["multi_node"]
     node0, node1 = (Path(r["folder"]) for r in res)
