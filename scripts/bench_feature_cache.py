@@ -1,15 +1,18 @@
 """Disk side of train.py --cache-image-features, at ViT-L/14 shapes (g 768, P 257 x 1024, fp16 = 0.5 MB per
-image): what the training thread pays per batch to store and to read the cached rows, the previous way
-(the training thread copies the rows off the device, stores and msyncs them each step; reads by the
-training process) against the current one (a writer thread does the storing; reads in the DataLoader
-workers), measured in the same run on the same files. Between two stores the training thread sleeps
---step-ms, standing for the GPU step (default: 244 ms = batch 256 at the 1,050 images/s target).
+image): what the training thread pays per batch to store and to read the cached rows, the synchronous
+way (each step's rows copied off the device, stored and flushed before the next step; reads by the
+training process) against the writer thread of train_features.RowWriter (stores and flushes in the
+background; reads in the DataLoader workers), measured in the same run on the same files. Between two
+stores the training thread sleeps --step-ms, standing for the GPU step (default: 244 ms = batch 256 at
+the 1,050 images/s target), and the writer must keep up: the queue is drained close to zero seconds
+after the last step when it does.
 
     python scripts/bench_feature_cache.py                      # 2,048 rows, batch 256, workers 0 1 2
     python scripts/bench_feature_cache.py --dir /scratch --workers 0 4 8 --json runs/cache_io.json
 
 No model runs: this is the I/O alone. With --device cuda the stored rows start on the GPU (the copy to
-pinned memory is then asynchronous); on the CPU `write` copies the batch in the training thread.
+pinned memory is then asynchronous, and their finiteness is checked there); on the CPU `write` copies
+the batch in the training thread and the writer thread checks it.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from train_cache import FORMAT_VERSION, CacheReader, CachedRowsDataset, FeatureCache, collate_cached, prepare_cache  # noqa: E402
+from feature_store import FORMAT, VERSION, FeatureStore, prepare_store  # noqa: E402
+from train_features import CachedRowsDataset, RowReader, RowWriter, collate_cached  # noqa: E402
 from utils import report_json  # noqa: E402
 
 
@@ -41,10 +45,14 @@ class _Pairs:
         return len(self.pairs)
 
 
-def _meta(args) -> dict:
+def _writer(args, root: Path) -> RowWriter:
+    """A fresh training store (its own label: a new folder per phase) of --images rows, opened for writing."""
     n = args.images
-    return {"format_version": FORMAT_VERSION, "num_images": n, "g_shape": [n, args.dim],
-            "P_shape": [n, args.tokens, args.width], "bench": time.time_ns()}  # a fresh folder per phase
+    key = {"format": FORMAT, "version": VERSION, "rows": "training", "clip": {"source": "bench"}, "transform": "none",
+           "precision": "fp32", "dtype": "float16", "label": f"bench{time.time_ns()}", "root": "/", "num_images": n,
+           "names_sha256": "", "images_keyed_by": "sizes-and-times", "images_sha256": None}
+    arrays = {"g": (n, args.dim), "P": (n, args.tokens, args.width)}
+    return RowWriter(FeatureStore(prepare_store(root, key, arrays), key, arrays))
 
 
 def bench_writes(args, root: Path, device: torch.device) -> dict:
@@ -54,20 +62,18 @@ def bench_writes(args, root: Path, device: torch.device) -> dict:
     perm = np.random.default_rng(0).permutation(args.images)
     batches = [perm[i:i + B] for i in range(0, args.images - B + 1, B)]
 
-    # previous behaviour: the training thread stores the rows, msyncs the data, then marks and msyncs `filled`
-    meta = _meta(args)
-    old = FeatureCache(prepare_cache(root, meta), meta)
+    # synchronous: the training thread waits until each step's rows are stored, flushed and marked filled
+    old = _writer(args, root)
     t_old = []
     for rows in batches:
         t = time.perf_counter()
-        host_g, host_P = g.to("cpu"), P.to("cpu")  # a device->host read the training thread waits for
-        old._store(np.asarray(rows), host_g, host_P, None)
+        old.write(rows, g, P)
         old.commit()
         t_old.append(time.perf_counter() - t)
+    old.close()
     assert old.num_filled() == len(batches) * B
 
-    meta = _meta(args)
-    new = FeatureCache(prepare_cache(root, meta), meta)
+    new = _writer(args, root)
     t_new = []
     for rows in batches:
         t = time.perf_counter()
@@ -91,7 +97,7 @@ def bench_reads(args, folder: Path) -> dict:
         np.load(folder / name, mmap_mode="r").sum(dtype=np.float32)
     steps = args.images // B
     res = {}
-    # previous behaviour: the training process reads the batch's rows (ascending offsets) before its step
+    # in the training process: the batch's rows (ascending offsets) read before its step
     times = []
     for _ in range(steps):
         rows = np.sort(rng.choice(args.images, B, replace=False))
@@ -99,8 +105,8 @@ def bench_reads(args, folder: Path) -> dict:
         torch.from_numpy(g_map[rows]), torch.from_numpy(P_map[rows])
         times.append(time.perf_counter() - t)
     res["old_training_thread_ms_per_batch"] = 1000 * statistics.median(times)
-    # current: CachedRowsDataset reads in the workers; the training thread only waits for a ready batch
-    reader = CacheReader(folder)
+    # CachedRowsDataset reads in the workers; the training thread only waits for a ready batch
+    reader = RowReader(folder)
     ds = CachedRowsDataset(_Pairs(args.images), reader)
     for workers in args.workers:
         loader = DataLoader(ds, batch_size=B, shuffle=True, num_workers=workers,
@@ -147,11 +153,11 @@ def main(argv=None):
     B = args.batch_size
     print(f"\nfeature cache I/O: {args.images} rows of g [{args.dim}] + P [{args.tokens} x {args.width}] fp16 "
           f"({mib:.0f} MiB), batch {B}, rows from {device}")
-    print(f"  store, training thread : {writes['old_training_thread_ms_per_batch']:7.1f} ms/batch before "
-          f"(store + msync each step) -> {writes['new_training_thread_ms_per_batch']:.1f} ms/batch now (queued)")
+    print(f"  store, training thread : {writes['old_training_thread_ms_per_batch']:7.1f} ms/batch synchronous "
+          f"(store + flush each step) -> {writes['new_training_thread_ms_per_batch']:.1f} ms/batch queued")
     print(f"  store, writer thread   : queue drained {writes['new_drain_s']:.2f} s after the last step "
-          f"(before: {writes['old_rows_per_s']:.0f} rows/s, all in the training thread)")
-    print(f"  read, training thread  : {reads['old_training_thread_ms_per_batch']:7.1f} ms/batch before "
+          f"(synchronous: {writes['old_rows_per_s']:.0f} rows/s, all in the training thread)")
+    print(f"  read, training thread  : {reads['old_training_thread_ms_per_batch']:7.1f} ms/batch "
           f"(= {1000 * B / reads['old_training_thread_ms_per_batch']:.0f} rows/s ceiling, serial with the step)")
     for w in args.workers:
         print(f"  read, DataLoader, {w} worker(s): {reads[f'loader_rows_per_s_workers_{w}']:7.0f} rows/s "

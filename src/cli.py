@@ -175,7 +175,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> N
     """The flags of a script that encodes a gallery and composed queries (evaluate.py, test.py, retrieve.py):
     the network or a baseline, CLIP, preprocessing, output folder, device, batching, precision, cache."""
     from features import BASELINES
-    from gallery_cache import DEFAULT_CACHE_DIR
+    from feature_store import DEFAULT_CACHE_DIR
     from precision import PRECISIONS
     from transforms import PREPROCESS_TYPES
 
@@ -197,8 +197,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> N
                         help="fp32: no autocast, the authors' inference; tf32: TF32 tensor cores (CUDA); "
                              "bf16 (CUDA, CPU) / fp16 (CUDA): autocast, faster, rankings may differ slightly")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
-                        help="gallery features are cached here, keyed by CLIP weights, preprocessing, gallery "
-                             "and precision")
+                        help="gallery features (and --cache-reference-tokens' outputs) are stored here, one folder each, "
+                             "keyed by CLIP weights, preprocessing, precision, the gallery's names and its image files")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the gallery cache")
     parser.add_argument("--cache-hash-images", action="store_true",
                         help="key the gallery cache on the images' contents (each file read and hashed, in threads) "

@@ -26,8 +26,8 @@ import metrics as M
 from data_check import LeftOut, leave_out_missing, metadata_only
 from datasets import CIRCO_QUERY_TEMPLATES, FASHIONIQ_CATEGORIES, CIRCODataset, CIRRDataset, FashionIQDataset
 from errors import ConfigError
+from feature_store import EvalCache
 from features import Encoding, Gallery, gallery_features, query_features
-from gallery_cache import GalleryCache
 from logs import get_logger
 from transforms import build_transform
 
@@ -126,7 +126,7 @@ def encode_benchmark(net, clip, gallery_ds, query_ds, config: EvalConfig) -> Ret
     """Both sides of a gallery-mode and a query-mode dataset encoded (any datasets with the benchmark
     classes' interface: retrieve.py's image folders too); the gallery cache and reference tokens as in
     `retrieve`."""
-    cache = GalleryCache(config.cache_dir, config.cache_hash_images) if config.cache_dir is not None else None
+    cache = EvalCache(config.cache_dir, config.cache_hash_images) if config.cache_dir is not None else None
     refs = None
     if config.reference_tokens and config.baseline != "text-only":
         refs = [q["reference_name"] for q in query_ds.queries]

@@ -1,7 +1,7 @@
 """Encoding a benchmark for retrieval (METHOD §10): gallery embeddings and composed-query features.
 
 - `gallery_features(clip, dataset, encoding, cache)`: L2-normalised CLIP image embeddings of a
-  gallery-mode dataset, in its order, from the gallery cache (gallery_cache.py) when it holds them.
+  gallery-mode dataset, in its order, from the feature store (feature_store.EvalCache) when it holds them.
 - `query_features(net, clip, dataset, encoding)`: one L2-normalised feature per query of a query-mode
   dataset: FTI4CIR's composed query, or the image-only / text-only baseline. Each distinct reference
   image goes through the visual tower once, however many queries share it (`g` and `P` together).
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from datasets import AnnotationFormatError, collate, combine_text_features
 from errors import ConfigError
-from gallery_cache import GalleryCache, ReferenceOutputs
+from feature_store import EvalCache, ReferenceOutputs
 from precision import PRECISIONS, check_precision, inference
 
 BASELINES = ("image-only", "text-only")
@@ -162,30 +162,30 @@ class _Rows(torch.utils.data.Dataset):
         return self.dataset[self.rows[i]]
 
 
-def gallery_features(clip, dataset, encoding: Encoding, cache: GalleryCache | None = None,
+def gallery_features(clip, dataset, encoding: Encoding, cache: EvalCache | None = None,
                      reference_names: Sequence[str] | None = None) -> Gallery:
     """The gallery's features, from `cache` when it holds them (`cache=None`: no cache).
 
     With `reference_names` (gallery images that are query references), also their ReferenceOutputs:
-    taken from the gallery pass when the gallery is encoded, else from their own cache file beside the
+    taken from the gallery pass when the gallery is encoded, else from their own store beside the
     gallery's, else from one pass over just those images; written to the cache for the next run.
     """
     device = encoding.on(clip)
     counters = encoding.counters
     names = list(dataset.names)
     refs = None if reference_names is None else list(dict.fromkeys(reference_names))
-    meta = feats = outputs = None
+    key = feats = outputs = None
     if cache is not None:
-        meta = cache.meta(clip, dataset, encoding.precision, progress=encoding.progress)
-        feats = cache.read(meta, names)
+        key = cache.key(clip, dataset, encoding.precision, progress=encoding.progress)
+        feats = cache.read_gallery(key)
         if refs is not None:
-            outputs = cache.read_references(meta, refs)
+            outputs = cache.read_references(key, refs)
             counters.token_cache_hits += outputs is not None
     fresh = refs is not None and outputs is None
     if feats is None:
         feats, got = encode_gallery(clip, dataset, encoding, keep=refs if fresh else None)
         outputs = got if fresh else outputs
-        if cache is not None and cache.write(meta, names, feats):
+        if cache is not None and cache.write_gallery(key, feats):
             counters.cache_writes += 1
     else:
         counters.cache_hits += 1
@@ -193,7 +193,7 @@ def gallery_features(clip, dataset, encoding: Encoding, cache: GalleryCache | No
         if fresh:  # the gallery came from the cache: one pass over the reference images alone
             _, outputs = encode_gallery(clip, _Rows(dataset, refs), encoding, keep=refs)
     if fresh and cache is not None:
-        cache.write_references(meta, outputs)
+        cache.write_references(key, outputs)
     return Gallery(names, feats, outputs)
 
 
@@ -275,10 +275,12 @@ def _reference_outputs(clip, dataset, representative: list[int], references: Ref
     (no image is read), else from one visual pass over the images."""
     if references is not None:
         names = [dataset.queries[i]["reference_name"] for i in representative]
-        rows = torch.tensor([references.row[n] for n in names])
+        rows = torch.tensor([references.row[n] for n in names], device=device)
+        # to the device once (P is ~1 MB per reference at ViT-L/14), not one pageable copy per batch
+        g_all, P_all = references.g.to(device), references.P.to(device)
         for s in range(0, len(rows), encoding.batch_size):
             r = rows[s:s + encoding.batch_size]
-            yield references.g[r].to(device), references.P[r].to(device)
+            yield g_all[r], P_all[r]
         return
     loader = make_loader(Subset(dataset, representative), encoding, device)
     for batch in batches(loader, f"queries {dataset.label}", encoding.progress):

@@ -257,7 +257,7 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
                            reg_weight=args.reg_weight, tf_layer=args.tf_layer, tf_head=args.tf_head,
                            mapper_dropout=args.mapper_dropout).to(device)
     if args.cache_image_features:
-        cache = open_feature_cache(args.feature_cache_dir, clip, args.preprocess_type, dataset.names, info)
+        cache = open_feature_cache(args.feature_cache_dir, clip, dataset, precision, info, getattr(args, "cache_hash_images", False))
         features = CachedTowerFeatures(clip, device, precision, cache)
     else:
         features = TowerFeatures(clip, device, precision)

@@ -1,7 +1,6 @@
 """The fast paths of a warm-cache evaluation (scripts/bench_eval.py) against the plain code they
 replace: CIRCO's lazily built gallery paths, its gallery annotation parsed once for both datasets of
-an evaluation, the image fingerprint on plain strings, and the gallery cache's joined names (older
-files' name lists still read)."""
+an evaluation, the image fingerprint on plain strings, and the gallery store's memory-mapped rows."""
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +18,8 @@ import features
 from datasets import AnnotationFormatError, CIRCODataset, FileList
 from evaluation import open_benchmark
 from features import Encoding
-from gallery_cache import GalleryCache, images_fingerprint
+from feature_store import EvalCache, images_fingerprint
 from transforms import build_transform
-from utils import atomic_torch_save
 
 
 def _image(path: Path, seed: int, size=(24, 18)) -> None:
@@ -51,7 +49,7 @@ def _info_path(root: Path) -> Path:
 
 
 def _plain_fingerprint(paths) -> str:
-    """gallery_cache.images_fingerprint as it was: one hash update per file, os.stat on each Path."""
+    """images_fingerprint's plain equivalent: one hash update per file, os.stat on each Path."""
     h = hashlib.sha256()
     for p in paths:
         try:
@@ -164,7 +162,7 @@ def test_images_fingerprint_equals_the_plain_loop(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the gallery cache file: names joined, older name lists still read, mmap-loaded features
+# the gallery store: memory-mapped rows, stale and foreign folders
 
 def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
     root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
@@ -175,14 +173,14 @@ def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
         capsys.readouterr()
         ds = CIRCODataset(root, "val", "gallery", pre)
         enc = Encoding(batch_size=4, workers=0, device="cpu", progress=False)
-        got = features.gallery_features(tiny_clip, ds, enc, GalleryCache(cache))
+        got = features.gallery_features(tiny_clip, ds, enc, EvalCache(cache))
         return got.names, got.features, enc.counters.gallery_images_encoded, capsys.readouterr().out
 
     names, feats, n, _ = run()
     assert n == 6
-    (path,) = cache.glob("*.pt")
-    obj = torch.load(path, weights_only=True)
-    assert obj["joined_names"] == "\x00".join(names) and "names" not in obj
+    (folder,) = cache.iterdir()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["key"]["names_sha256"] == hashlib.sha256("\x00".join(names).encode()).hexdigest()
     names2, feats2, n, log = run()
     assert n == 0 and "hit" in log and names2 == names and torch.equal(feats2, feats)
 
@@ -191,21 +189,19 @@ def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
     _, feats3, n, _ = run()
     assert n == 0 and torch.equal(feats3, feats)
 
-    # an older file: the names as a list, still a hit; a wrong list or joined string is not
-    del obj["joined_names"]
-    obj["names"] = list(names)
-    atomic_torch_save(obj, path)
-    _, feats4, n, log = run()
-    assert n == 0 and "hit" in log and torch.equal(feats4, feats)
-    obj["names"] = list(reversed(names))
-    atomic_torch_save(obj, path)
+    # another name list recorded in the folder: stale; a foreign meta.json, then a corrupt one: not used
+    good = (folder / "meta.json").read_text()
+    for meta_text, why in ((good.replace(meta["key"]["names_sha256"], "0" * 64), "stale: made for other names_sha256"),
+                           (json.dumps({"state_dict": {}}), "not a feature store folder"),
+                           ("garbage", "meta.json is missing or unreadable")):
+        (folder / "meta.json").write_text(meta_text)
+        _, feats4, n, log = run()
+        assert n == 6 and why in log and torch.equal(feats4, feats)
+    # a data file cut short: not used
+    with open(folder / "features.npy", "r+b") as f:
+        f.truncate(os.path.getsize(folder / "features.npy") - 4)
     _, _, n, log = run()
-    assert n == 6 and "does not hold features" in log
-    obj = torch.load(path, weights_only=True)
-    obj["joined_names"] = "\x00".join(reversed(names))
-    atomic_torch_save(obj, path)
-    _, _, n, log = run()
-    assert n == 6 and "does not hold features" in log
+    assert n == 6 and "features.npy is truncated" in log
 
     # an image changed under its name: stale, recomputed
     img = root / "COCO2017_unlabeled" / "unlabeled2017" / f"{15:012d}.jpg"

@@ -420,7 +420,7 @@ def test_baselines(fast_clip, data, tiny_clip, base_args, tmp_path):
 # the gallery cache
 
 def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path, capsys, encoded):
-    from gallery_cache import GalleryCache
+    from feature_store import EvalCache
 
     root = tmp_path / "CIRR"
     shutil.copytree(data["cirr"], root)
@@ -440,7 +440,7 @@ def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path
     other_net = tmp_path / "other_net.pt"
     save_network(FTI4CIR.for_clip(tiny_clip), other_net)
     first, n, _ = encoded(lambda: evaluate_main(_args(args, "cirr", root, "--model-path", str(net_path))))
-    assert n == n_gallery and len(list(cache.glob("*.pt"))) == 1
+    assert n == n_gallery and len(list(cache.iterdir())) == 1
     second, n, log = encoded(lambda: evaluate_main(_args(args, "cirr", root, "--model-path", str(other_net))))
     assert n == 0 and "gallery cache: hit" in log and second != first  # same gallery, other queries
 
@@ -449,7 +449,7 @@ def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path
     gallery = lambda: CIRRDataset(root, "val", "gallery", pre)  # noqa: E731
     run = lambda precision="fp32", cache_dir=cache: features.gallery_features(  # noqa: E731
         tiny_clip, gallery(), Encoding(batch_size=16, workers=0, device="cpu", precision=precision, progress=False),
-        GalleryCache(cache_dir) if cache_dir else None)
+        EvalCache(cache_dir) if cache_dir else None)
     got, n, _ = encoded(run)
     names, feats = got.names, got.features
     assert n == 0 and names == gallery().names
@@ -474,19 +474,19 @@ def test_gallery_cache(fast_clip, data, tiny_clip, tmp_path, base_args, net_path
     assert n == n_gallery + 1 and "images_sha256" in log and not torch.equal(got.features[-1], feats[-1])
 
     # a foreign file where the cache should be, then a corrupt one: detected, recomputed
-    (path,) = cache.glob("*.pt")
-    torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+    (path,) = cache.iterdir()
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, path / "meta.json")
     _, n, log = encoded(run)
-    assert n == n_gallery + 1 and "not a gallery cache file" in log
-    path.write_bytes(b"garbage")
+    assert n == n_gallery + 1 and "not used (its meta.json is missing or unreadable)" in log
+    (path / "features.npy").write_bytes(b"garbage")
     _, n, log = encoded(run)
-    assert n == n_gallery + 1 and "unreadable" in log
+    assert n == n_gallery + 1 and "features.npy is not a .npy file" in log
     _, n, _ = encoded(run)
     assert n == 0
 
     # another precision has its own entry; no cache dir neither reads nor writes
     _, n, _ = encoded(lambda: run("bf16"))
-    assert n == n_gallery + 1 and len(list(cache.glob("*.pt"))) == 2
+    assert n == n_gallery + 1 and len(list(cache.iterdir())) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,8 +590,8 @@ def test_reference_tokens_from_the_gallery_pass(data, tiny_clip, net, tmp_path):
     assert cold.gallery_images_encoded == len(names) and cold.query_images_encoded == 0
     assert warm.gallery_images_encoded == 0 and warm.query_images_encoded == 0 and warm.token_cache_hits == 1
     # gallery cached but no token file yet (deleted): one pass over the references alone
-    for f in cache.glob("*-refs-*.pt"):
-        f.unlink()
+    for f in cache.glob("*-refs-*"):
+        shutil.rmtree(f)
     c = Counters()
     out = retrieve(net, tiny_clip, "cirr", root, config(cache_dir=cache, reference_tokens=True, counters=c))
     assert c.gallery_images_encoded == n_refs

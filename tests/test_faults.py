@@ -367,7 +367,7 @@ def test_bad_flag_values_are_one_line_errors(extra, needle, data8, tiny_clip_pat
 
 def test_cache_keyed_by_contents_notices_an_image_replaced_in_place(tiny_clip, tmp_path, capsys):
     from features import Encoding, gallery_features
-    from gallery_cache import GalleryCache, images_content_fingerprint
+    from feature_store import EvalCache, images_content_fingerprint
     from test_eval_fast_paths import _circo
     from datasets import CIRCODataset
 
@@ -379,7 +379,7 @@ def test_cache_keyed_by_contents_notices_an_image_replaced_in_place(tiny_clip, t
     def run(hash_contents):
         capsys.readouterr()
         before = enc.counters.gallery_images_encoded
-        gallery_features(tiny_clip, CIRCODataset(root, "val", "gallery", pre), enc, GalleryCache(tmp_path / "c", hash_contents))
+        gallery_features(tiny_clip, CIRCODataset(root, "val", "gallery", pre), enc, EvalCache(tmp_path / "c", hash_contents))
         return enc.counters.gallery_images_encoded - before, capsys.readouterr().out
 
     for hash_contents in (False, True):

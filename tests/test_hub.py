@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import cli
-import gallery_cache
+import feature_store
 from checkpoint import save_network
 from clip_loader import ClipLoadError, load_clip, qualifying_backbones, save_tiny_clip
 from hub import HubError, hub_file
@@ -125,7 +125,7 @@ def test_clip_pretrained_from_the_hub_cache(hub_cache, tiny_open_clip, tmp_path)
     assert "pretrained" not in plain.fingerprint() and plain.name == TINY
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     ds = argparse.Namespace(names=["a"], gallery_paths=[tmp_path / "a.png"], preprocess=None, label="one", root=tmp_path)
-    keys = {gallery_cache._key(gallery_cache.gallery_meta(c, ds, "fp32")) for c in (clip, plain)}
+    keys = {json.dumps(feature_store.gallery_key(c, ds, "fp32"), sort_keys=True) for c in (clip, plain)}
     assert len(keys) == 2
     # --clip-weights FILE --clip-pretrained TAG: the tag's settings, that file
     again = load_clip(TINY, str(tiny_open_clip), pretrained="TinyTag")
