@@ -9,7 +9,7 @@ Outputs under --model-dir: `checkpoints/epoch_<n>.pt` (n = completed epochs, 1-b
 
 The loop itself is `training.train` (set-up, restoring a checkpoint, epochs, the end-of-epoch step).
 
---cache-image-features (src/train_cache.py) stores each image's (g, P) in fp16 the first time it is computed;
+--cache-image-features (src/feature_store.py) stores each image's (g, P) in fp16 the first time it is computed;
 later epochs and runs read them back, decoding no image and skipping the visual pass. The network then sees
 g and P rounded to fp16 (the one numeric difference from the uncached path).
 """
@@ -46,6 +46,9 @@ def build_parser() -> FlagParser:
                         "they are computed; later epochs/runs read them instead of decoding the image and running the "
                         "visual tower. Disk: (D + (N+1) x W) x 2 bytes per image, about 0.5 MB for ViT-L/14, about 52 GB "
                         "for the 100k ImageNet test images. The one numeric change: g and P are rounded to fp16")
+    d.add_argument("--cache-hash-images", action="store_true",
+                   help="key the feature caches (--cache-image-features, --val-cache-dir) on the images' contents (each "
+                        "file read and hashed) instead of their sizes and modification times")
     d.add_argument("--feature-cache-dir", default=None,
                    help="where --cache-image-features keeps its files, one subfolder per (CLIP weights, preprocessing, "
                         "image list) key (default <imagenet-path>/.fti4cir_cache)")

@@ -52,7 +52,7 @@ LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")
 MAX_SKIPPED_STEPS = 20
 # flags that steer the run rather than define the training (the speed options change only float rounding):
 # a resume may change them without a notice
-RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device",
+RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device", "cache_hash_images",
                     "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
                     "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress",
                     "compile", "clip_half", "causal_text_attention", "fused_adamw", "deterministic"}
@@ -257,7 +257,7 @@ def setup(args, info: DistInfo, device: torch.device) -> Run:
                            reg_weight=args.reg_weight, tf_layer=args.tf_layer, tf_head=args.tf_head,
                            mapper_dropout=args.mapper_dropout).to(device)
     if args.cache_image_features:
-        cache = open_feature_cache(args.feature_cache_dir, clip, dataset, precision, info, getattr(args, "cache_hash_images", False))
+        cache = open_feature_cache(args.feature_cache_dir, clip, dataset, precision, info, args.cache_hash_images)
         features = CachedTowerFeatures(clip, device, precision, cache)
     else:
         features = TowerFeatures(clip, device, precision)
@@ -547,7 +547,7 @@ def validate(run: Run) -> dict[str, float]:
     encoding = Encoding(batch_size=args.val_batch_size, workers=args.workers, device=run.device, precision="fp32",
                         progress=False)
     config = EvalConfig(split="val", preprocess_type=args.preprocess_type, encoding=encoding,
-                        cache_dir=args.val_cache_dir or None)
+                        cache_dir=args.val_cache_dir or None, cache_hash_images=args.cache_hash_images)
     try:
         with run.clip.float32_weights():  # fp32 inference, as the authors' validation, whatever --clip-half holds
             return evaluate(run.net, run.clip, args.val_dataset, val_root(args), config)
