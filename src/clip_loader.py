@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import open_clip
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
@@ -229,6 +230,11 @@ class FrozenCLIP(nn.Module):
         return self.encode_token_embeddings(self.token_embedding(ids), ids.argmax(dim=-1), trim=trim)
 
 
+# flash, memory-efficient or math kernels: the cuDNN attention kernel failed on an H200 (torch 2.11) for these
+# shapes under fp16 autocast, and its failure leaves the CUDA context unusable
+CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _causal_transformer(transformer, x: torch.Tensor) -> torch.Tensor:
     """open_clip's text `Transformer` (batch first, pre-norm `ResidualAttentionBlock`s) with its attention
     as one `scaled_dot_product_attention(is_causal=True)` call per block: the computation of
@@ -238,7 +244,8 @@ def _causal_transformer(transformer, x: torch.Tensor) -> torch.Tensor:
         a = r.attn
         H = a.num_heads
         q, k, v = F.linear(r.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(B, L, 3, H, E // H).unbind(2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        with sdpa_kernel(CAUSAL_BACKENDS):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         x = x + r.ls_1(F.linear(o.transpose(1, 2).reshape(B, L, E), a.out_proj.weight, a.out_proj.bias))
         x = x + r.ls_2(r.mlp(r.ln_2(x)))
     return x
