@@ -494,8 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=540.0,
                    help="seconds for the whole check: a command still running then is stopped (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (toy world, models, outputs)")
-    p.add_argument("--speed", nargs=2, metavar=("FILE", "JSON"), default=None,
-                   help="(the speed part's own process) speed_figures(**JSON), written to FILE after each figure")
+    # the speed part's own process: speed_figures(**JSON), written to FILE after each figure
+    p.add_argument("--speed", nargs=2, metavar=("FILE", "JSON"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.speed:
         sys.path[:0] = [str(REPO / "src"), str(REPO / "scripts")]

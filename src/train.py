@@ -47,7 +47,7 @@ def build_parser() -> FlagParser:
                         "visual tower. Disk: (D + (N+1) x W) x 2 bytes per image, about 0.5 MB for ViT-L/14, about 52 GB "
                         "for the 100k ImageNet test images. The one numeric change: g and P are rounded to fp16")
     d.add_argument("--cache-hash-images", action="store_true",
-                   help="key the feature caches (--cache-image-features, --val-cache-dir) on the images' contents (each "
+                   help="key the training feature cache and the validation gallery cache on the images' contents (each "
                         "file read and hashed) instead of their sizes and modification times")
     d.add_argument("--feature-cache-dir", default=None,
                    help="where --cache-image-features keeps its files, one subfolder per (CLIP weights, preprocessing, "

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 USER_SCRIPTS = ["src/train.py", "src/evaluate.py", "src/test.py", "src/caption.py", "scripts/demo.py",
                 "scripts/make_toy_data.py", "scripts/make_toy_clip.py", "src/check_data.py", "src/retrieve.py"]
 BENCH_SCRIPTS = ["scripts/bench.py", "scripts/bench_eval.py", "scripts/bench_feature_cache.py", "scripts/bench_metrics.py",
-                 "scripts/bench_toy_clip.py"]
+                 "scripts/bench_toy_clip.py", "scripts/gpu_check.py"]
 # flags of other programs that the documents show in commands
 OTHER_PROGRAMS = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",
                   "--index-url", "--no-deps", "--only-binary", "--python-version",
