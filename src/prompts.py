@@ -4,7 +4,7 @@ Every sentence the method builds has the shape `<sot> head  * * ... *  tail <eot
 placeholder tokens (`*`, whose embeddings are later replaced by pseudo-word tokens) and a second word
 part. CLIP's BPE works word by word, so tokenising the whole string equals concatenating the BPE of
 its space-separated parts; building the ids from parts lets `r` differ per row, without a Python loop
-over the batch and without tokenising twelve variants of every caption. `tests/test_prompts.py`
+over the batch and without tokenising twelve variants of every caption. `tests/test_models.py`
 checks the result against CLIP's tokenizer on the whole strings, truncation included.
 """
 from __future__ import annotations
