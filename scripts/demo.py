@@ -109,11 +109,11 @@ def _figures(benchmark: str, result: dict) -> dict[str, float]:
 
 # chance levels: what a random ranking scores on the same annotations ---------------------------
 
-def _recall_chance(k: int, gallery: int) -> float:
+def recall_chance(k: int, gallery: int) -> float:
     return 100.0 * min(1.0, k / gallery)
 
 
-def _ap_chance(k: int, n_rel: int, gallery: int) -> float:
+def ap_chance(k: int, n_rel: int, gallery: int) -> float:
     """E[AP@K] of a random ranking with n_rel relevant items among `gallery` (docs/METHOD.md §11's AP@K)."""
     total = 0.0
     for j in range(1, min(k, gallery) + 1):
@@ -146,21 +146,21 @@ def chance_levels(splits: dict) -> dict[str, dict[str, float]]:
     per_cat = {}
     for cat in FASHIONIQ_CATEGORIES:
         g = len(splits[f"fashioniq_{cat}"][0].names)
-        per_cat[cat] = {k: _recall_chance(k, g) for k in (10, 50)}
+        per_cat[cat] = {k: recall_chance(k, g) for k in (10, 50)}
         for k in (10, 50):
             out["fashioniq"][f"{cat}_{k}"] = per_cat[cat][k]
     for k in (10, 50):
         out["fashioniq"][f"average_{k}"] = sum(per_cat[c][k] for c in per_cat) / 3
     g = len(splits["cirr"][0].names)
     for k in (1, 5, 10, 50):
-        out["cirr"][f"cirr_recall_at{k}"] = _recall_chance(k, g - 1)  # the reference is removed
+        out["cirr"][f"cirr_recall_at{k}"] = recall_chance(k, g - 1)  # the reference is removed
     for k in (1, 2, 3):
         out["cirr"][f"cirr_group_recall_at{k}"] = 100.0 * k / 5
     gallery = len(splits["circo"][0].names)
     queries = splits["circo"][1].queries
     for k in (5, 10, 25, 50):
-        out["circo"][f"circo_recall_at{k}"] = _recall_chance(k, gallery)
-        out["circo"][f"circo_map_at{k}"] = sum(_ap_chance(k, len([i for i in q["gt_img_ids"] if i]), gallery)
+        out["circo"][f"circo_recall_at{k}"] = recall_chance(k, gallery)
+        out["circo"][f"circo_map_at{k}"] = sum(ap_chance(k, len([i for i in q["gt_img_ids"] if i]), gallery)
                                               for q in queries) / len(queries)
     return {b: {k: out[b][k] for k in METRIC_KEYS[b]} for b in out}  # in the metric files' order
 
