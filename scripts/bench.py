@@ -1,5 +1,5 @@
 """Speed and memory of fti4cir's training step and composed queries, next to the per-sample reference
-of src/reference.py, measured in the same run on the same inputs. Prints a table and writes JSON.
+of scripts/toy/reference.py, measured in the same run on the same inputs. Prints a table and writes JSON.
 
 The per-sample reference is this repository's plain rewrite of the method (two visual passes, a
 Python loop over the batch, 77-token text passes run one by one), kept to prove the fast path equal
@@ -47,14 +47,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("src", "scripts")]
 
 import open_clip  # noqa: E402
 
-from clip_loader import FrozenCLIP, build_tiny_clip, canonical_model_name  # noqa: E402
+from clip_loader import FrozenCLIP, canonical_model_name  # noqa: E402
 from datasets import combine_text_features  # noqa: E402
 from models import FTI4CIR  # noqa: E402
-from reference import query_feature, training_losses  # noqa: E402
+from toy.reference import query_feature, training_losses  # noqa: E402
+from toy.tiny_clip import build_tiny_clip  # noqa: E402
 from transforms import build_transform  # noqa: E402
 from utils import report_json  # noqa: E402
 
@@ -552,7 +553,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--data-images", type=int, default=64, help="JPEGs for the data-pipeline figure")
     parser.add_argument("--skip-baseline", action="store_true",
-                        help="time only this repo's paths, not the per-sample reference (src/reference.py)")
+                        help="time only this repo's paths, not the per-sample reference (scripts/toy/reference.py)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--count-flops", action="store_true",
                         help="time nothing: predict the GPU training step at --batch-size (default 256) from FLOPs and "
@@ -596,7 +597,7 @@ def print_results(results: dict, args, device) -> None:
         print(f"  this repo : {tr['fast_s_per_step']:.3f} s/step = {tr['fast_images_per_s']:.1f} images/s, "
               f"peak {tr['fast_peak_mem_gib']:.2f} GiB")
         if "reference_s_per_step" in tr:
-            print(f"  per-sample reference (src/reference.py, not the authors' code), batch {tr['reference_batch_size']}: "
+            print(f"  per-sample reference (scripts/toy/reference.py, not the authors' code), batch {tr['reference_batch_size']}: "
                   f"{tr['reference_s_per_step']:.3f} s/step = {tr['reference_images_per_s']:.1f} images/s, peak "
                   f"{tr['reference_peak_mem_gib']:.2f} GiB  -> this repo x{tr['speedup_vs_reference']:.2f} in images/s")
         if "loss_reference_fp32" in tr:

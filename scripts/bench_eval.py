@@ -61,7 +61,7 @@ import features  # noqa: E402
 import feature_store  # noqa: E402
 import metrics  # noqa: E402
 from clip_loader import FrozenCLIP  # noqa: E402
-from make_toy_data import placeholder_image, write_circo_image_info  # noqa: E402
+from toy.placeholders import placeholder_image, write_circo_image_info  # noqa: E402
 from utils import report_json  # noqa: E402
 
 # the real annotation files, where tests/conftest.py looks for them
@@ -191,7 +191,8 @@ def build_circo_root(work: Path, gallery_size: int, seed: int) -> tuple[Path, st
 
 def build_models(work: Path, dim: int, text_layers: int) -> tuple[Path, Path]:
     from checkpoint import save_network
-    from clip_loader import load_clip, save_tiny_clip
+    from clip_loader import load_clip
+    from toy.tiny_clip import save_tiny_clip
     from models import FTI4CIR
 
     # FTI4CIR needs the text width E == D; the visual tower stays tiny (W = 128, 17 tokens)

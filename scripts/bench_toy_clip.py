@@ -1,11 +1,12 @@
 """Time the toy CLIP's training step (scripts/make_toy_clip.py) in several set-ups, side by side.
 
-Each set-up trains a toy CLIP on 48-pixel images (batch 128, text width 64) with make_toy_clip's own
-step; they differ in the captions per image, the text blocks, whether the captions go through the text
-tower in one pass cut at the longest or in groups of similar length, and the ViT (width and patch size;
-3 blocks). The set-ups take turns, `--repeats` rounds of `--steps` timed steps after `--warmup` untimed
-ones, so that a machine whose speed drifts slows them all alike; the median round counts. Printed: ms per
-step, images per second, and each set-up's time against the first one's.
+Each set-up trains a toy CLIP on 48-pixel images (batch 128, text width 64) with the toy CLIP's own step
+(scripts/toy/clip_training.py); they differ in the captions per image, the text blocks, whether the
+captions go through the text tower in one pass cut at the longest or in groups of similar length, and
+the ViT (width and patch size; 3 blocks). The set-ups take turns, `--repeats` rounds of `--steps` timed
+steps after `--warmup` untimed ones, so that a machine whose speed drifts slows them all alike; the
+median round counts. Printed: ms per step, images per second, and each set-up's time against the first
+one's.
 
     python scripts/bench_toy_clip.py [--steps 20] [--warmup 3] [--repeats 3] [--threads 2] [--json FILE]
 """
@@ -24,8 +25,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 import torch  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 
-import make_toy_clip  # noqa: E402
-from make_toy_data import web_pages  # noqa: E402
+from toy.clip_training import (ToyClipConfig, WordCachedTokenizer, epoch_plan, make_trainable,  # noqa: E402
+                               render_images, train_step)
+from toy.web import web_pages  # noqa: E402
 
 # name -> (captions per image, text blocks, text groups, ViT width, ViT patch size)
 SETUPS = {
@@ -51,20 +53,18 @@ class Setup:
 
     def __init__(self, captions: int, text_layers: int, groups: int, width: int, patch: int, images: torch.Tensor,
                  records: list[dict], batch: int):
-        args = make_toy_clip.build_parser().parse_args([
-            "--captions-per-image", str(captions), "--text-layers", str(text_layers),
-            "--vision-width", str(width), "--patch-size", str(patch)])
-        self.clip, self.optimizers = make_toy_clip.make_trainable(args)
+        config = ToyClipConfig(captions_per_image=captions, text_layers=text_layers, vision_width=width, patch_size=patch)
+        self.clip, self.optimizers = make_trainable(config)
         self.loss_fn, self.groups, self.batch, self.images = ClipLoss(), groups, batch, images
-        _, self.tokens = make_toy_clip.epoch_plan(args, 0, records, make_toy_clip.WordCachedTokenizer(self.clip))
+        _, self.tokens = epoch_plan(config, 0, records, WordCachedTokenizer(self.clip))
         self.i = 0
 
     def step(self) -> None:
         n = len(self.images) // self.batch
         idx = torch.arange(self.batch) + (self.i % n) * self.batch
         self.i += 1
-        make_toy_clip.train_step(self.clip, self.optimizers, self.loss_fn, self.images[idx].float(), self.tokens[idx],
-                                 lr=1e-3, groups=self.groups)
+        train_step(self.clip, self.optimizers, self.loss_fn, self.images[idx].float(), self.tokens[idx], lr=1e-3,
+                   groups=self.groups)
 
 
 def main(argv=None) -> dict:
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     batch = 128
     records = [r for page in web_pages(0, 8 * batch // 4, 4) for r in page]
-    images = make_toy_clip.render_images(records, 48)
+    images = render_images(records, 48)
     setups = {name: Setup(*cfg, images, records, batch) for name, cfg in SETUPS.items()}
     for s in setups.values():
         for _ in range(args.warmup):

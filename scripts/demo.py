@@ -13,9 +13,10 @@
    <out>/summary.json.
 
 Each step runs one of the real scripts (src/train.py, src/evaluate.py, src/test.py, scripts/...) with
-flags, in this process (so the libraries are imported once), printing its command: every step can be
-rerun by hand. Everything goes under --out, which a rerun replaces. `--clip-weights FILE` runs the same
-demo over a real CLIP file instead of the toy one.
+flags, in this process (so the libraries are imported once), printing its command: run from the
+repository root after the README's setup, it reruns the step by hand (`.venv/bin/python ...`: the
+setup installs into .venv without activating it). Everything goes under --out, which a rerun replaces.
+`--clip-weights FILE` runs the same demo over a real CLIP file instead of the toy one.
 
 Spreads: a recall is a mean of per-query hits, so its standard error is sqrt(p(1-p)/n) over the n queries.
 CIRCO's mAP is a mean of per-query APs, which the summary recomputes (metrics.circo_per_query, checked
@@ -52,6 +53,9 @@ HEADLINE = {"fashioniq": ("average_10",), "cirr": ("cirr_recall_at1", "cirr_grou
 EXAMPLE_TOP = 5  # results per query in the example grids (evaluate.py draws the top 5)
 EVAL_BATCH = 32  # --batch-size of every evaluation, and of the summary's own retrievals
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+# the printed commands name the README setup's environment, relative to the repository root: it is never activated
+VENV_BIN = ".venv/bin"
+VENV_PYTHON = f"{VENV_BIN}/python"
 
 
 class _Tee(io.TextIOBase):
@@ -74,10 +78,10 @@ class _Tee(io.TextIOBase):
 
 
 def run(script: str, args: list[str], log: Path, live: bool = False):
-    """Runs `python <script> <args>` as a call of the script's main(argv) in this process, echoing the
+    """Runs `.venv/bin/python <script> <args>` as a call of the script's main(argv) in this process, echoing the
     command and logging its output; prints the output's tail (all of it, as it comes, when `live`: its
     progress bar then goes to the terminal). Returns what main returned."""
-    shown = " ".join(shlex.quote(a) for a in ["python", script] + args)
+    shown = " ".join(shlex.quote(a) for a in [VENV_PYTHON, script] + args)
     print(f"\n$ {shown}", flush=True)
     t = time.time()
     module = importlib.import_module(Path(script).stem)
@@ -109,11 +113,11 @@ def _figures(benchmark: str, result: dict) -> dict[str, float]:
 
 # chance levels: what a random ranking scores on the same annotations ---------------------------
 
-def _recall_chance(k: int, gallery: int) -> float:
+def recall_chance(k: int, gallery: int) -> float:
     return 100.0 * min(1.0, k / gallery)
 
 
-def _ap_chance(k: int, n_rel: int, gallery: int) -> float:
+def ap_chance(k: int, n_rel: int, gallery: int) -> float:
     """E[AP@K] of a random ranking with n_rel relevant items among `gallery` (docs/METHOD.md §11's AP@K)."""
     total = 0.0
     for j in range(1, min(k, gallery) + 1):
@@ -146,21 +150,21 @@ def chance_levels(splits: dict) -> dict[str, dict[str, float]]:
     per_cat = {}
     for cat in FASHIONIQ_CATEGORIES:
         g = len(splits[f"fashioniq_{cat}"][0].names)
-        per_cat[cat] = {k: _recall_chance(k, g) for k in (10, 50)}
+        per_cat[cat] = {k: recall_chance(k, g) for k in (10, 50)}
         for k in (10, 50):
             out["fashioniq"][f"{cat}_{k}"] = per_cat[cat][k]
     for k in (10, 50):
         out["fashioniq"][f"average_{k}"] = sum(per_cat[c][k] for c in per_cat) / 3
     g = len(splits["cirr"][0].names)
     for k in (1, 5, 10, 50):
-        out["cirr"][f"cirr_recall_at{k}"] = _recall_chance(k, g - 1)  # the reference is removed
+        out["cirr"][f"cirr_recall_at{k}"] = recall_chance(k, g - 1)  # the reference is removed
     for k in (1, 2, 3):
         out["cirr"][f"cirr_group_recall_at{k}"] = 100.0 * k / 5
     gallery = len(splits["circo"][0].names)
     queries = splits["circo"][1].queries
     for k in (5, 10, 25, 50):
-        out["circo"][f"circo_recall_at{k}"] = _recall_chance(k, gallery)
-        out["circo"][f"circo_map_at{k}"] = sum(_ap_chance(k, len([i for i in q["gt_img_ids"] if i]), gallery)
+        out["circo"][f"circo_recall_at{k}"] = recall_chance(k, gallery)
+        out["circo"][f"circo_map_at{k}"] = sum(ap_chance(k, len([i for i in q["gt_img_ids"] if i]), gallery)
                                               for q in queries) / len(queries)
     return {b: {k: out[b][k] for k in METRIC_KEYS[b]} for b in out}  # in the metric files' order
 
@@ -454,7 +458,7 @@ def main(argv=None) -> dict:
     print(f"  CLIP              {clip_weights}")
     print(f"  checkpoints       {model_dir / 'checkpoints'} (latest.pt, epoch_{args.epochs}.pt)")
     print(f"  hyper-parameters  {model_dir / 'hyperparameters.json'}")
-    print(f"  TensorBoard       tensorboard --logdir {model_dir / 'tensorboard'}")
+    print(f"  TensorBoard       {VENV_BIN}/tensorboard --logdir {model_dir / 'tensorboard'}")
     print(f"  metrics           {evals}/metrics_<dataset>[_image_only|_text_only].json")
     print(f"  submissions       {subs / 'cirr'}/cirr.json, subset_cirr.json; {subs / 'circo'}/circo.json")
     for png in pngs:

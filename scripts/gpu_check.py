@@ -574,7 +574,7 @@ def main(argv=None) -> int:
         t = time.time()
         try:
             run(ctx, "toy_world", [PY, "-c", "import sys\nsys.path[:0] = ['src', 'scripts']\nimport make_toy_data\n"
-                                   "from clip_loader import save_tiny_clip\nsave_tiny_clip(sys.argv[1])\n"
+                                   "from toy.tiny_clip import save_tiny_clip\nsave_tiny_clip(sys.argv[1])\n"
                                    "make_toy_data.main(sys.argv[2:])", ctx.clip, "--out", ctx.toy,
                                    "--num-train-images", sizes[0], "--num-queries", sizes[1],
                                    "--num-distractors", sizes[2]], 180)

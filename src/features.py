@@ -252,7 +252,7 @@ def query_features(net, clip, dataset, encoding: Encoding, baseline: str | None 
     bounds = torch.searchsorted(ref_of_query[by_ref], torch.arange(len(first) + 1))
     out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
     u0 = 0
-    for g_all, P_all in _reference_outputs(clip, dataset, representative, references, encoding, device):
+    for g_all, P_all in reference_outputs(clip, dataset, representative, references, encoding, device):
         u1 = u0 + len(g_all)
         rows = by_ref[bounds[u0]:bounds[u1]]  # the queries of these references
         local = (ref_of_query[rows] - u0).to(device)
@@ -269,8 +269,8 @@ def query_features(net, clip, dataset, encoding: Encoding, baseline: str | None 
     return out
 
 
-def _reference_outputs(clip, dataset, representative: list[int], references: ReferenceOutputs | None,
-                       encoding: Encoding, device):
+def reference_outputs(clip, dataset, representative: list[int], references: ReferenceOutputs | None,
+                      encoding: Encoding, device):
     """(g, P) of the distinct reference images, in order, batch by batch: from `references` when given
     (no image is read), else from one visual pass over the images."""
     if references is not None:

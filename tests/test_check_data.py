@@ -12,8 +12,8 @@ import pytest
 
 import data_check as D
 from check_data import main as check_main
-from make_toy_data import make_placeholder_images, write_circo_image_info
-from test_evaluate import _dump, _read, make_circo, make_cirr
+from helpers import dump_json, make_circo, make_cirr, read_json
+from toy.placeholders import make_placeholder_images, write_circo_image_info
 
 CAPS = ("cirr", "captions")
 
@@ -47,8 +47,8 @@ def test_files_present_equals_a_stat_per_file(tmp_path):
 def test_finds_deleted_truncated_and_miscounted(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(4)
     cirr, circo = make_cirr(tmp_path / "CIRR", rng), make_circo(tmp_path / "CIRCO", rng)
-    split = _read(cirr / "cirr" / "image_splits" / "split.rc2.val.json")
-    caps = _read(cirr.joinpath(*CAPS, "cap.rc2.val.json"))
+    split = read_json(cirr / "cirr" / "image_splits" / "split.rc2.val.json")
+    caps = read_json(cirr.joinpath(*CAPS, "cap.rc2.val.json"))
     deleted = caps[0]["reference"]
     truncated = next(n for n in split if n != deleted)
     (cirr / split[deleted]).unlink()
@@ -60,7 +60,7 @@ def test_finds_deleted_truncated_and_miscounted(tmp_path, capsys, monkeypatch):
     # official counts equal to the generated layout, then one test1 query removed: exactly one count differs
     monkeypatch.setitem(D.OFFICIAL_COUNTS, "cirr", {"val": (12, 60), "test1": (12, 60)})
     test1 = cirr.joinpath(*CAPS, "cap.rc2.test1.json")
-    _dump(_read(test1)[1:], test1)
+    dump_json(read_json(test1)[1:], test1)
 
     report, out, error = _run(["--cirr-path", str(cirr), "--circo-path", str(circo), "--report",
                                str(tmp_path / "report.json")], capsys)
@@ -107,7 +107,7 @@ def test_imagenet_ids_and_pairs(tmp_path, capsys):
     root = tmp_path / "ImageNet"
     make_placeholder_images(root, "imagenet", [1, 2, 100000])
     (root / "test" / "notes.txt").write_text("x")
-    _dump([{"img_id": f"{i:08d}", "subject": "a dog", "attribute": "on grass"} for i in (1, 2, 3)], root / "pairs.json")
+    dump_json([{"img_id": f"{i:08d}", "subject": "a dog", "attribute": "on grass"} for i in (1, 2, 3)], root / "pairs.json")
     report, out, error = _run(["--imagenet-path", str(root), "--report", str(tmp_path / "r.json")], capsys)
     r = report["benchmarks"]["imagenet"]
     rows = {row["what"]: row for row in r["rows"]}
@@ -129,10 +129,10 @@ def test_official_counts_match_the_real_annotations(real_annotations, tmp_path, 
         (tmp_path / "FashionIQ" / cat).mkdir()
     shutil.copytree(real_annotations / "CIRR" / "cirr", tmp_path / "CIRR" / "cirr")
     (tmp_path / "CIRR" / "test1").mkdir()
-    names = _read(tmp_path / "CIRR" / "cirr" / "image_splits" / "split.rc2.val.json")
+    names = read_json(tmp_path / "CIRR" / "cirr" / "image_splits" / "split.rc2.val.json")
     make_placeholder_images(tmp_path / "CIRR", "cirr", list(names.values()), size=(8, 8))
     shutil.copytree(real_annotations / "CIRCO" / "annotations", tmp_path / "CIRCO" / "annotations")
-    used = {int(i) for s in ("val", "test") for e in _read(tmp_path / "CIRCO" / "annotations" / f"{s}.json")
+    used = {int(i) for s in ("val", "test") for e in read_json(tmp_path / "CIRCO" / "annotations" / f"{s}.json")
             for i in [e["reference_img_id"], *e.get("gt_img_ids", [])] if i != ""}
     extra = iter(i for i in range(1, 10**7) if i not in used)
     write_circo_image_info(tmp_path / "CIRCO", sorted(used) + [next(extra) for _ in range(123403 - len(used))])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cli import FlagParser, add_clip_args
-from clip_loader import ClipLoadError, build_openai_model, build_tiny_clip, canonical_model_name, load_clip
+from clip_loader import ClipLoadError, build_openai_model, canonical_model_name, load_clip
+from toy.tiny_clip import build_tiny_clip
 
 
 def test_openai_state_dict_loads_with_inferred_architecture(tiny_clip_path):
@@ -71,10 +72,9 @@ def test_clear_errors(tmp_path, tiny_clip_path):
         canonical_model_name("ViT-Q/99")
 
 
-def test_offline_without_weights_fails_fast_with_what_to_pass(monkeypatch, tmp_path):
+def test_offline_without_weights_fails_fast_with_what_to_pass(monkeypatch, tmp_path, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here
-    monkeypatch.setattr("clip_loader._cached_openai_file", lambda name: None)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here, and nothing in the (empty) hub cache
     t = time.time()
     with pytest.raises(ClipLoadError, match="--clip-weights"):
         load_clip("ViT-L/14")

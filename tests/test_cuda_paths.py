@@ -18,7 +18,7 @@ Each path is run the way its caller runs it:
   CUDA); the step runs as far as its backward pass, which fake tensors cannot run (its one read-back,
   after the optimizer step, is beyond it);
 - gallery: `features.encode_gallery` over two pinned image batches;
-- queries: `FTI4CIR.compose` under `precision.inference`, on the (g, P) of `features._reference_outputs`,
+- queries: `FTI4CIR.compose` under `precision.inference`, on the (g, P) of `features.reference_outputs`,
   then `combine_text_features`, as `features.query_features` does.
 The training step and composition run twice and their copy checks look at the second run (a one-time
 copy on first use is fine); the gallery encoder may not block at all.
@@ -59,7 +59,7 @@ QUERY_TEXTS = [["is blue", "has dots"], ["is larger", "has no sleeves"], ["at ni
 
 # (file in src/, function) -> the blocking host-to-device copy it is allowed, and why
 KNOWN_BLOCKING = {
-    ("features.py", "_reference_outputs"): "the cached reference outputs, copied to the device once per evaluation",
+    ("features.py", "reference_outputs"): "the cached reference outputs, copied to the device once per evaluation",
 }
 
 
@@ -224,7 +224,7 @@ def compose_run(request, tiny_clip) -> Observed:
         _watch(net, obs)
         encoding = Encoding(batch_size=B, workers=0, device=DEVICE, precision=precision, progress=False)
         dataset = _Toy(B * len(batches))
-        references = features._reference_outputs(clip, dataset, list(range(len(dataset))), None, encoding, CUDA)
+        references = features.reference_outputs(clip, dataset, list(range(len(dataset))), None, encoding, CUDA)
         for _ in batches:
             with obs.run():
                 g, P = next(references)
@@ -367,9 +367,9 @@ def test_reference_outputs_copy_once_not_per_batch(tiny_clip):
     per_batch = []
     with pytest.MonkeyPatch.context() as mp, fake_cuda(mp):
         with obs.run() as spy:
-            for _, P_dev in features._reference_outputs(clip, dataset, list(range(3 * B)), references, encoding, CUDA):
+            for _, P_dev in features.reference_outputs(clip, dataset, list(range(3 * B)), references, encoding, CUDA):
                 obs.note("P", P_dev)
-                per_batch.append(len(blocking_copies(spy, "features.py", "_reference_outputs")))
+                per_batch.append(len(blocking_copies(spy, "features.py", "reference_outputs")))
     obs.assert_completed()
     assert obs.outputs["P"][1] == CUDA and len(per_batch) == 3
     assert per_batch[0] > 0 and per_batch[1:] == [per_batch[0]] * 2, per_batch  # nothing more after the first

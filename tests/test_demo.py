@@ -13,7 +13,7 @@ import demo
 from datasets import CIRCODataset, CIRRDataset, FashionIQDataset, ImageNetPairsDataset, collate
 from evaluation import METRIC_KEYS
 from examples import grid_size
-from make_toy_data import make_toy_world
+from toy.world import make_toy_world
 from metrics import validate_circo_submission, validate_cirr_submission
 from transforms import build_transform
 
@@ -64,8 +64,8 @@ def test_ap_chance_equals_enumeration():
                     ap += hits / j
             total += ap / min(n, K)
             count += 1
-        assert demo._ap_chance(K, n, G) == pytest.approx(100 * total / count)
-    assert demo._recall_chance(10, 40) == 25.0 and demo._recall_chance(50, 40) == 100.0
+        assert demo.ap_chance(K, n, G) == pytest.approx(100 * total / count)
+    assert demo.recall_chance(10, 40) == 25.0 and demo.recall_chance(50, 40) == 100.0
 
 
 SHORT = ["--epochs", "1", "--batch-size", "8", "--num-train-images", "16", "--num-queries", "4", "--num-cirr-queries", "6",

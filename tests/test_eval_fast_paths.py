@@ -9,39 +9,16 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import features
 from datasets import AnnotationFormatError, CIRCODataset, FileList
 from evaluation import open_benchmark
 from features import Encoding
 from feature_store import EvalCache, images_fingerprint
+from helpers import seeded_image, small_circo
 from transforms import build_transform
-
-
-def _image(path: Path, seed: int, size=(24, 18)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-
-
-def _circo(root: Path, ids: list[int], with_images: bool = True) -> Path:
-    info = {"info": {"description": "test"}, "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]}
-    ann = root / "COCO2017_unlabeled" / "annotations"
-    ann.mkdir(parents=True, exist_ok=True)
-    (ann / "image_info_unlabeled2017.json").write_text(json.dumps(info))
-    (root / "COCO2017_unlabeled" / "unlabeled2017").mkdir(parents=True, exist_ok=True)
-    if with_images:
-        for k, i in enumerate(ids):
-            _image(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg", k)
-    queries = [{"id": 0, "reference_img_id": ids[0], "target_img_id": ids[1], "relative_caption": "is red",
-                "shared_concept": "a dog", "gt_img_ids": [ids[1], ids[2]]}]
-    (root / "annotations").mkdir(exist_ok=True)
-    (root / "annotations" / "val.json").write_text(json.dumps(queries))
-    return root
 
 
 def _info_path(root: Path) -> Path:
@@ -86,14 +63,18 @@ def test_file_list_is_the_plain_path_list(tmp_path):
 # the CIRCO gallery annotation, parsed once for a gallery and a query dataset
 
 def test_circo_gallery_parse_shared_by_the_two_datasets(tmp_path, monkeypatch):
-    import datasets
-
     pre = build_transform("targetpad", 32)
-    root = _circo(tmp_path / "CIRCO", [5, 17, 300, 4000, 12], with_images=False)
+    root = small_circo(tmp_path / "CIRCO", [5, 17, 300, 4000, 12], with_images=False)
     image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
-    parses = []
-    real = datasets._circo_gallery
-    monkeypatch.setattr(datasets, "_circo_gallery", lambda *a: parses.append(a) or real(*a))
+    parses = []  # each decoding of the gallery annotation (the datasets read their JSON files with json.load)
+    real = json.load
+
+    def load(f, *args, **kwargs):
+        if Path(f.name) == _info_path(root):
+            parses.append(f.name)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(json, "load", load)
     g, q = open_benchmark("circo", root, "val", pre)  # the query dataset reuses the gallery's parse
     assert len(parses) == 1
     assert CIRCODataset(root, "val", "query", pre).names == q.names and len(parses) == 2  # alone: its own parse
@@ -115,7 +96,7 @@ def test_circo_gallery_parse_shared_by_the_two_datasets(tmp_path, monkeypatch):
         CIRCODataset(root, "val", "query", pre)
 
     # another root with identical bytes: its own folder
-    other = _circo(tmp_path / "other", [5, 71, 301, 4000, 12], with_images=False)
+    other = small_circo(tmp_path / "other", [5, 71, 301, 4000, 12], with_images=False)
     _info_path(other).write_bytes(info.read_bytes())
     assert CIRCODataset(other, "val", "gallery", pre).gallery_paths[0].parent == \
         other / "COCO2017_unlabeled" / "unlabeled2017"
@@ -142,7 +123,7 @@ class _ListGallery:
 
 def test_images_fingerprint_equals_the_plain_loop(tmp_path):
     ids = [3, 1, 2, 10, 7]
-    root = _circo(tmp_path / "CIRCO", ids)
+    root = small_circo(tmp_path / "CIRCO", ids)
     g = CIRCODataset(root, "val", "gallery", build_transform("targetpad", 32))
     paths = list(g.gallery_paths)
     (paths[2]).unlink()  # a missing file has its own line
@@ -156,7 +137,7 @@ def test_images_fingerprint_equals_the_plain_loop(tmp_path):
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     changed = images_fingerprint(g)
     assert changed != fp and changed == _plain_fingerprint(paths)
-    _image(paths[2], 99)
+    seeded_image(paths[2], 99)
     restored = images_fingerprint(g)
     assert restored not in (fp, changed) and restored == _plain_fingerprint(paths)
 
@@ -165,7 +146,7 @@ def test_images_fingerprint_equals_the_plain_loop(tmp_path):
 # the gallery store: memory-mapped rows, stale and foreign folders
 
 def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
-    root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
+    root = small_circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
     cache = tmp_path / "cache"
     pre = build_transform("targetpad", tiny_clip.image_size)
 
@@ -205,7 +186,7 @@ def test_gallery_cache_names_and_mmap(tmp_path, tiny_clip, capsys):
 
     # an image changed under its name: stale, recomputed
     img = root / "COCO2017_unlabeled" / "unlabeled2017" / f"{15:012d}.jpg"
-    _image(img, 1234, size=(30, 20))
+    seeded_image(img, 1234, size=(30, 20))
     _, feats5, n, log = run()
     assert n == 6 and "images_sha256" in log and not torch.equal(feats5[2], feats[2])
     assert torch.equal(feats5[[0, 1, 3, 4, 5]], feats[[0, 1, 3, 4, 5]])

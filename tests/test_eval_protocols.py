@@ -17,9 +17,10 @@ from data_check import metadata_only
 from datasets import CIRCODataset
 from evaluate import main as evaluate_main
 from evaluation import retrieve
-from make_toy_data import write_circo_image_info
-from test_evaluate import (KEYS, _args, _dump, _read, base_args, config, fast_clip, make_circo, make_cirr,  # noqa: F401
-                           net, net_path, test_script)
+from helpers import KEYS, dataset_args, dump_json, eval_config, load_test_script, make_circo, make_cirr, read_json
+from toy.placeholders import write_circo_image_info
+
+test_script = load_test_script()
 
 SPLIT = ("cirr", "image_splits")
 CAPS = ("cirr", "captions")
@@ -31,34 +32,34 @@ def _uses(q: dict) -> set[str]:
 
 def _cirr_with_gaps(root, split: str, gone: list[str]):
     """Deletes the images of `gone` from a CIRR split; returns the queries that need none of them."""
-    names = _read(root.joinpath(*SPLIT, f"split.rc2.{split}.json"))
+    names = read_json(root.joinpath(*SPLIT, f"split.rc2.{split}.json"))
     for n in gone:
         (root / names[n]).unlink()
-    return [q for q in _read(root.joinpath(*CAPS, f"cap.rc2.{split}.json")) if not _uses(q) & set(gone)]
+    return [q for q in read_json(root.joinpath(*CAPS, f"cap.rc2.{split}.json")) if not _uses(q) & set(gone)]
 
 
-def test_skip_missing_images_equals_the_data_without_them(fast_clip, base_args, net_path, tmp_path, capsys):
+def test_skip_missing_images_equals_the_data_without_them(fast_clip, eval_args, net_path, tmp_path, capsys):
     root = make_cirr(tmp_path / "CIRR", np.random.default_rng(7))
-    caps = _read(root.joinpath(*CAPS, "cap.rc2.val.json"))
-    names = list(_read(root.joinpath(*SPLIT, "split.rc2.val.json")))
+    caps = read_json(root.joinpath(*CAPS, "cap.rc2.val.json"))
+    names = list(read_json(root.joinpath(*SPLIT, "split.rc2.val.json")))
     unused = [n for n in names if all(n not in _uses(q) for q in caps)]
     gone = [caps[0]["reference"], caps[3]["target_hard"], unused[0]]
     kept = _cirr_with_gaps(root, "val", gone)
     # the same annotations written without those images and the queries that need them
     clean = tmp_path / "clean"
     shutil.copytree(root, clean)
-    split = _read(clean.joinpath(*SPLIT, "split.rc2.val.json"))
-    _dump({n: v for n, v in split.items() if n not in gone}, clean.joinpath(*SPLIT, "split.rc2.val.json"))
-    _dump(kept, clean.joinpath(*CAPS, "cap.rc2.val.json"))
+    split = read_json(clean.joinpath(*SPLIT, "split.rc2.val.json"))
+    dump_json({n: v for n, v in split.items() if n not in gone}, clean.joinpath(*SPLIT, "split.rc2.val.json"))
+    dump_json(kept, clean.joinpath(*CAPS, "cap.rc2.val.json"))
 
     model = ["--model-path", str(net_path)]
     with pytest.raises(SystemExit, match="not found"):  # the default stops at the first missing image
-        evaluate_main(_args(base_args, "cirr", root, *model))
+        evaluate_main(dataset_args(eval_args, "cirr", root, *model))
     capsys.readouterr()
-    got = evaluate_main(_args(base_args, "cirr", root, *model, "--skip-missing-images"))
+    got = evaluate_main(dataset_args(eval_args, "cirr", root, *model, "--skip-missing-images"))
     out = capsys.readouterr().out
     written = json.loads((tmp_path / "out" / "metrics_cirr.json").read_text())
-    want = evaluate_main(_args(base_args, "cirr", clean, *model))
+    want = evaluate_main(dataset_args(eval_args, "cirr", clean, *model))
     assert list(want) == KEYS["cirr"] and list(got)[:len(KEYS["cirr"])] == KEYS["cirr"]
     assert {k: got[k] for k in KEYS["cirr"]} == want
     gap = got["incomplete_data"]
@@ -68,23 +69,23 @@ def test_skip_missing_images_equals_the_data_without_them(fast_clip, base_args, 
     assert written == got and "INCOMPLETE DATA" in out and f"left out {len(caps) - len(kept)} of {len(caps)} queries" in out
 
 
-def test_test_py_refuses_a_file_that_would_miss_queries(fast_clip, base_args, net_path, tmp_path, capsys):
+def test_test_py_refuses_a_file_that_would_miss_queries(fast_clip, eval_args, net_path, tmp_path, capsys):
     root = make_cirr(tmp_path / "CIRR", np.random.default_rng(8))
-    caps = _read(root.joinpath(*CAPS, "cap.rc2.test1.json"))
-    names = list(_read(root.joinpath(*SPLIT, "split.rc2.test1.json")))
+    caps = read_json(root.joinpath(*CAPS, "cap.rc2.test1.json"))
+    names = list(read_json(root.joinpath(*SPLIT, "split.rc2.test1.json")))
     unused = [n for n in names if all(n not in _uses(q) for q in caps)]
     other = tmp_path / "other"
     shutil.copytree(root, other)
     argv = ["--model-path", str(net_path), "--skip-missing-images"]
     _cirr_with_gaps(root, "test1", [caps[2]["img_set"]["members"][1]])
     with pytest.raises(SystemExit) as e:
-        test_script.main(_args(base_args, "cirr", root, *argv))
+        test_script.main(dataset_args(eval_args, "cirr", root, *argv))
     assert "rejects a file without them" in str(e.value.code) and "check_data.py" in str(e.value.code)
     assert not (tmp_path / "out" / "cirr").exists()
     # only a gallery image nobody needs is missing: every query is there, with a warning
     _cirr_with_gaps(other, "test1", unused[:1])
     capsys.readouterr()
-    paths = test_script.main(_args(base_args, "cirr", other, *argv))
+    paths = test_script.main(dataset_args(eval_args, "cirr", other, *argv))
     out = capsys.readouterr().out
     assert "not comparable" in out and out.count(" MB, the server takes up to 5 MB") == 2
     sub = json.loads(paths[0].read_text())
@@ -92,9 +93,9 @@ def test_test_py_refuses_a_file_that_would_miss_queries(fast_clip, base_args, ne
     assert all(unused[0] not in v for k, v in sub.items() if k not in ("version", "metric"))
 
 
-def test_circo_shared_relative_template(fast_clip, tiny_clip, base_args, tmp_path):
+def test_circo_shared_relative_template(fast_clip, tiny_clip, eval_args, tmp_path):
     root = make_circo(tmp_path / "CIRCO", np.random.default_rng(9))
-    raw = _read(root / "annotations" / "val.json")
+    raw = read_json(root / "annotations" / "val.json")
     ds = CIRCODataset(root, "val", "query", metadata_only, query_text="shared+relative")
     assert [ds.query_texts(q) for q in ds.queries] == [(f"{e['shared_concept']} that {e['relative_caption']}",) for e in raw]
     assert CIRCODataset(root, "val", "query", metadata_only).query_texts(ds.queries[0]) == (raw[0]["relative_caption"],)
@@ -107,13 +108,13 @@ def test_circo_shared_relative_template(fast_clip, tiny_clip, base_args, tmp_pat
         f = tiny_clip.encode_text(tiny_clip.tokenize([f"{e['shared_concept']} that {e['relative_caption']}" for e in raw]))
     torch.testing.assert_close(r.query_features, F.normalize(f, dim=-1), atol=1e-5, rtol=1e-5)
     # and recorded beside the unchanged metric keys, only when it is not the default
-    m = evaluate_main(_args(base_args, "circo", root, "--baseline", "text-only", "--circo-query", "shared+relative"))
+    m = evaluate_main(dataset_args(eval_args, "circo", root, "--baseline", "text-only", "--circo-query", "shared+relative"))
     assert list(m) == KEYS["circo"] + ["circo_query"] and m["circo_query"] == "shared+relative"
-    assert list(evaluate_main(_args(base_args, "circo", root, "--baseline", "text-only"))) == KEYS["circo"]
+    assert list(evaluate_main(dataset_args(eval_args, "circo", root, "--baseline", "text-only"))) == KEYS["circo"]
 
 
 def _circo_config(query: str):
-    c = config(baseline="text-only")
+    c = eval_config(baseline="text-only")
     c.circo_query = query
     return c
 
@@ -123,8 +124,8 @@ def _circo_config(query: str):
 
 def _cirr_files(root):
     """A valid cirr.json / subset_cirr.json for the test1 annotations under `root`, and the queries."""
-    names = list(_read(root.joinpath(*SPLIT, "split.rc2.test1.json")))
-    caps = _read(root.joinpath(*CAPS, "cap.rc2.test1.json"))
+    names = list(read_json(root.joinpath(*SPLIT, "split.rc2.test1.json")))
+    caps = read_json(root.joinpath(*CAPS, "cap.rc2.test1.json"))
     sub, subset = {"version": "rc2", "metric": "recall"}, {"version": "rc2", "metric": "recall_subset"}
     for q in caps:
         sub[str(q["pairid"])] = [n for n in names if n != q["reference"]][:50]
@@ -169,14 +170,14 @@ def _validate(root, flag, files, capsys):
 def _check_validator_on_cirr(root, tmp_path, capsys, monkeypatch, damages=None):
     sub, subset, caps = _cirr_files(root)
     good = [tmp_path / "cirr.json", tmp_path / "subset_cirr.json"]
-    _dump(sub, good[0])
-    _dump(subset, good[1])
+    dump_json(sub, good[0])
+    dump_json(subset, good[1])
     error, out = _validate(root, "--cirr-path", good, capsys)
     assert error is None and out.count("the server accepts it") == 2
     damaged = _damaged_cirr(sub, subset, caps)
     for reason, (name, obj) in damaged.items() if damages is None else [(k, damaged[k]) for k in damages]:
         bad = tmp_path / "damaged" / name
-        _dump(obj, bad)
+        dump_json(obj, bad)
         error, out = _validate(root, "--cirr-path", [bad], capsys)
         assert error is not None and "would be rejected" in error, reason
         assert reason in out, (reason, out)
@@ -195,10 +196,11 @@ def test_validator_rejects_each_kind_of_damage(tmp_path, capsys, monkeypatch):
     _check_validator_on_cirr(root, tmp_path, capsys, monkeypatch)
     # CIRCO
     circo = make_circo(tmp_path / "CIRCO", np.random.default_rng(11), n_images=54, n_queries=5)
-    ids = [str(i["id"]) for i in _read(circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")["images"]]
-    queries = _read(circo / "annotations" / "test.json")
+    info = read_json(circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
+    ids = [str(i["id"]) for i in info["images"]]
+    queries = read_json(circo / "annotations" / "test.json")
     sub = {str(q["id"]): ids[:50] for q in queries}
-    _dump(sub, tmp_path / "circo.json")
+    dump_json(sub, tmp_path / "circo.json")
     error, out = _validate(circo, "--circo-path", [tmp_path / "circo.json"], capsys)
     assert error is None and "the server accepts it" in out and "official split 800" in out
     for reason, change in {"queries missing": lambda o: o.pop("0"), "49 entries": lambda o: o["1"].pop(),
@@ -206,7 +208,7 @@ def test_validator_rejects_each_kind_of_damage(tmp_path, capsys, monkeypatch):
                            "repeated entries": lambda o: o["2"].__setitem__(3, o["2"][4])}.items():
         obj = json.loads(json.dumps(sub))
         change(obj)
-        _dump(obj, tmp_path / "bad_circo.json")
+        dump_json(obj, tmp_path / "bad_circo.json")
         error, out = _validate(circo, "--circo-path", [tmp_path / "bad_circo.json"], capsys)
         assert error is not None and reason in out, reason
 
@@ -221,17 +223,17 @@ def test_validator_on_the_real_test_annotations(real_annotations, tmp_path, caps
     assert 3_000_000 < size < limit
     # CIRCO test: 800 queries over a gallery list holding their references
     shutil.copytree(real_annotations / "CIRCO" / "annotations", tmp_path / "CIRCO" / "annotations")
-    queries = _read(tmp_path / "CIRCO" / "annotations" / "test.json")
-    used = sorted({int(e["reference_img_id"]) for e in queries} | {int(e["reference_img_id"]) for e in
-                                                                  _read(tmp_path / "CIRCO" / "annotations" / "val.json")}
-                  | {int(g) for e in _read(tmp_path / "CIRCO" / "annotations" / "val.json") for g in e["gt_img_ids"] if g != ""})
+    queries = read_json(tmp_path / "CIRCO" / "annotations" / "test.json")
+    val = read_json(tmp_path / "CIRCO" / "annotations" / "val.json")
+    used = sorted({int(e["reference_img_id"]) for e in queries} | {int(e["reference_img_id"]) for e in val}
+                  | {int(g) for e in val for g in e["gt_img_ids"] if g != ""})
     write_circo_image_info(tmp_path / "CIRCO", used)
     (tmp_path / "CIRCO" / "COCO2017_unlabeled" / "unlabeled2017").mkdir()
     sub = {str(q["id"]): [str(i) for i in used[:50]] for q in queries}
-    _dump(sub, tmp_path / "circo.json")
+    dump_json(sub, tmp_path / "circo.json")
     error, out = _validate(tmp_path / "CIRCO", "--circo-path", [tmp_path / "circo.json"], capsys)
     assert len(sub) == 800 and error is None and "official split" not in out
     sub.pop("799")
-    _dump(sub, tmp_path / "circo.json")
+    dump_json(sub, tmp_path / "circo.json")
     error, out = _validate(tmp_path / "CIRCO", "--circo-path", [tmp_path / "circo.json"], capsys)
     assert error is not None and "1 queries missing" in out

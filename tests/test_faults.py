@@ -20,13 +20,14 @@ import train
 import training
 from checkpoint import load_checkpoint, load_network, save_network
 from datasets import AnnotationFormatError, CIRRDataset, ImageNetPairsDataset
+from helpers import checkpoint_weights, free_port, make_pairs_data, read_log, small_circo, train_args
 from models import FTI4CIR, attribute_slots
 from prompts import PromptBuilder
 from run_folder import LOCK_NAME, RunLock
-from test_train import base_args, data8, make_pairs_data, one_thread, read_log, weights  # noqa: F401 - fixtures
 from transforms import build_transform
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the tiny models run on one thread
 
 
 def _exit_message(fn, *args) -> str:
@@ -47,7 +48,7 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_owner(data8, tin
     loaded = []
     monkeypatch.setattr(training, "clip_from_args", lambda *a: loaded.append(1))
     try:
-        msg = _exit_message(train.main, base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4))
+        msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4))
     finally:
         lock.release()
     assert str(model_dir) in msg and "in use by another training run" in msg and f"pid {os.getpid()}" in msg
@@ -59,7 +60,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(data8, tiny_clip_path, tmp_
     model_dir = tmp_path / "run"
     model_dir.mkdir()
     (model_dir / LOCK_NAME).write_text(json.dumps({"host": "gone-host", "pid": 999999, "started": "yesterday"}))
-    train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress"))
+    train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress"))
     out = capsys.readouterr().out
     assert "took over the lock" in out and "gone-host" in out and "999999" in out
     assert (model_dir / "checkpoints" / "epoch_1.pt").is_file() and not (model_dir / LOCK_NAME).exists()
@@ -67,7 +68,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(data8, tiny_clip_path, tmp_
 
 def test_a_folder_holding_a_run_needs_resume(data8, tiny_clip_path, tmp_path):
     model_dir = tmp_path / "run"
-    args = base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1)
+    args = train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1)
     train.main(args)
     before = (model_dir / "checkpoints" / "epoch_1.pt").stat().st_mtime_ns
     msg = _exit_message(train.main, args)
@@ -99,14 +100,14 @@ def _signal_after(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
 def test_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(sig, data8, tiny_clip_path, tmp_path, monkeypatch, capsys):
     common = ["--batch-size", 2, "--epochs", 2, "--lr", 1e-3, "--no-progress"]  # 4 steps per epoch, dropout on
     straight = tmp_path / "straight"
-    train.main(base_args(data8, tiny_clip_path, straight, *common))
+    train.main(train_args(data8, tiny_clip_path, straight, *common))
 
     cut = tmp_path / "cut"
     before = signal.getsignal(sig)  # the default, or SIG_IGN where the shell started this in the background
     with monkeypatch.context() as mp:
         _signal_after(mp, 6, sig)
         with pytest.raises(SystemExit) as e:
-            train.main(base_args(data8, tiny_clip_path, cut, *common))
+            train.main(train_args(data8, tiny_clip_path, cut, *common))
     assert e.value.code == 128 + int(sig)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"stopped by {sig.name} at global step 6" in last and "--resume latest" in last
@@ -114,8 +115,9 @@ def test_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(sig, data8, ti
     assert (latest["global_step"], latest["epoch"], latest["step"]) == (6, 1, 2)  # the step in progress finished
     assert signal.getsignal(sig) == before  # handlers given back
 
-    train.main(base_args(data8, tiny_clip_path, cut, *common, "--resume", "latest"))
-    want, got = weights(straight / "checkpoints" / "epoch_2.pt"), weights(cut / "checkpoints" / "epoch_2.pt")
+    train.main(train_args(data8, tiny_clip_path, cut, *common, "--resume", "latest"))
+    want = checkpoint_weights(straight / "checkpoints" / "epoch_2.pt")
+    got = checkpoint_weights(cut / "checkpoints" / "epoch_2.pt")
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(cut)]
 
@@ -125,7 +127,7 @@ def test_a_signal_on_the_last_step_of_an_epoch_stops_after_the_epoch_checkpoint(
     model_dir = tmp_path / "run"
     _signal_after(monkeypatch, 4)
     with pytest.raises(SystemExit) as e:
-        train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", 3, "--no-progress"))
+        train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", 3, "--no-progress"))
     assert e.value.code == 128 + signal.SIGTERM
     assert (model_dir / "checkpoints" / "epoch_1.pt").is_file()
     assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["global_step"] == 4
@@ -151,8 +153,6 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
 
 
 def _ddp_stop_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
-    from test_train import _ddp_worker  # noqa: F401 - same environment as the other DDP tests
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -178,11 +178,10 @@ def _ddp_stop_worker(rank: int, world: int, port: int, argv: list[str], out: str
 
 def test_ddp_every_rank_stops_at_the_same_step(data8, tiny_clip_path, tmp_path):
     import torch.multiprocessing as mp
-    from test_train import _free_port
 
     model_dir = tmp_path / "ddp"
-    argv = base_args(data8, tiny_clip_path, model_dir, "--batch-size", 1, "--epochs", 1, "--no-progress")
-    mp.spawn(_ddp_stop_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    argv = train_args(data8, tiny_clip_path, model_dir, "--batch-size", 1, "--epochs", 1, "--no-progress")
+    mp.spawn(_ddp_stop_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["code"] for r in ranks] == [128 + signal.SIGTERM] * 2 and [r["steps"] for r in ranks] == [3, 3]
     assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["global_step"] == 3
@@ -196,12 +195,12 @@ def test_unwritable_outputs_are_refused_before_clip_loads(data8, tiny_clip_path,
     monkeypatch.setattr(cli, "load_clip", lambda *a, **k: loaded.append(1))
     blocker = tmp_path / "a_file"  # a file where a folder should be: not creatable, also for root
     blocker.write_text("x")
-    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, blocker / "run"))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, blocker / "run"))
     assert f"--model-dir {blocker / 'run'}" in msg and "cannot create or write" in msg
     model_dir = tmp_path / "run"
     (model_dir).mkdir()
     (model_dir / "checkpoints").write_text("not a folder")
-    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, model_dir))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir))
     assert "checkpoints" in msg and "cannot create or write" in msg
     import evaluate
 
@@ -230,7 +229,7 @@ def test_leftover_temporary_files_are_removed_when_a_run_starts(data8, tiny_clip
         p.write_bytes(b"half a checkpoint")
     keep = model_dir / "checkpoints" / "notes.txt"
     keep.write_text("mine")
-    train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress"))
+    train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress"))
     assert not any(p.exists() for p in stale) and keep.exists()
     assert "removed 3 temporary file(s)" in capsys.readouterr().out
 
@@ -250,9 +249,9 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
 def test_the_summary_of_a_resumed_epoch_says_what_it_covers(data8, tiny_clip_path, tmp_path, capsys):
     model_dir = tmp_path / "run"
     common = ["--batch-size", 2, "--epochs", 1, "--no-progress"]
-    train.main(base_args(data8, tiny_clip_path, model_dir, *common, "--max-steps", 3))
+    train.main(train_args(data8, tiny_clip_path, model_dir, *common, "--max-steps", 3))
     capsys.readouterr()
-    train.main(base_args(data8, tiny_clip_path, model_dir, *common, "--resume", "latest"))
+    train.main(train_args(data8, tiny_clip_path, model_dir, *common, "--resume", "latest"))
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
     assert "resumed: steps 4-4 of 4" in line
 
@@ -263,8 +262,8 @@ def test_the_summary_of_a_resumed_epoch_says_what_it_covers(data8, tiny_clip_pat
 def test_non_finite_loss_lists_the_checkpoints_with_their_losses(data8, tiny_clip_path, tmp_path):
     model_dir = tmp_path / "run"
     common = ["--batch-size", 2, "--no-progress"]
-    train.main(base_args(data8, tiny_clip_path, model_dir, *common, "--epochs", 1))
-    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, model_dir, *common, "--epochs", 2,
+    train.main(train_args(data8, tiny_clip_path, model_dir, *common, "--epochs", 1))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir, *common, "--epochs", 2,
                                               "--resume", "latest", "--lr", "1e30"))
     saved = load_checkpoint(model_dir / "checkpoints" / "epoch_1.pt")
     assert "non-finite loss at epoch 2" in msg and "lower --lr (now 1e+30)" in msg
@@ -326,7 +325,7 @@ def test_bad_cirr_annotations_name_the_file_and_the_entry(entries, needle, tmp_p
 
 def test_truncated_checkpoint_says_copy_it_again_and_names_the_fallback(data8, tiny_clip_path, tmp_path):
     model_dir = tmp_path / "run"
-    args = base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 2, "--no-progress")
+    args = train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 2, "--no-progress")
     train.main(args)
     latest = model_dir / "checkpoints" / "latest.pt"
     latest.unlink()  # a hard link to epoch_2.pt: replace it by a truncated copy
@@ -358,7 +357,7 @@ def test_a_refused_pickle_says_what_and_why_without_torchs_advice(tmp_path):
                                            (["--lr", "nan"], "--lr nan must be a finite number"),
                                            (["--wd", "inf"], "--wd inf must be a finite number")])
 def test_bad_flag_values_are_one_line_errors(extra, needle, data8, tiny_clip_path, tmp_path):
-    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, tmp_path / "run", *extra))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", *extra))
     assert needle in msg
 
 
@@ -368,10 +367,9 @@ def test_bad_flag_values_are_one_line_errors(extra, needle, data8, tiny_clip_pat
 def test_cache_keyed_by_contents_notices_an_image_replaced_in_place(tiny_clip, tmp_path, capsys):
     from features import Encoding, gallery_features
     from feature_store import EvalCache, images_content_fingerprint
-    from test_eval_fast_paths import _circo
     from datasets import CIRCODataset
 
-    root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
+    root = small_circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
     pre = build_transform("targetpad", tiny_clip.image_size)
     enc = Encoding(batch_size=4, workers=0, device="cpu", progress=False)
     img = root / "COCO2017_unlabeled" / "unlabeled2017" / f"{15:012d}.jpg"
@@ -433,7 +431,8 @@ def test_a_row_without_a_star_after_truncation_gets_no_attribute_slots(tiny_clip
 
 
 def test_checkpoints_record_the_architecture_of_the_weights(tmp_path, tiny_clip_path):
-    from clip_loader import build_tiny_clip, load_clip, openai_architecture
+    from clip_loader import load_clip, openai_architecture
+    from toy.tiny_clip import build_tiny_clip
 
     clip = load_clip("ViT-L/14", tiny_clip_path)  # the default --clip-model, other weights
     assert clip.name != "ViT-L-14" and clip.name.startswith("ViT (width 128, 2 layers, patch 8, 32 px")
@@ -451,7 +450,7 @@ def test_checkpoints_record_the_architecture_of_the_weights(tmp_path, tiny_clip_
 def test_resume_from_a_network_only_checkpoint_is_named(data8, tiny_clip_path, tiny_clip, tmp_path):
     path = tmp_path / "net.pt"
     save_network(FTI4CIR.for_clip(tiny_clip), path)
-    msg = _exit_message(train.main, base_args(data8, tiny_clip_path, tmp_path / "run", "--resume", path, "--batch-size", 4))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", "--resume", path, "--batch-size", 4))
     assert str(path) in msg and "not a training checkpoint" in msg and "optimizer" in msg
 
 
@@ -463,16 +462,15 @@ def test_a_full_disk_is_one_line_and_the_old_file_stays(monkeypatch, tmp_path):
     target = tmp_path / "metrics.json"
     utils.atomic_write_json({"old": 1}, target)
 
-    def full(f_write):
-        def write(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(target))
-        return write
+    def full(fd):  # the new file's bytes cannot all reach the disk
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
     @cli.script_main
     def main(argv=None):
-        original = utils._atomic_replace
-        return original(target, full(None))
+        return utils.atomic_write_json({"new": 1}, target)
 
+    monkeypatch.setattr(os, "fsync", full)
     msg = _exit_message(main, [])
+    monkeypatch.undo()
     assert f"{target}: No space left on device" in msg and "free disk space" in msg
     assert json.loads(target.read_text()) == {"old": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

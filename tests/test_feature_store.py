@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -27,23 +28,11 @@ from checkpoint import load_checkpoint
 from clip_loader import FrozenCLIP
 from distributed import DistInfo
 from errors import UserError
-from test_train import make_pairs_data  # the same generated ImageNet layout as tests/test_train.py
+from helpers import ddp_train_worker, free_port, make_pairs_data, read_log, small_circo
 from transforms import build_transform
 
 LR = 4e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second OpenMP thread only spins on a 2-core box
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data8(tmp_path_factory) -> Path:
-    return make_pairs_data(tmp_path_factory.mktemp("imagenet8"), n=8)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the tiny models run on one thread
 
 
 def args_for(data: Path, clip: Path, model_dir: Path, cache_dir: Path | None, *extra) -> list[str]:
@@ -52,10 +41,6 @@ def args_for(data: Path, clip: Path, model_dir: Path, cache_dir: Path | None, *e
     if cache_dir is not None:
         a += ["--cache-image-features", "--feature-cache-dir", cache_dir]
     return list(map(str, a))
-
-
-def read_log(model_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 def state(model_dir: Path, name: str = "latest.pt") -> dict:
@@ -248,11 +233,10 @@ def test_flag_help_and_default_location():
 
 def test_ddp_ranks_fill_their_rows_and_train_like_one_process(runs, data8, tiny_clip_path, tmp_path):
     import torch.multiprocessing as mp
-    from test_train import _ddp_worker, _free_port
 
     common = ["--epochs", 2, "--mapper-dropout", 0]  # no dropout: per-rank dropout streams differ
     argv = args_for(data8, tiny_clip_path, tmp_path / "ddp", tmp_path / "cache_ddp", "--batch-size", 2, *common)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    mp.spawn(ddp_train_worker, args=(2, free_port(), argv), nprocs=2, join=True)
     train.main(args_for(data8, tiny_clip_path, tmp_path / "one", tmp_path / "cache_one", "--batch-size", 4, *common))
     (ddp,), (one,) = folders(tmp_path / "cache_ddp"), folders(tmp_path / "cache_one")
     assert ddp.name == one.name  # the same key
@@ -499,9 +483,7 @@ def test_training_cache_notices_an_image_replaced_in_place(tmp_path, capsys):
 
 
 def test_gallery_store_rows_and_filled_mask(tmp_path, tiny_clip, capsys):
-    from test_eval_fast_paths import _circo
-
-    root = _circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
+    root = small_circo(tmp_path / "CIRCO", [4, 8, 15, 16, 23, 42])
     ds = datasets.CIRCODataset(root, "val", "gallery", build_transform("targetpad", tiny_clip.image_size))
     cache = feature_store.EvalCache(tmp_path / "cache")
     key = cache.key(tiny_clip, ds, "fp32")
@@ -610,7 +592,7 @@ def test_temporaries_of_dead_processes_are_removed(tmp_path, data8):
     root.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(dead.stdout)
-    host = feature_store._HOST
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"  # this machine, as temporaries name it
     left = {f".train-0123.{host}.{dead}.0badc0de.tmp": "dir", f".x.{host}.{dead}.12345678.tmp": "file",
             f".train-0123.{host}.{os.getpid()}.deadbeef.tmp": "dir",  # this process: running
             f".train-0123.other-host.{dead}.0badc0de.tmp": "dir",  # another machine's: cannot be told
@@ -676,12 +658,10 @@ finally:
 
 
 def test_one_store_per_node(data8, tmp_path):
-    from test_train import _free_port
-
     blocker = tmp_path / "node1_disk"
     blocker.write_text("not a folder")
     dirs = {"shared": str(tmp_path / "shared"), "local0": str(tmp_path / "node0_disk"), "local1": str(blocker)}
-    port, src = _free_port(), str(Path(__file__).resolve().parents[1] / "src")
+    port, src = free_port(), str(Path(__file__).resolve().parents[1] / "src")
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",

@@ -3,8 +3,6 @@ script runs, the device each process of a torchrun or srun job takes, and the pr
 from either launcher."""
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +13,10 @@ import distributed
 from distributed import DistInfo, layout_from_env, pick_device
 from errors import ConfigError, DeviceError
 from evaluate import main as evaluate_main
-from test_evaluate import make_cirr
+from helpers import load_test_script, make_cirr, read_log
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fti4cir_test_script_gpu", REPO / "src" / "test.py")
-test_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
+test_script = load_test_script()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,20 +187,9 @@ def test_bf16_refused_on_a_gpu_without_it(monkeypatch):
     assert training_precision("bf16", "cuda") == "bf16"
 
 
-@pytest.fixture(scope="module")
-def data8(tmp_path_factory) -> Path:
-    from test_train import make_pairs_data
-
-    return make_pairs_data(tmp_path_factory.mktemp("imagenet8"), n=8)
-
-
 def _train_args(data: Path, clip: Path, model_dir: Path, *extra) -> list[str]:
     return ["--imagenet-path", str(data), "--clip-weights", str(clip), "--model-dir", str(model_dir),
             "--device", "cpu", "--workers", "0", "--batch-size", "2", "--no-progress", *map(str, extra)]
-
-
-def _log(model_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -238,7 +223,7 @@ def test_fp16_skips_an_overflowing_step_and_goes_on(fp16_on_cpu, nan_from_step, 
     nan_from_step(3, 4)
     model_dir = tmp_path / "run"
     train.main(_train_args(data8, tiny_clip_path, model_dir, "--epochs", 2, "--max-steps", 6, "--precision", "fp16"))
-    records = _log(model_dir)
+    records = read_log(model_dir)
     assert [r["global_step"] for r in records] == [1, 2, 3, 4, 5, 6]  # every step is logged, skipped or not
     assert records[2].get("skipped") and records[3].get("skipped")
     assert not records[4].get("skipped") and not records[5].get("skipped")  # the run went on
@@ -261,7 +246,7 @@ def test_fp16_stops_after_a_run_of_skipped_steps(fp16_on_cpu, nan_from_step, dat
     with pytest.raises(SystemExit) as exc:
         train.main(_train_args(data8, tiny_clip_path, model_dir, "--epochs", 2, "--precision", "fp16"))
     assert "non-finite loss at epoch 1, global step 4 (the 4th fp16 step in a row skipped)" in str(exc.value)
-    assert len(_log(model_dir)) == 3  # the last one raised before it was logged
+    assert len(read_log(model_dir)) == 3  # the last one raised before it was logged
 
 
 def test_fp32_non_finite_step_changes_no_weight(nan_from_step, data8, tiny_clip_path, tmp_path, monkeypatch):
@@ -393,7 +378,7 @@ def test_compile_trains_and_its_first_loss_equals_the_plain_run(data8, tiny_clip
     losses = {}
     for name, extra in (("plain", ()), ("compiled", ("--compile",))):
         train.main(_train_args(data8, tiny_clip_path, tmp_path / name, "--epochs", 1, "--max-steps", 2, *extra))
-        losses[name] = [r["loss"] for r in _log(tmp_path / name)]
+        losses[name] = [r["loss"] for r in read_log(tmp_path / name)]
     assert losses["compiled"] == pytest.approx(losses["plain"], abs=1e-5, rel=0)
 
 
@@ -468,7 +453,7 @@ def test_every_speed_option_trains_in_bf16(data8, tiny_clip_path, tmp_path):
                                                    "--deterministic"))):
         train.main(_train_args(data8, tiny_clip_path, tmp_path / name, "--epochs", 1, "--max-steps", 3,
                                "--precision", "bf16", *extra))
-        losses[name] = [r["loss"] for r in _log(tmp_path / name)]
+        losses[name] = [r["loss"] for r in read_log(tmp_path / name)]
     assert all(np.isfinite(losses["fast"]))
     assert losses["fast"][0] == pytest.approx(losses["plain"][0], rel=2e-3)
     with pytest.raises(SystemExit, match="--clip-half holds the frozen visual tower in the autocast type"):

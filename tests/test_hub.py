@@ -22,11 +22,12 @@ from PIL import Image
 import cli
 import feature_store
 from checkpoint import save_network
-from clip_loader import ClipLoadError, load_clip, qualifying_backbones, save_tiny_clip
+from clip_loader import ClipLoadError, load_clip, qualifying_backbones
 from hub import HubError, hub_file
 from evaluate import main as evaluate_main
+from helpers import KEYS, make_cirr
 from models import FTI4CIR
-from test_evaluate import KEYS, base_args, fast_clip, make_cirr  # noqa: F401
+from toy.tiny_clip import save_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "fti4cir-tiny-vit"  # an open_clip config registered for these tests
@@ -50,19 +51,6 @@ def put_in_hub_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
         link = folder / "snapshots" / commit / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    """An empty hub cache that huggingface_hub (already imported) looks in, offline."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture
@@ -173,9 +161,9 @@ def test_scripts_read_hub_references_from_hf_home(tmp_path, tiny_clip_path, tiny
     assert "models--someone--fti4cir" in proc.stdout  # the model line names the cached file
 
 
-def test_scripts_stop_on_an_uncached_model_path(hub_cache, fast_clip, base_args, tmp_path):
+def test_scripts_stop_on_an_uncached_model_path(hub_cache, fast_clip, eval_args, tmp_path):
     with pytest.raises(SystemExit) as e:
-        evaluate_main(base_args + ["--dataset", "cirr", "--cirr-path", str(tmp_path), "--model-path",
+        evaluate_main(eval_args + ["--dataset", "cirr", "--cirr-path", str(tmp_path), "--model-path",
                                    "hf-hub:someone/fti4cir/fti4cir.pt"])
     msg = str(e.value.code)
     assert msg.startswith("error: --model-path hf-hub:someone/fti4cir/fti4cir.pt") and "\n" not in msg.split(". ")[0]

@@ -1,5 +1,5 @@
-"""The vectorised network against the plain per-sample implementation of METHOD §1-6 (src/reference.py)
-and against hand-computed examples."""
+"""The vectorised network against the plain per-sample implementation of METHOD §1-6
+(scripts/toy/reference.py) and against hand-computed examples."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ from models import (FTI4CIR, FTI4CIRConfig, SelfAttention, contrastive_loss, cos
                     select_attributes)
 from datasets import combine_text_features, fashioniq_texts
 from prompts import PromptBuilder
-from reference import select_one as ref_select, sentence_feature as ref_sentence_feature, training_losses
+from toy.reference import select_one as ref_select, sentence_feature as ref_sentence_feature, training_losses
 
 STAR, EOT = 265, 49407
 

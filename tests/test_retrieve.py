@@ -17,19 +17,19 @@ from evaluation import retrieve, submission_files
 from examples import grid_size
 from folder_retrieval import search_folder
 from retrieve import main as retrieve_main
-from test_evaluate import base_args, config, encoded, fast_clip, make_circo, make_cirr, net, net_path  # noqa: F401
+from helpers import eval_config, make_circo, make_cirr
 
 
-def test_folder_ranks_like_evaluate(fast_clip, tiny_clip, net, net_path, base_args, tmp_path, encoded, capsys):
+def test_folder_ranks_like_evaluate(fast_clip, tiny_clip, net, net_path, eval_args, tmp_path, encoded, capsys):
     root = make_circo(tmp_path / "CIRCO", np.random.default_rng(12))
     folder = root / "COCO2017_unlabeled" / "unlabeled2017"
-    r = retrieve(net, tiny_clip, "circo", root, config())
+    r = retrieve(net, tiny_clip, "circo", root, eval_config())
     qs = r.queries[:3]
     refs = [str(folder / f"{int(q['reference_name']):012d}.jpg") for q in qs]
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"reference": f, "text": q["relative_caption"]})
                                                 for f, q in zip(refs[1:], qs[1:])) + "\n\n")
     save = tmp_path / "ret"
-    argv = [a for a in base_args if a != "--no-cache"] + ["--cache-dir", str(tmp_path / "cache"), "--save-path", str(save),
+    argv = [a for a in eval_args if a != "--no-cache"] + ["--cache-dir", str(tmp_path / "cache"), "--save-path", str(save),
             "--model-path", str(net_path), "--gallery", str(folder), "--reference", refs[0], "--text",
             qs[0]["relative_caption"], "--queries", str(tmp_path / "q.jsonl"), "--top", "10"]
     before = encoded.gallery_images_encoded
@@ -54,23 +54,23 @@ def test_folder_ranks_like_evaluate(fast_clip, tiny_clip, net, net_path, base_ar
 
 def test_excluded_reference_ranks_like_cirr(tiny_clip, net, tmp_path):
     root = make_cirr(tmp_path / "CIRR", np.random.default_rng(13))
-    r = retrieve(net, tiny_clip, "cirr", root, config(split="test1"))
+    r = retrieve(net, tiny_clip, "cirr", root, eval_config(split="test1"))
     sub = submission_files("cirr", r)["cirr.json"]
     qs = r.queries[:3]
     res = search_folder(net, tiny_clip, root / "test1", [(str(root / "test1" / f"{q['reference_name']}.png"),
-                                                          q["relative_caption"]) for q in qs], config(), top=50,
+                                                          q["relative_caption"]) for q in qs], eval_config(), top=50,
                         exclude_reference=True)
     assert [[Path(res.retrieval.names[j]).stem for j in row] for row in res.ranked.tolist()] == \
         [sub[str(q["pair_id"])] for q in qs]
     # image-only, reference kept: the reference itself comes first, at similarity 1
     img = search_folder(None, tiny_clip, root / "test1", [(str(root / "test1" / f"{qs[0]['reference_name']}.png"), "x")],
-                        config(baseline="image-only"), top=3)
+                        eval_config(baseline="image-only"), top=3)
     assert Path(img.retrieval.names[int(img.ranked[0, 0])]).stem == qs[0]["reference_name"]
     assert float(img.scores[0, 0]) == pytest.approx(1.0, abs=1e-5)
     assert torch.all(img.scores[0, :-1] >= img.scores[0, 1:])
 
 
-def test_list_images_and_errors(fast_clip, base_args, net_path, tmp_path):
+def test_list_images_and_errors(fast_clip, eval_args, net_path, tmp_path):
     for rel in ("b.PNG", "a/c.jpg", "a/d.jpeg", "a/.hidden.jpg", ".cache/e.png", "notes.txt", "z/y/w.webp"):
         path = tmp_path / "g" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def test_list_images_and_errors(fast_clip, base_args, net_path, tmp_path):
 
     def error(*more):
         with pytest.raises(SystemExit) as e:
-            retrieve_main(base_args + ["--model-path", str(net_path), *more])
+            retrieve_main(eval_args + ["--model-path", str(net_path), *more])
         return str(e.value.code)
 
     gallery = ["--gallery", str(tmp_path / "g")]

@@ -11,19 +11,26 @@ import pytest
 import torch
 
 import make_toy_clip
-import make_toy_data as mtd
 from clip_loader import load_clip
-from test_toy_data import parse_garment_text  # the same reader of garment texts as the world's tests
+from helpers import parse_garment_text  # the same reader of garment texts as the world's tests
+from toy.attributes import (COLOURS, FASHIONIQ_CATEGORIES, GARMENT_ATTRIBUTES, KIND_ATTRIBUTES, KINDS, SCENE_DOMAINS,
+                            SHAPES, always_valid, garment_domains, image_key, mutate_attributes, random_attributes,
+                            valid_scene)
+from toy.captions import (SCENE_PATTERN_ADJ, SIZE_WORDS, circo_change_text, fashioniq_captions, garment_pair,
+                          scene_attribute, scene_change_text, scene_subject, web_caption, with_article)
+from toy.clip_training import WordCachedTokenizer, encode_by_length, multi_caption_loss
+from toy.web import web_pages
+from toy.world import MANIFEST_NAME, make_toy_world, world_image_keys
 
-SCENE_SIZE_WORDS = {w: size for size, words in mtd._SIZE_WORDS.items() for w in words}
-SCENE_PATTERN_WORDS = {w: p for p, words in mtd._SCENE_PATTERN_ADJ.items() for w in words for w in w.split()}
+SCENE_SIZE_WORDS = {w: size for size, words in SIZE_WORDS.items() for w in words}
+SCENE_PATTERN_WORDS = {w: p for p, words in SCENE_PATTERN_ADJ.items() for w in words for w in w.split()}
 TINY_FLAGS = ["--image-size", "32", "--patch-size", "8", "--vision-width", "64", "--vision-layers", "1",
               "--text-width", "64", "--text-layers", "1"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return mtd.make_toy_world(tmp_path_factory.mktemp("toy") / "world", seed=2, num_train_images=40, num_queries=6,
+    return make_toy_world(tmp_path_factory.mktemp("toy") / "world", seed=2, num_train_images=40, num_queries=6,
                               num_distractors=4)
 
 
@@ -40,7 +47,7 @@ def parse_web_scene(text: str) -> dict:
     m = re.search(r"\ban? ((?:[a-z]+ ){0,3}?)background\b", t)
     if m:
         for w in m.group(1).split():
-            if w in mtd.COLOURS:
+            if w in COLOURS:
                 put("background", w)
             elif w in SCENE_PATTERN_WORDS:
                 put("pattern", SCENE_PATTERN_WORDS[w])
@@ -48,9 +55,9 @@ def parse_web_scene(text: str) -> dict:
                 raise AssertionError(f"unexpected word {w!r} in the background phrase of {text!r}")
         t = t[: m.start()] + " " + t[m.end():]
     for w in re.findall(r"[a-z]+", t):
-        if w in mtd.COLOURS:
+        if w in COLOURS:
             put("colour", w)
-        elif w in mtd.SHAPES:
+        elif w in SHAPES:
             put("shape", w)
         elif w in SCENE_SIZE_WORDS:
             put("size", SCENE_SIZE_WORDS[w])
@@ -58,33 +65,33 @@ def parse_web_scene(text: str) -> dict:
 
 
 def test_web_pages_avoid_every_world_image_and_vary_one_thing(world):
-    manifest = json.loads((world / mtd.MANIFEST_NAME).read_text())
-    keys = mtd.world_image_keys(manifest)
+    manifest = json.loads((world / MANIFEST_NAME).read_text())
+    keys = world_image_keys(manifest)
     n_world = sum(len(v) for part, v in manifest["images"].items() if part != "FashionIQ") + \
         sum(len(v) for v in manifest["images"]["FashionIQ"].values())
     assert len(keys) == n_world  # every world image has its own key
-    free = mtd.web_pages(0, 300, 4)
-    hit = {mtd.image_key(r["kind"], r) for r in free[10] + free[200]}  # as if these were world images
-    pages = mtd.web_pages(0, 300, 4, exclude=keys | hit)
+    free = web_pages(0, 300, 4)
+    hit = {image_key(r["kind"], r) for r in free[10] + free[200]}  # as if these were world images
+    pages = web_pages(0, 300, 4, exclude=keys | hit)
     assert len(pages) == 300 and all(len(p) == 4 for p in pages)
     records = [r for p in pages for r in p]
-    web_keys = [mtd.image_key(r["kind"], r) for r in records]
+    web_keys = [image_key(r["kind"], r) for r in records]
     assert not set(web_keys) & (keys | hit)  # no web image is an image of the benchmarks or of the toy ImageNet
     assert len(set(web_keys)) == len(web_keys)
-    assert {r["kind"] for r in records} == set(mtd.KINDS)
+    assert {r["kind"] for r in records} == set(KINDS)
     assert any(r.get("grayscale") for r in records)
     for page in pages:
-        names = mtd.KIND_ATTRIBUTES[page[0]["kind"]]
+        names = KIND_ATTRIBUTES[page[0]["kind"]]
         first = [page[0][k] for k in names]
         assert {r["kind"] for r in page} == {page[0]["kind"]}
         assert all(1 <= sum(a != b for a, b in zip(first, [r[k] for k in names])) <= 2 for r in page[1:])
-    assert mtd.web_pages(0, 300, 4, exclude=keys | hit) == pages  # deterministic
+    assert web_pages(0, 300, 4, exclude=keys | hit) == pages  # deterministic
 
 
 def test_web_captions_tell_the_truth_in_many_phrasings():
     rng = np.random.default_rng(0)
-    records = [r for p in mtd.web_pages(1, 250, 4) for r in p]
-    captions = [mtd.web_caption(rng, r) for r in records]
+    records = [r for p in web_pages(1, 250, 4) for r in p]
+    captions = [web_caption(rng, r) for r in records]
     assert len(set(captions)) > 0.8 * len(captions)
     full = 0
     for rec, caption in zip(records, captions):
@@ -95,7 +102,7 @@ def test_web_captions_tell_the_truth_in_many_phrasings():
             full += len(said) == 5
         else:
             said = parse_garment_text(rec["kind"], caption)
-            full += len(said) == len(mtd.GARMENT_ATTRIBUTES)
+            full += len(said) == len(GARMENT_ATTRIBUTES)
         assert all(rec[k] == v for k, v in said.items()), (caption, rec)
     # full and partial descriptions, and the words in several orders
     assert 0.1 < full / len(records) < 0.6
@@ -108,16 +115,16 @@ def benchmark_texts(rng, n: int) -> list[str]:
     FashionIQ's two captions, CIRR's caption, CIRCO's caption and shared concept, ImageNet's pairs."""
     texts = []
     for _ in range(n):
-        cat = mtd.FASHIONIQ_CATEGORIES[int(rng.integers(3))]
-        ref = mtd.random_attributes(rng, cat)
-        tgt = mtd._mutate(rng, ref, mtd._garment_domains(cat), mtd._always_valid, int(rng.integers(1, 4)))
-        texts += mtd.fashioniq_captions(rng, cat, ref, tgt) + list(mtd.garment_pair(cat, tgt))
-        ref = mtd.random_attributes(rng, "scene")
-        tgt = mtd._mutate(rng, ref, mtd.SCENE_DOMAINS, mtd._valid_scene, int(rng.integers(1, 3)))
-        texts += [mtd._scene_change_text(rng, ref, tgt), mtd.scene_subject(tgt), mtd.scene_attribute(tgt)]
-        texts += [mtd._circo_change_text(rng, {k: tgt[k] for k in ("colour", "background", "pattern")
+        cat = FASHIONIQ_CATEGORIES[int(rng.integers(3))]
+        ref = random_attributes(rng, cat)
+        tgt = mutate_attributes(rng, ref, garment_domains(cat), always_valid, int(rng.integers(1, 4)))
+        texts += fashioniq_captions(rng, cat, ref, tgt) + list(garment_pair(cat, tgt))
+        ref = random_attributes(rng, "scene")
+        tgt = mutate_attributes(rng, ref, SCENE_DOMAINS, valid_scene, int(rng.integers(1, 3)))
+        texts += [scene_change_text(rng, ref, tgt), scene_subject(tgt), scene_attribute(tgt)]
+        texts += [circo_change_text(rng, {k: tgt[k] for k in ("colour", "background", "pattern")
                                                if rng.random() < 0.5} or {"colour": tgt["colour"]}),
-                  mtd._with_article(" ".join(ref[k] for k in ("size", "colour", "shape")))]
+                  with_article(" ".join(ref[k] for k in ("size", "colour", "shape")))]
     return texts
 
 
@@ -125,9 +132,9 @@ def test_web_captions_use_every_word_of_the_benchmark_texts(world):
     """A real CLIP has met every word of the benchmarks' texts; a word that no web caption uses would keep
     its random embedding in the toy CLIP and blur every query that says it ("looser", "has", "instead")."""
     rng = np.random.default_rng(0)
-    web = {w for p in mtd.web_pages(0, 1500, 4) for r in p for w in re.findall(r"[a-z]+", mtd.web_caption(rng, r))}
+    web = {w for p in web_pages(0, 1500, 4) for r in p for w in re.findall(r"[a-z]+", web_caption(rng, r))}
     texts = benchmark_texts(np.random.default_rng(1), 2000)
-    for cat in mtd.FASHIONIQ_CATEGORIES:  # and the files of a world
+    for cat in FASHIONIQ_CATEGORIES:  # and the files of a world
         texts += [c for q in json.loads((world / "FashionIQ" / "captions" / f"cap.{cat}.val.json").read_text())
                   for c in q["captions"]]
     texts += [q["caption"] for q in json.loads((world / "CIRR" / "cirr" / "captions" / "cap.rc2.val.json").read_text())]
@@ -168,9 +175,9 @@ def test_toy_clip_retrieves_held_out_web_captions_far_above_chance(tmp_path, cap
 
 def test_word_cached_tokenizer_gives_the_clip_tokenizers_ids(tiny_clip):
     rng = np.random.default_rng(5)
-    captions = [mtd.web_caption(rng, r) for p in mtd.web_pages(5, 600, 4) for r in p]
+    captions = [web_caption(rng, r) for p in web_pages(5, 600, 4) for r in p]
     assert any("," in c for c in captions) and any("-" in c for c in captions)  # punctuation inside words too
-    tokenize = make_toy_clip.WordCachedTokenizer(tiny_clip)
+    tokenize = WordCachedTokenizer(tiny_clip)
     assert torch.equal(tokenize(captions), tiny_clip.tokenize(captions))
     assert torch.equal(tokenize(captions[:7]), tiny_clip.tokenize(captions[:7]))  # every word now from the cache
     with pytest.raises(ValueError, match="plain lower-case"):
@@ -179,11 +186,11 @@ def test_word_cached_tokenizer_gives_the_clip_tokenizers_ids(tiny_clip):
 
 def test_encoding_captions_grouped_by_length_equals_one_pass(tiny_clip):
     rng = np.random.default_rng(6)
-    captions = [mtd.web_caption(rng, r) for p in mtd.web_pages(6, 12, 4) for r in p]
+    captions = [web_caption(rng, r) for p in web_pages(6, 12, 4) for r in p]
     tokens = tiny_clip.tokenize(captions)
     lengths = tokens.argmax(dim=-1)
     assert lengths.max() - lengths.min() >= 8  # the groups are cut at different lengths
-    grouped = make_toy_clip.encode_by_length(tiny_clip, tokens, groups=4)
+    grouped = encode_by_length(tiny_clip, tokens, groups=4)
     torch.testing.assert_close(grouped, tiny_clip.encode_text(tokens, trim=False), atol=1e-5, rtol=1e-5)
 
 
@@ -191,15 +198,15 @@ def test_multi_caption_loss_is_the_mean_of_clip_losses_over_each_images_captions
     from open_clip.loss import ClipLoss
 
     rng = np.random.default_rng(7)
-    records = [r for p in mtd.web_pages(7, 3, 4) for r in p]  # 12 images, 3 captions each
-    captions = [[mtd.web_caption(rng, r) for _ in range(3)] for r in records]
+    records = [r for p in web_pages(7, 3, 4) for r in p]  # 12 images, 3 captions each
+    captions = [[web_caption(rng, r) for _ in range(3)] for r in records]
     tokens = torch.stack([tiny_clip.tokenize(c) for c in captions])  # [12, 3, 77]
     images = torch.randn(len(records), 3, tiny_clip.image_size, tiny_clip.image_size, generator=torch.Generator().manual_seed(0))
     loss_fn, scale = ClipLoss(), tiny_clip.model.logit_scale.exp()
     image_f = torch.nn.functional.normalize(tiny_clip.encode_image(images), dim=-1)
     reference = sum(loss_fn(image_f, torch.nn.functional.normalize(tiny_clip.encode_text(tokens[:, j]), dim=-1), scale)
                     for j in range(3)) / 3  # caption j of every image against all images, one caption set at a time
-    got = make_toy_clip.multi_caption_loss(tiny_clip, loss_fn, images, tokens, groups=4)
+    got = multi_caption_loss(tiny_clip, loss_fn, images, tokens, groups=4)
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
-    mispaired = make_toy_clip.multi_caption_loss(tiny_clip, loss_fn, images, tokens.roll(1, dims=0), groups=4)
+    mispaired = multi_caption_loss(tiny_clip, loss_fn, images, tokens.roll(1, dims=0), groups=4)
     assert abs(float(mispaired) - float(reference)) > 1e-3  # the check can tell a caption given to another image

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import make_toy_data as mtd
+import make_toy_data
+from helpers import parse_garment_text, parse_scene_text
+from toy.attributes import COLOURS, FASHIONIQ_CATEGORIES, GARMENT_FITS, KINDS
+from toy.captions import GARMENT_NOUNS
+from toy.drawing import GARMENT_BACKDROP, graphic_ink
+from toy.placeholders import make_placeholder_images, write_circo_image_info
+from toy.world import MANIFEST_NAME, make_toy_world
+from toy.writers import CIRCO_SPLITS, CIRR_SPLITS, FASHIONIQ_SPLITS
 
 SMALL = {"num_train_images": 6, "num_queries": 3, "num_distractors": 2}
 WORLD_SIZES = {"num_cirr_queries": 10}  # CIRR's count apart from CIRCO's (8): two sets, one of them partly asked
@@ -27,97 +34,24 @@ def load(path: Path):
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    return mtd.make_toy_world(tmp_path_factory.mktemp("toy") / "toy", seed=0, **WORLD_SIZES)
+    return make_toy_world(tmp_path_factory.mktemp("toy") / "toy", seed=0, **WORLD_SIZES)
 
 
 @pytest.fixture(scope="session")
 def manifest(world) -> dict:
-    return load(world / mtd.MANIFEST_NAME)
+    return load(world / MANIFEST_NAME)
 
 
 # --------------------------------------------------------------------------------------------
-# Independent readers of the texts: what does a sentence say about an image?
-
-
-def _put(out: dict, key: str, value: str, text: str) -> None:
-    assert out.get(key, value) == value, f"{text!r} names two values for {key}"
-    out[key] = value
-
-
-def parse_scene_text(text: str) -> dict:
-    """Attributes named by a shape-world text (caption, CIRR modification, CIRCO caption/concept)."""
-    t = text.lower().strip(" .?,")
-    out: dict = {}
-    m = re.search(r"\b(?:with|on|has) an? ([a-z ]*?)\s*background\b", t)
-    if m:
-        for w in m.group(1).split():
-            if w in mtd.COLOURS:
-                _put(out, "background", w, text)
-            elif w in mtd.PATTERNS:
-                _put(out, "pattern", w, text)
-            else:
-                raise AssertionError(f"unexpected word {w!r} in the background phrase of {text!r}")
-        t = t[: m.start()] + " " + t[m.end():]
-    for w in re.findall(r"[a-z]+", t):
-        if w in mtd.COLOURS:
-            _put(out, "colour", w, text)
-        elif w in mtd.SHAPES:
-            _put(out, "shape", w, text)
-        elif w in ("bigger", "larger", "large"):
-            _put(out, "size", "large", text)
-        elif w in ("smaller", "small"):
-            _put(out, "size", "small", text)
-        assert w not in mtd.PATTERNS and w != "background", f"background word outside its phrase in {text!r}"
-    return out
-
-
-GARMENT_PATTERN_WORDS = {"solid": "solid", "plain": "solid", "striped": "striped", "stripes": "striped",
-                         "dotted": "dotted", "dots": "dotted", "polka": "dotted", "plaid": "plaid", "checked": "plaid"}
-FIT_WORDS = {"fitted": "fitted", "tight": "fitted", "tighter": "fitted", "slim": "fitted",
-             "loose": "loose", "looser": "loose", "baggy": "loose", "flowy": "loose"}
-
-
-# a graphic, a logo or a print on the front; "no" / "without" before it says there is none
-GRAPHIC_PHRASE = re.compile(r"\b(?:(no|without an?) )?(?:graphic|logo|print)\b")
-
-
-def parse_garment_text(category: str, text: str) -> dict:
-    """Attributes named by a garment text (FashionIQ caption, ImageNet pair, web caption)."""
-    t = text.lower().strip(" .?,")
-    out: dict = {}
-    for m in GRAPHIC_PHRASE.finditer(t):
-        _put(out, "print", "none" if m.group(1) else "graphic", text)
-    t = GRAPHIC_PHRASE.sub(" ", t)
-    words = re.findall(r"[a-z]+", t)
-    for w in words:
-        if w in mtd.COLOURS:
-            _put(out, "colour", w, text)
-        elif w in GARMENT_PATTERN_WORDS:
-            _put(out, "pattern", GARMENT_PATTERN_WORDS[w], text)
-        elif w in FIT_WORDS:
-            _put(out, "fit", FIT_WORDS[w], text)
-    if "sleeveless" in words or "no sleeves" in t:
-        _put(out, "variant", "sleeveless", text)
-    elif category == "dress":
-        for w in words:
-            if w in ("short", "shorter", "long", "longer"):
-                _put(out, "variant", "short" if w.startswith("short") else "long", text)
-    else:
-        for v in ("short", "long"):
-            if re.search(rf"\b{v}(er)? sleeves|\b{v}-sleeved", t):
-                _put(out, "variant", v, text)
-        if category == "toptee" and re.search(r"\bhas sleeves", t):  # a top's only sleeves are short ones
-            _put(out, "variant", "short", text)
-    return out
-
+# What an image shows (the readers of the texts, parse_scene_text and parse_garment_text, are in helpers.py)
 
 def attrs(record: dict, keys=SCENE_KEYS) -> dict:
     return {k: record[k] for k in keys}
 
 
 def nearest_colour(rgb) -> str:
-    names = list(mtd.COLOURS)
-    d = np.abs(np.array([mtd.COLOURS[n] for n in names]) - np.asarray(rgb, dtype=float)).sum(1)
+    names = list(COLOURS)
+    d = np.abs(np.array([COLOURS[n] for n in names]) - np.asarray(rgb, dtype=float)).sum(1)
     return names[int(d.argmin())]
 
 
@@ -150,8 +84,8 @@ def test_every_referenced_file_exists_and_every_image_is_referenced(world):
     assert [p["img_id"] for p in pairs] == [f"{i:08d}" for i in range(1, len(pairs) + 1)]
     # FashionIQ
     fiq = world / "FashionIQ"
-    for cat in mtd.FASHIONIQ_CATEGORIES:
-        for split in mtd.FASHIONIQ_SPLITS:
+    for cat in FASHIONIQ_CATEGORIES:
+        for split in FASHIONIQ_SPLITS:
             names = load(fiq / "image_splits" / f"split.{cat}.{split}.json")
             assert len(set(names)) == len(names)
             referenced |= {fiq / cat / f"{n}.jpg" for n in names}
@@ -159,11 +93,11 @@ def test_every_referenced_file_exists_and_every_image_is_referenced(world):
                 assert q["candidate"] in names and q.get("target", q["candidate"]) in names
     # CIRR
     cirr = world / "CIRR"
-    for split in mtd.CIRR_SPLITS:
+    for split in CIRR_SPLITS:
         smap = load(cirr / "cirr" / "image_splits" / f"split.rc2.{split}.json")
         for name, rel in smap.items():
             m = CIRR_PATH.fullmatch(rel)
-            assert m and m["name"] == name and m.group(1).split("/")[0] == mtd.CIRR_SPLITS[split], rel
+            assert m and m["name"] == name and m.group(1).split("/")[0] == CIRR_SPLITS[split], rel
             referenced.add(cirr / rel[2:])
         for q in load(cirr / "cirr" / "captions" / f"cap.rc2.{split}.json"):
             assert {q["reference"], *q["img_set"]["members"], q.get("target_hard", q["reference"])} <= set(smap)
@@ -173,7 +107,7 @@ def test_every_referenced_file_exists_and_every_image_is_referenced(world):
     ids = {im["id"] for im in info["images"]}
     assert len(ids) == len(info["images"])
     referenced |= {circo / "COCO2017_unlabeled" / "unlabeled2017" / im["file_name"] for im in info["images"]}
-    for split in mtd.CIRCO_SPLITS:
+    for split in CIRCO_SPLITS:
         for q in load(circo / "annotations" / f"{split}.json"):
             assert {q["reference_img_id"], *q.get("gt_img_ids", [])} <= ids
 
@@ -203,8 +137,8 @@ def _value_types(entries, key) -> set:
 
 def test_json_shapes_match_the_real_files(world, real_annotations):
     # FashionIQ: captions and split lists, every category and split
-    for cat in mtd.FASHIONIQ_CATEGORIES:
-        for split in mtd.FASHIONIQ_SPLITS:
+    for cat in FASHIONIQ_CATEGORIES:
+        for split in FASHIONIQ_SPLITS:
             real = load(real_annotations / "FashionIQ" / "captions" / f"cap.{cat}.{split}.json")
             toy = load(world / "FashionIQ" / "captions" / f"cap.{cat}.{split}.json")
             assert _schemas(toy) == _schemas(real), (cat, split)
@@ -226,14 +160,14 @@ def test_json_shapes_match_the_real_files(world, real_annotations):
             assert all(all(isinstance(m, str) and CIRR_NAME.fullmatch(m) for m in q["img_set"]["members"]) for q in entries)
         if "target_soft" in real[0]:
             assert _value_types(toy, "target_soft") <= _value_types(real, "target_soft")
-    for split in mtd.CIRR_SPLITS:
+    for split in CIRR_SPLITS:
         real = load(cirr_real / "image_splits" / f"split.rc2.{split}.json")
         toy = load(world / "CIRR" / "cirr" / "image_splits" / f"split.rc2.{split}.json")
         for smap in (real, toy):  # the real paths follow the pattern the toy one is checked against
             assert isinstance(smap, dict)
             assert all(CIRR_NAME.fullmatch(k) and CIRR_PATH.fullmatch(v)["name"] == k for k, v in smap.items())
     # CIRCO
-    for split in mtd.CIRCO_SPLITS:
+    for split in CIRCO_SPLITS:
         real = load(real_annotations / "CIRCO" / "annotations" / f"{split}.json")
         toy = load(world / "CIRCO" / "annotations" / f"{split}.json")
         assert _schemas(toy) == _schemas(real), split
@@ -274,17 +208,17 @@ def test_imagenet_pairs_describe_their_images(world, manifest):
             # a garment without a graphic is not said to lack one ("a loose long red dress with stripes")
             said = {"print": "none", **parse_garment_text(rec["kind"], f"{p['subject']} {p['attribute']}")}
             assert said == attrs(rec, GARMENT_KEYS)
-            assert p["subject"].split()[-1] == mtd._GARMENT_NOUNS[rec["kind"]][0]
+            assert p["subject"].split()[-1] == GARMENT_NOUNS[rec["kind"]][0]
             check_garment_image(path, rec)
         canvases.add(tuple(rec["canvas"]))
-    assert kinds == set(mtd.KINDS)
+    assert kinds == set(KINDS)
     ratios = {max(w, h) / min(w, h) for w, h in canvases}
     assert any(r >= 1.25 for r in ratios) and any(r < 1.25 for r in ratios), "targetpad should be both on and off"
 
 
 def test_cirr_modifications_lead_from_reference_to_target(world, manifest):
     records = manifest["images"]["CIRR"]
-    for split in mtd.CIRR_SPLITS:
+    for split in CIRR_SPLITS:
         smap = load(world / "CIRR" / "cirr" / "image_splits" / f"split.rc2.{split}.json")
         caps = load(world / "CIRR" / "cirr" / "captions" / f"cap.rc2.{split}.json")
         assert len(caps) == manifest["sizes"]["num_cirr_queries"]
@@ -310,9 +244,9 @@ def test_cirr_modifications_lead_from_reference_to_target(world, manifest):
 def test_fashioniq_captions_lead_from_candidate_to_target(world, manifest):
     hidden = manifest["hidden_targets"]["FashionIQ"]
     both_partial = 0
-    for cat in mtd.FASHIONIQ_CATEGORIES:
+    for cat in FASHIONIQ_CATEGORIES:
         records = manifest["images"]["FashionIQ"][cat]
-        for split in mtd.FASHIONIQ_SPLITS:
+        for split in FASHIONIQ_SPLITS:
             gallery = load(world / "FashionIQ" / "image_splits" / f"split.{cat}.{split}.json")
             caps = load(world / "FashionIQ" / "captions" / f"cap.{cat}.{split}.json")
             targets = hidden[cat]["test"] if split == "test" else [q["target"] for q in caps]
@@ -335,15 +269,15 @@ def check_garment_image(path: Path, rec: dict) -> float:
     img = Image.open(path)
     assert img.size == tuple(rec["canvas"])
     a = np.asarray(img.convert("RGB")).astype(int)
-    cloth = np.abs(a - np.array(mtd.GARMENT_BACKDROP)).max(-1) > 40
+    cloth = np.abs(a - np.array(GARMENT_BACKDROP)).max(-1) > 40
     inner = cloth.copy()  # one pixel in from the outline, where JPEG blends cloth and backdrop
     inner[1:-1, 1:-1] &= cloth[:-2, 1:-1] & cloth[2:, 1:-1] & cloth[1:-1, :-2] & cloth[1:-1, 2:]
     below = a[rec["center"][1]:][inner[rec["center"][1]:]]  # the cloth under the centre: a graphic sits above it
-    ink = np.abs(a - np.array(mtd.graphic_ink(rec["colour"]))).max(-1) <= 40
+    ink = np.abs(a - np.array(graphic_ink(rec["colour"]))).max(-1) <= 40
     # most of the cloth shows the garment's own colour (a pattern's bands or dots take the rest)
-    on_base = np.abs(a[inner & ~ink] - np.array(mtd.COLOURS[rec["colour"]])).max(-1) <= 30
+    on_base = np.abs(a[inner & ~ink] - np.array(COLOURS[rec["colour"]])).max(-1) <= 30
     assert on_base.mean() > 0.4, (path, rec, on_base.mean())
-    off_base = (np.abs(below - np.array(mtd.COLOURS[rec["colour"]])).max(-1) > 30).mean()
+    off_base = (np.abs(below - np.array(COLOURS[rec["colour"]])).max(-1) > 30).mean()
     assert (off_base > 0.05) == (rec["pattern"] != "solid"), (path, rec, off_base)
     # a graphic: a patch of ink (black or yellow, neither a pattern's tint) on the chest, and nowhere else
     ink_rows = np.nonzero(ink.any(1))[0]
@@ -356,13 +290,13 @@ def check_garment_image(path: Path, rec: dict) -> float:
 
 def test_fashioniq_images_show_their_attributes(world, manifest):
     areas: dict = {}
-    for cat in mtd.FASHIONIQ_CATEGORIES:
+    for cat in FASHIONIQ_CATEGORIES:
         for name, rec in manifest["images"]["FashionIQ"][cat].items():
             area = check_garment_image(world / "FashionIQ" / cat / f"{name}.jpg", rec)
             areas.setdefault((cat, rec["variant"], rec["fit"]), []).append(area)
     # the cut shows: more cloth for long dresses, long-sleeved shirts, tops with sleeves, and loose garments
     for cat, (small, big) in {"dress": ("short", "long"), "shirt": ("short", "long"), "toptee": ("sleeveless", "short")}.items():
-        for fit in mtd.GARMENT_FITS:
+        for fit in GARMENT_FITS:
             assert max(areas[(cat, small, fit)]) < min(areas[(cat, big, fit)]), (cat, fit)
         for variant in (small, big):
             assert max(areas[(cat, variant, "fitted")]) < min(areas[(cat, variant, "loose")]), (cat, variant)
@@ -376,7 +310,7 @@ def test_circo_ground_truths_are_exactly_the_matching_images(world, manifest):
     for im in info["images"]:
         check_scene_image(world / "CIRCO" / "COCO2017_unlabeled" / "unlabeled2017" / im["file_name"], records[str(im["id"])])
         assert [im["width"], im["height"]] == records[str(im["id"])]["canvas"]
-    for split in mtd.CIRCO_SPLITS:
+    for split in CIRCO_SPLITS:
         queries = load(world / "CIRCO" / "annotations" / f"{split}.json")
         assert [q["id"] for q in queries] == list(range(manifest["sizes"]["num_queries"]))
         for q in queries:
@@ -404,10 +338,10 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_other_seed_different(world, tmp_path):
-    again = _tree(mtd.make_toy_world(tmp_path / "again", seed=0, **WORLD_SIZES))
+    again = _tree(make_toy_world(tmp_path / "again", seed=0, **WORLD_SIZES))
     first = _tree(world)
     assert again.keys() == first.keys() and all(again[k] == first[k] for k in first)
-    other = _tree(mtd.make_toy_world(tmp_path / "other", seed=1, **WORLD_SIZES))
+    other = _tree(make_toy_world(tmp_path / "other", seed=1, **WORLD_SIZES))
     assert load(world / "ImageNet" / "pairs.json") != json.loads(other["ImageNet/pairs.json"])
     for rel in ("ImageNet/test/ILSVRC2012_test_00000001.JPEG", "CIRR/cirr/captions/cap.rc2.val.json",
                 "CIRCO/annotations/val.json", "FashionIQ/captions/cap.dress.val.json"):
@@ -416,18 +350,18 @@ def test_same_seed_same_bytes_other_seed_different(world, tmp_path):
 
 def test_rerun_replaces_the_folder_cleanly(tmp_path):
     out = tmp_path / "toy"
-    mtd.make_toy_world(out, seed=0, **SMALL)
+    make_toy_world(out, seed=0, **SMALL)
     (out / "stray.txt").write_text("left over")
     old_pairs = load(out / "ImageNet" / "pairs.json")
-    mtd.make_toy_world(out, seed=5, **SMALL)
+    make_toy_world(out, seed=5, **SMALL)
     assert not (out / "stray.txt").exists()
-    assert load(out / mtd.MANIFEST_NAME)["seed"] == 5
+    assert load(out / MANIFEST_NAME)["seed"] == 5
     assert load(out / "ImageNet" / "pairs.json") != old_pairs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]  # no temporary siblings left
     # a failing run (too many FashionIQ images for the attribute space) leaves the old world as it was
     before = _tree(out)
     with pytest.raises(ValueError, match="num-fashioniq-queries"):
-        mtd.make_toy_world(out, seed=6, num_train_images=2, num_queries=2, num_fashioniq_queries=150, num_distractors=0)
+        make_toy_world(out, seed=6, num_train_images=2, num_queries=2, num_fashioniq_queries=150, num_distractors=0)
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
 
@@ -437,17 +371,17 @@ def test_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a toy world"):
-        mtd.make_toy_world(precious, seed=0, **SMALL)
+        make_toy_world(precious, seed=0, **SMALL)
     assert (precious / "keep.txt").read_text() == "mine"
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
-        mtd.make_toy_world(a_file, seed=0, **SMALL)
+        make_toy_world(a_file, seed=0, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]
 
 
 def test_main_cli(tmp_path, capsys):
-    out = mtd.main(["--out", str(tmp_path / "w"), "--seed", "3", "--num-train-images", "4",
+    out = make_toy_data.main(["--out", str(tmp_path / "w"), "--seed", "3", "--num-train-images", "4",
                     "--num-queries", "2", "--num-distractors", "1"])
     assert out == (tmp_path / "w").absolute()
     assert len(load(out / "ImageNet" / "pairs.json")) == 4
@@ -455,7 +389,7 @@ def test_main_cli(tmp_path, capsys):
     assert len(load(out / "FashionIQ" / "image_splits" / "split.shirt.val.json")) == 2 * 2 + 1
     assert str(out) in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        mtd.main(["--out", str(tmp_path / "bad"), "--num-queries", "0"])
+        make_toy_data.main(["--out", str(tmp_path / "bad"), "--num-queries", "0"])
     assert not (tmp_path / "bad").exists()
 
 
@@ -465,21 +399,21 @@ def test_main_cli(tmp_path, capsys):
 
 def test_placeholder_images_for_real_fashioniq_and_imagenet(tmp_path, real_annotations):
     names = load(real_annotations / "FashionIQ" / "image_splits" / "split.dress.val.json")[:4]
-    paths = mtd.make_placeholder_images(tmp_path, "FashionIQ", names, category="dress")
+    paths = make_placeholder_images(tmp_path, "FashionIQ", names, category="dress")
     assert paths == [tmp_path / "dress" / f"{n}.jpg" for n in names]
     shirt = load(real_annotations / "FashionIQ" / "image_splits" / "split.shirt.val.json")[0]
-    assert mtd.make_placeholder_images(tmp_path, "fashioniq", [f"shirt/{shirt}"]) == [tmp_path / "shirt" / f"{shirt}.jpg"]
+    assert make_placeholder_images(tmp_path, "fashioniq", [f"shirt/{shirt}"]) == [tmp_path / "shirt" / f"{shirt}.jpg"]
     blobs = [p.read_bytes() for p in paths]
     assert len(set(blobs)) == len(blobs)
     for p in paths:
         with Image.open(p) as img:
             assert img.size == (48, 32) and img.format == "JPEG"
-    assert mtd.make_placeholder_images(tmp_path, "fashioniq", names, category="dress") == paths
+    assert make_placeholder_images(tmp_path, "fashioniq", names, category="dress") == paths
     assert [p.read_bytes() for p in paths] == blobs  # identical across runs
     with pytest.raises(ValueError, match="category"):
-        mtd.make_placeholder_images(tmp_path, "fashioniq", names[:1])
+        make_placeholder_images(tmp_path, "fashioniq", names[:1])
 
-    img_paths = mtd.make_placeholder_images(tmp_path / "ImageNet", "imagenet", [1, "00000002"], size=(40, 60))
+    img_paths = make_placeholder_images(tmp_path / "ImageNet", "imagenet", [1, "00000002"], size=(40, 60))
     assert [p.name for p in img_paths] == ["ILSVRC2012_test_00000001.JPEG", "ILSVRC2012_test_00000002.JPEG"]
     assert Image.open(img_paths[0]).size == (40, 60)
 
@@ -488,32 +422,32 @@ def test_placeholder_images_for_real_cirr(tmp_path, real_annotations):
     caps = load(real_annotations / "CIRR" / "cirr" / "captions" / "cap.rc2.val.json")[:3]
     names = sorted({m for q in caps for m in q["img_set"]["members"]} | {q["target_hard"] for q in caps})
     with pytest.raises(FileNotFoundError, match="split.rc2"):
-        mtd.make_placeholder_images(tmp_path, "cirr", names)
+        make_placeholder_images(tmp_path, "cirr", names)
     split_dir = tmp_path / "cirr" / "image_splits"
     split_dir.mkdir(parents=True)
     shutil.copy(real_annotations / "CIRR" / "cirr" / "image_splits" / "split.rc2.val.json", split_dir)
     smap = load(split_dir / "split.rc2.val.json")
-    paths = mtd.make_placeholder_images(tmp_path, "cirr", names)
+    paths = make_placeholder_images(tmp_path, "cirr", names)
     assert paths == [tmp_path / smap[n][2:] for n in names]
     assert all(p.is_file() and Image.open(p).format == "PNG" for p in paths)
     train = load(real_annotations / "CIRR" / "cirr" / "image_splits" / "split.rc2.train.json")
     rel = next(iter(train.values()))
-    assert mtd.make_placeholder_images(tmp_path, "cirr", [rel]) == [tmp_path / rel[2:]]
+    assert make_placeholder_images(tmp_path, "cirr", [rel]) == [tmp_path / rel[2:]]
     with pytest.raises(ValueError, match="no split.rc2|in no"):
-        mtd.make_placeholder_images(tmp_path, "cirr", ["dev-0-0-imgX"])
+        make_placeholder_images(tmp_path, "cirr", ["dev-0-0-imgX"])
     with pytest.raises(ValueError, match=r"\.\."):
-        mtd.make_placeholder_images(tmp_path, "cirr", ["../outside.png"])
+        make_placeholder_images(tmp_path, "cirr", ["../outside.png"])
     with pytest.raises(ValueError, match="unknown benchmark"):
-        mtd.make_placeholder_images(tmp_path, "coco", names)
+        make_placeholder_images(tmp_path, "coco", names)
 
 
 def test_placeholder_images_for_real_circo(tmp_path, real_annotations):
     queries = load(real_annotations / "CIRCO" / "annotations" / "val.json")[:5]
     ids = sorted({q["reference_img_id"] for q in queries} | {i for q in queries for i in q["gt_img_ids"]})
-    paths = mtd.make_placeholder_images(tmp_path, "circo", ids)
+    paths = make_placeholder_images(tmp_path, "circo", ids)
     assert paths == [tmp_path / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg" for i in ids]
-    assert mtd.make_placeholder_images(tmp_path, "circo", [f"{ids[0]:012d}.jpg"]) == paths[:1]
-    info = load(mtd.write_circo_image_info(tmp_path, ids + ids[:1]))
+    assert make_placeholder_images(tmp_path, "circo", [f"{ids[0]:012d}.jpg"]) == paths[:1]
+    info = load(write_circo_image_info(tmp_path, ids + ids[:1]))
     assert [im["id"] for im in info["images"]] == ids
     for im in info["images"]:
         assert (tmp_path / "COCO2017_unlabeled" / "unlabeled2017" / im["file_name"]).is_file()

@@ -4,70 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import sys
-import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import models
 import train
 import training
 from checkpoint import load_checkpoint, load_network
 from datasets import ImageNetPairsDataset
+from helpers import checkpoint_weights, ddp_train_worker, free_port, make_pairs_data, read_log, train_args
 from utils import seed_everything
 
-SUBJECTS = ["a red circle", "a blue square", "a green star", "a small dog", "a tall tree", "a yellow car",
-            "an old house", "a white cat"]
-ATTRIBUTES = ["on grass", "in the snow", "with stripes", "near a lake", "at night", "on a road",
-              "under a bridge", "on a sofa"]
-
-
-def make_pairs_data(root: Path, n: int = 8, seed: int = 0) -> Path:
-    """n small JPEGs under root/test/ILSVRC2012_test_<id>.JPEG (some elongated) and root/pairs.json."""
-    rng = np.random.default_rng(seed)
-    (root / "test").mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for i in range(n):
-        img_id = f"{i + 1:08d}"
-        h, w = (24 + 6 * (i % 4), 32)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "test" / f"ILSVRC2012_test_{img_id}.JPEG")
-        pairs.append({"img_id": img_id, "subject": SUBJECTS[i % 8], "attribute": ATTRIBUTES[(3 * i) % 8]})
-    (root / "pairs.json").write_text(json.dumps(pairs))
-    return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's spinning
-    threads slow every step many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data8(tmp_path_factory) -> Path:
-    return make_pairs_data(tmp_path_factory.mktemp("imagenet8"), n=8)
-
-
-def base_args(data: Path, clip: Path, model_dir: Path, *extra) -> list[str]:
-    return ["--imagenet-path", str(data), "--clip-weights", str(clip), "--model-dir", str(model_dir),
-            "--device", "cpu", "--workers", "0", *map(str, extra)]
-
-
-def read_log(model_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def weights(path: Path) -> dict:
-    return load_checkpoint(path)["state_dict"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the tiny models run on one thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,13 +55,13 @@ def test_learning_rate_schedule():
 
 def test_bad_values_and_missing_images_are_named(tmp_path, tiny_clip_path):
     with pytest.raises(SystemExit, match="--batch-size 0"):
-        train.main(base_args(tmp_path, tiny_clip_path, tmp_path / "m", "--batch-size", 0))
+        train.main(train_args(tmp_path, tiny_clip_path, tmp_path / "m", "--batch-size", 0))
     data = make_pairs_data(tmp_path / "imagenet", n=3)
     (data / "test" / "ILSVRC2012_test_00000002.JPEG").unlink()
     with pytest.raises(SystemExit, match="00000002"):
-        train.main(base_args(data, tiny_clip_path, tmp_path / "m"))
+        train.main(train_args(data, tiny_clip_path, tmp_path / "m"))
     with pytest.raises(SystemExit, match="no-such.json"):
-        train.main(base_args(data, tiny_clip_path, tmp_path / "m", "--pairs-path", tmp_path / "no-such.json"))
+        train.main(train_args(data, tiny_clip_path, tmp_path / "m", "--pairs-path", tmp_path / "no-such.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +70,7 @@ def test_bad_values_and_missing_images_are_named(tmp_path, tiny_clip_path):
 @pytest.fixture(scope="module")
 def e2e_run(data8, tiny_clip_path, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("e2e") / "model_save"
-    result = train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 2,
+    result = train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 2,
                                   "--save-frequency", 2, "--lr", 1e-3, "--lr-decay", 1, "--lr-div", 0.25))
     return model_dir, result
 
@@ -138,7 +88,7 @@ def test_end_to_end_outputs(e2e_run, tiny_clip):
     state = load_checkpoint(ckpts / "latest.pt")
     assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 4)
     assert {"optimizer", "scaler", "rng", "hparams"} <= set(state)
-    assert all(torch.equal(v, weights(ckpts / "epoch_2.pt")[k]) for k, v in state["state_dict"].items())
+    assert all(torch.equal(v, checkpoint_weights(ckpts / "epoch_2.pt")[k]) for k, v in state["state_dict"].items())
     net, info = load_network(ckpts / "epoch_2.pt")  # what evaluate.py reads
     assert info["epoch"] == 2
     seed_everything(42)
@@ -172,7 +122,7 @@ def test_learning_rate_steps_at_lr_decay(e2e_run):
 
 def test_bf16_autocast_on_cpu(data8, tiny_clip_path, tmp_path):
     model_dir = tmp_path / "run"
-    train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--precision", "bf16"))
+    train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--precision", "bf16"))
     assert json.loads((model_dir / "hyperparameters.json").read_text())["precision_used"] == "bf16"
     assert len(read_log(model_dir)) == 2 and all(math.isfinite(r["loss"]) for r in read_log(model_dir))
     net, _ = load_network(model_dir / "checkpoints" / "epoch_1.pt")
@@ -182,7 +132,7 @@ def test_bf16_autocast_on_cpu(data8, tiny_clip_path, tmp_path):
 def test_loss_falls_when_overfitting_one_batch(tmp_path, tiny_clip_path):
     data = make_pairs_data(tmp_path / "imagenet", n=4, seed=3)
     model_dir = tmp_path / "run"
-    train.main(base_args(data, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 10, "--save-frequency", 0,
+    train.main(train_args(data, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 10, "--save-frequency", 0,
                          "--lr", 5e-3, "--mapper-dropout", 0))
     losses = [r["loss"] for r in read_log(model_dir)]
     assert len(losses) == 10
@@ -195,10 +145,10 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path, tiny_clip_path):
 def test_resume_mid_epoch_equals_uninterrupted_run(data8, tiny_clip_path, tmp_path, monkeypatch):
     common = ["--batch-size", 2, "--epochs", 2, "--lr", 1e-3]  # 4 steps per epoch; dropout on (0.5)
     straight = tmp_path / "straight"
-    train.main(base_args(data8, tiny_clip_path, straight, *common))
+    train.main(train_args(data8, tiny_clip_path, straight, *common))
 
     cut = tmp_path / "cut"
-    first = train.main(base_args(data8, tiny_clip_path, cut, *common, "--max-steps", 6))  # "killed" at step 6 of 8
+    first = train.main(train_args(data8, tiny_clip_path, cut, *common, "--max-steps", 6))  # "killed" at step 6 of 8
     assert first["stopped_early"] and first["global_step"] == 6
     latest = load_checkpoint(cut / "checkpoints" / "latest.pt")
     assert (latest["epoch"], latest["step"], latest["samples_in_epoch"]) == (1, 2, 4)
@@ -206,11 +156,11 @@ def test_resume_mid_epoch_equals_uninterrupted_run(data8, tiny_clip_path, tmp_pa
     loads = []  # images loaded by the resumed run: only the rest of epoch 2 (skipped at the sampler level)
     original = ImageNetPairsDataset.__getitem__
     monkeypatch.setattr(ImageNetPairsDataset, "__getitem__", lambda self, i: loads.append(i) or original(self, i))
-    second = train.main(base_args(data8, tiny_clip_path, cut, *common, "--resume", "latest"))
+    second = train.main(train_args(data8, tiny_clip_path, cut, *common, "--resume", "latest"))
     assert second["global_step"] == 8 and len(loads) == 4
 
-    want = weights(straight / "checkpoints" / "epoch_2.pt")
-    got = weights(cut / "checkpoints" / "epoch_2.pt")
+    want = checkpoint_weights(straight / "checkpoints" / "epoch_2.pt")
+    got = checkpoint_weights(cut / "checkpoints" / "epoch_2.pt")
     assert all(torch.equal(want[k], got[k]) for k in want), "resumed weights differ from the uninterrupted run's"
     opt_a = load_checkpoint(straight / "checkpoints" / "epoch_2.pt")["optimizer"]["state"]
     opt_b = load_checkpoint(cut / "checkpoints" / "epoch_2.pt")["optimizer"]["state"]
@@ -225,11 +175,11 @@ def test_resume_with_other_hyperparameters_warns(e2e_run, data8, tiny_clip_path,
     model_dir, _ = e2e_run
     ckpt = model_dir / "checkpoints" / "epoch_2.pt"
     with pytest.warns(UserWarning, match=r"lr: 0\.001 -> 0\.002"):
-        result = train.main(base_args(data8, tiny_clip_path, tmp_path / "again", "--batch-size", 4, "--epochs", 2,
+        result = train.main(train_args(data8, tiny_clip_path, tmp_path / "again", "--batch-size", 4, "--epochs", 2,
                                       "--lr", 2e-3, "--lr-decay", 1, "--lr-div", 0.25, "--resume", ckpt))
     assert result["global_step"] == 4  # nothing left to train: epochs already done
     with pytest.raises(SystemExit, match="no such file"):
-        train.main(base_args(data8, tiny_clip_path, tmp_path / "again", "--resume", tmp_path / "missing.pt"))
+        train.main(train_args(data8, tiny_clip_path, tmp_path / "again", "--resume", tmp_path / "missing.pt"))
 
 
 def test_non_finite_loss_stops_and_names_the_last_checkpoint(data8, tiny_clip_path, tmp_path, monkeypatch):
@@ -244,7 +194,7 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(data8, tiny_clip_pa
     monkeypatch.setattr(models, "contrastive_loss", poisoned)
     model_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
-        train.main(base_args(data8, tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", 1, "--save-every-steps", 2))
+        train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", 1, "--save-every-steps", 2))
     msg = str(exc.value)
     assert "global step 3" in msg and str(model_dir / "checkpoints" / "latest.pt") in msg
     state = load_checkpoint(model_dir / "checkpoints" / "latest.pt")
@@ -256,28 +206,6 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(data8, tiny_clip_pa
 # ---------------------------------------------------------------------------------------------
 # DDP: 2 gloo processes with batch 2 each == 1 process with batch 4
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        train.main(argv)  # ends with a barrier and destroy_process_group
-    except BaseException:  # noqa: BLE001 - reported through the exit code
-        traceback.print_exc()
-        code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # gloo workers can abort at interpreter exit; skip it
-
-
 def test_ddp_two_processes_equal_one_process(data8, tiny_clip, tiny_clip_path, tmp_path):
     import torch.multiprocessing as mp
 
@@ -287,9 +215,9 @@ def test_ddp_two_processes_equal_one_process(data8, tiny_clip, tiny_clip_path, t
     lr = 1e-5
     common = ["--epochs", 2, "--lr", lr, "--mapper-dropout", 0, "--save-frequency", 2]
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    argv = base_args(data8, tiny_clip_path, ddp_dir, "--batch-size", 2, *common)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
-    train.main(base_args(data8, tiny_clip_path, single_dir, "--batch-size", 4, *common))
+    argv = train_args(data8, tiny_clip_path, ddp_dir, "--batch-size", 2, *common)
+    mp.spawn(ddp_train_worker, args=(2, free_port(), argv), nprocs=2, join=True)
+    train.main(train_args(data8, tiny_clip_path, single_dir, "--batch-size", 4, *common))
 
     h = json.loads((ddp_dir / "hyperparameters.json").read_text())
     assert (h["world_size"], h["global_batch_size"]) == (2, 4)
@@ -318,12 +246,12 @@ def test_ddp_two_processes_equal_one_process(data8, tiny_clip, tiny_clip_path, t
 
 
 def test_validation_runs_evaluate_and_logs_metrics(tiny_clip_path, tmp_path, capsys):
-    from make_toy_data import make_toy_world
+    from toy.world import make_toy_world
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     toy = make_toy_world(tmp_path / "toy", seed=0, num_train_images=4, num_queries=2, num_distractors=2)
     model_dir = tmp_path / "run"
-    train.main(base_args(toy / "ImageNet", tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1,
+    train.main(train_args(toy / "ImageNet", tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1,
                          "--val-dataset", "cirr", "--val-data-path", toy / "CIRR", "--val-cache-dir", ""))
     assert "validation cirr after epoch 1: cirr_recall_at1" in capsys.readouterr().out
     acc = EventAccumulator(str(model_dir / "tensorboard"))
@@ -331,5 +259,5 @@ def test_validation_runs_evaluate_and_logs_metrics(tiny_clip_path, tmp_path, cap
     values = [e.value for e in acc.Scalars("val_cirr/cirr_recall_at1")]
     assert len(values) == 1 and 0 <= values[0] <= 100
     with pytest.raises(SystemExit, match="--val-data-path"):
-        train.main(base_args(toy / "ImageNet", tiny_clip_path, model_dir, "--val-dataset", "circo",
+        train.main(train_args(toy / "ImageNet", tiny_clip_path, model_dir, "--val-dataset", "circo",
                              "--val-data-path", tmp_path / "nowhere"))
