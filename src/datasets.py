@@ -40,7 +40,10 @@ DEFAULT_ROOTS = {"imagenet": "./data/ImageNet", "fashioniq": "./data/FashionIQ",
 IMAGENET_FILE_RE = re.compile(r"^ILSVRC2012_test_(\d{8})\.JPEG$")
 # CIRCO's modification text (--circo-query): the relative caption alone (the authors'), or built from
 # both of a query's fields with this template
-CIRCO_QUERY_TEMPLATES = {"relative": "{relative_caption}", "shared+relative": "{shared_concept} that {relative_caption}"}
+# how a CIRCO query becomes text: the authors' relative caption (code); the shared concept before it; and
+# the form the benchmark's later tables use (MagicLens, MegaPairs)
+CIRCO_QUERY_TEMPLATES = {"relative": "{relative_caption}", "shared+relative": "{shared_concept} that {relative_caption}",
+                         "find-also": "find a picture that also {shared_concept}, but {relative_caption}"}
 
 FASHIONIQ_LAYOUT = """\
 FashionIQ/
@@ -339,7 +342,7 @@ class CIRRDataset(_Base):
     "group_members" (6 names incl. the reference), "target_name" (train/val)}`.
     """
 
-    def __init__(self, root, split: str, mode: str, preprocess: Callable):
+    def __init__(self, root, split: str, mode: str, preprocess: Callable, require_images: bool = True):
         _check_mode(mode)
         _check_preprocess(preprocess)
         split = "test1" if split == "test" else split
@@ -348,7 +351,8 @@ class CIRRDataset(_Base):
         self.root, self.split, self.mode, self.preprocess = Path(root), split, mode, preprocess
         root = self.root
         _require(root, CIRR_LAYOUT, root, "CIRR root folder", is_dir=True)
-        _require(root / CIRR_SPLITS[split], CIRR_LAYOUT, root, f"CIRR {split} image folder", is_dir=True)
+        if require_images:  # the annotations alone serve to check a server file
+            _require(root / CIRR_SPLITS[split], CIRR_LAYOUT, root, f"CIRR {split} image folder", is_dir=True)
         split_path = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
         name_to_rel = _read_json(split_path, CIRR_LAYOUT, root, "CIRR image split")
         if not isinstance(name_to_rel, dict):
@@ -448,7 +452,7 @@ class CIRCODataset(_Base):
     """
 
     def __init__(self, root, split: str, mode: str, preprocess: Callable, gallery: "CIRCODataset | None" = None,
-                 query_text: str = "relative"):
+                 query_text: str = "relative", require_images: bool = True):
         if query_text not in CIRCO_QUERY_TEMPLATES:
             raise ValueError(f"CIRCO query_text must be one of {tuple(CIRCO_QUERY_TEMPLATES)}, got {query_text!r}")
         self.query_text = query_text
@@ -459,8 +463,9 @@ class CIRCODataset(_Base):
         self.root, self.split, self.mode, self.preprocess = Path(root), split, mode, preprocess
         root = self.root
         _require(root, CIRCO_LAYOUT, root, "CIRCO root folder", is_dir=True)
-        image_dir = _require(root / "COCO2017_unlabeled" / "unlabeled2017", CIRCO_LAYOUT, root,
-                             "CIRCO image folder", is_dir=True)
+        image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
+        if require_images:  # the annotations alone serve to check a server file
+            _require(image_dir, CIRCO_LAYOUT, root, "CIRCO image folder", is_dir=True)
         info_path = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
         if gallery is not None and Path(gallery.root) == root:
             self.names, self._gallery_paths = list(gallery.names), gallery.gallery_paths
@@ -482,6 +487,8 @@ class CIRCODataset(_Base):
                     q["target_name"] = str(e["target_img_id"])
                     # "" entries are the authors' padding to 23; they are not ground truths
                     q["gt_img_ids"] = [str(g) for g in e["gt_img_ids"] if str(g) != ""]
+                if isinstance(e.get("semantic_aspects"), list):  # the current CIRCO release lists them
+                    q["semantic_aspects"] = [str(a) for a in e["semantic_aspects"]]
                 self._queries.append(q)
             index = {n: i for i, n in enumerate(self.names)}
             used = {q["reference_name"] for q in self._queries}

@@ -88,17 +88,20 @@ def check_benchmark(name: str) -> str:
 
 
 def open_benchmark(name: str, root, split: str, preprocess, category: str | None = None,
-                   circo_query: str = "relative"):
+                   circo_query: str = "relative", require_images: bool = True):
     """(gallery-mode, query-mode) datasets of one benchmark split (one FashionIQ category); `circo_query`:
-    how CIRCO's queries are turned into text (datasets.CIRCO_QUERY_TEMPLATES)."""
+    how CIRCO's queries are turned into text (datasets.CIRCO_QUERY_TEMPLATES); `require_images=False`:
+    the annotation files alone (CIRR and CIRCO), for checking server files."""
     name = check_benchmark(name)
     if name == "fashioniq":
         return (FashionIQDataset(root, split, [category], "gallery", preprocess),
                 FashionIQDataset(root, split, [category], "query", preprocess))
     if name == "cirr":
-        return CIRRDataset(root, split, "gallery", preprocess), CIRRDataset(root, split, "query", preprocess)
-    gallery = CIRCODataset(root, split, "gallery", preprocess)
-    return gallery, CIRCODataset(root, split, "query", preprocess, gallery=gallery, query_text=circo_query)
+        return (CIRRDataset(root, split, "gallery", preprocess, require_images=require_images),
+                CIRRDataset(root, split, "query", preprocess, require_images=require_images))
+    gallery = CIRCODataset(root, split, "gallery", preprocess, require_images=require_images)
+    return gallery, CIRCODataset(root, split, "query", preprocess, gallery=gallery, query_text=circo_query,
+                                 require_images=require_images)
 
 
 def retrieve(net, clip, name: str, root, config: EvalConfig, category: str | None = None,
@@ -172,9 +175,19 @@ def cirr_metrics(r: Retrieval) -> dict[str, float]:
 
 
 def circo_metrics(r: Retrieval) -> dict[str, float]:
-    """mAP@{5,10,25,50} and Recall@{5,10,25,50} over the top 50 (reference kept)."""
+    """mAP@{5,10,25,50} and Recall@{5,10,25,50} over the top 50 (reference kept); where the annotations list
+    each query's semantic aspects (the current CIRCO release does), mAP@10 per aspect after them, as the
+    CIRCO server reports it."""
     _need_targets(r, "gt_img_ids", "CIRCO")
-    return M.circo_map_recall(r.query_features, r.gallery.features, r.names, [x["gt_img_ids"] for x in r.queries])
+    per_query = M.circo_per_query(r.query_features, r.gallery.features, r.names, [x["gt_img_ids"] for x in r.queries])
+    out = {key: float(v.mean().item() * 100.0) for key, v in per_query.items()}
+    out = {k: out[k] for k in METRIC_KEYS["circo"]}
+    if all("semantic_aspects" in x for x in r.queries):
+        out.update(M.circo_aspect_map10(per_query["circo_map_at10"], [x["semantic_aspects"] for x in r.queries]))
+    else:
+        log.info("CIRCO: these annotations list no semantic aspects (copies older than the current release "
+                 "lack them): no mAP@10 per aspect")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +247,8 @@ def submission_bytes(name: str, files: dict[str, dict]) -> dict[str, bytes]:
 
 @dataclass
 class FileCheck:
-    """One existing submission file checked: its size, what the server would reject, what to know."""
+    """One existing submission file checked: its size, what the server rejects (its code or documents say
+    so), and notes (conventions, and what to know)."""
 
     path: Path
     size: int
@@ -248,7 +262,7 @@ def check_submission_files(name: str, root, paths: Sequence) -> list[FileCheck]:
     test.py checks the files it writes. Nothing is raised for a bad file: it is all in the result."""
     if name not in TEST_SPLITS:
         raise ConfigError(f"{name} has no test server; choose one of {tuple(TEST_SPLITS)}")
-    gallery, query = open_benchmark(name, root, TEST_SPLITS[name], metadata_only)
+    gallery, query = open_benchmark(name, root, TEST_SPLITS[name], metadata_only, require_images=False)
     queries, names = query.queries, gallery.names
     note = M.query_count_note(name, len(queries))
     if name == "cirr":
@@ -272,10 +286,12 @@ def check_submission_files(name: str, root, paths: Sequence) -> list[FileCheck]:
                 subset = sub["metric"] == "recall_subset"
             else:  # no usable "metric": the file's name says which it was meant to be
                 subset = path.name.startswith("subset")
-            problems += M.cirr_file_problems(sub, queries, names, top, subset=subset)
+            found = M.cirr_file_findings(sub, queries, names, top, subset=subset)
         else:
-            problems += M.circo_file_problems(sub, queries, names, top)
-        out.append(FileCheck(path, len(data), problems, [note] if note else []))
+            found = M.circo_file_findings(sub, queries, names, top)
+        problems += [str(f) for f in found if f.rejects]
+        notes = [str(f) for f in found if not f.rejects] + ([note] if note else [])
+        out.append(FileCheck(path, len(data), problems, notes))
     return out
 
 
@@ -400,6 +416,8 @@ def format_table(name: str, metrics: dict) -> str:
         else:
             heads = [f"mAP@{k}" for k in (5, 10, 25, 50)] + [f"R@{k}" for k in (5, 10, 25, 50)]
         lines = [" ".join(f"{h:>7}" for h in heads), " ".join(f"{metrics[k]:7.2f}" for k in METRIC_KEYS[name])]
+        lines += [f"mAP@10 {k[len('circo_map_at10_'):]}: {v:.2f}" for k, v in metrics.items()
+                  if k.startswith("circo_map_at10_")]
     gap = metrics.get("incomplete_data")
     if gap:
         lines.append(f"INCOMPLETE DATA: {gap['queries_left_out']:,} of {gap['queries']:,} queries and "

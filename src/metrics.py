@@ -7,6 +7,7 @@ All percentages are in [0, 100].
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -282,6 +283,25 @@ def circo_map_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
             for key, v in circo_per_query(query_feats, gallery_feats, gallery_ids, gt_ids, ks, chunk).items()}
 
 
+# the semantic aspects the CIRCO server reports mAP@10 for, in its order
+CIRCO_ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_change",
+                 "comparative_statement", "statement_with_conjunction", "spatial_relations_background", "viewpoint")
+
+
+def circo_aspect_map10(ap10: torch.Tensor, aspects: Sequence[Sequence[str]]) -> dict[str, float]:
+    """mAP@10 in percent per semantic aspect, as the CIRCO server reports it: the mean AP@10 (from
+    `circo_per_query`) of the queries that list the aspect. Keys `circo_map_at10_<aspect>`, the server's
+    aspects in its order first, others after, each only where some query lists it."""
+    _check_rows(ap10.shape[0], aspects=aspects)
+    seen = {a for row in aspects for a in row}
+    order = [a for a in CIRCO_ASPECTS if a in seen] + sorted(seen - set(CIRCO_ASPECTS))
+    out = {}
+    for a in order:
+        rows = torch.tensor([a in row for row in aspects])
+        out[f"circo_map_at10_{a}"] = float(ap10[rows].mean().item() * 100.0)
+    return out
+
+
 def circo_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_ids: Sequence,
                      query_ids: Sequence, chunk: int = DEFAULT_CHUNK, top: int = CIRCO_TOP) -> dict[str, list[str]]:
     """The CIRCO test-server dict of METHOD §12: {"<query id>": [50 gallery ids as str, best first]}
@@ -299,110 +319,199 @@ def circo_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
 
 _MAX_LISTED = 10
 
+# where each rule comes from: a server's own code or instructions, or this repository's convention
+CIRCO_SERVER = "the CIRCO server's code, miccunifi/CIRCO src/evaluation.py"
+CIRCO_README = "CIRCO's submission instructions, miccunifi/CIRCO README"
+CIRR_DOC = "CIRR's server instructions, Cuberick-Orion/CIRR Test-split_server.md"
+CIRR_CONVENTION = "a convention here: the CIRR server's checks are not public"
+CIRCO_CONVENTION = "a convention here: the CIRCO server does not check it"
 
-def _raise_if(problems: list[str], what: str) -> None:
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a submission check found: `rejects` when a server rejects it (its code or its documents say
+    so), else a note on a convention; `source` says which."""
+
+    text: str
+    source: str
+    rejects: bool
+
+    def __str__(self) -> str:
+        return f"{self.text} ({self.source})"
+
+
+def _raise_if(problems: list, what: str) -> None:
     if problems:
-        shown = "\n  ".join(problems[:_MAX_LISTED])
+        shown = "\n  ".join(map(str, problems[:_MAX_LISTED]))
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise SubmissionError(f"{what}: {len(problems)} problem(s) a test server would reject:\n  {shown}{more}")
 
 
-def _check_list(value, n: int, label: str, known: set | None, problems: list[str]) -> bool:
-    """Common checks: a list of exactly n distinct strings, all known gallery names (when given)."""
-    if not isinstance(value, list):
-        problems.append(f"{label}: expected a list, got {type(value).__name__}")
-        return False
-    if not all(isinstance(x, str) for x in value):
-        bad = next(x for x in value if not isinstance(x, str))
-        problems.append(f"{label}: entries must be strings, found {bad!r} ({type(bad).__name__})")
-        return False
-    if len(value) != n:
-        problems.append(f"{label}: {len(value)} entries, expected exactly {n}")
-        return False
-    if len(set(value)) != n:
-        dup = sorted({x for x in value if value.count(x) > 1})
-        problems.append(f"{label}: repeated entries {dup[:5]}; the {n} entries must be distinct")
-        return False
-    if known is not None:
-        unknown = [x for x in value if x not in known]
-        if unknown:
-            problems.append(f"{label}: unknown gallery names {unknown[:5]}")
-            return False
-    return True
-
-
-def _check_keys(sub: Mapping, expected: list[str], header: dict, label: str, problems: list[str]) -> None:
+def _check_keys(sub: Mapping, expected: list[str], header: dict, label: str, source: str, extra_source: str,
+                out: list[Finding]) -> None:
     for key, val in header.items():
         if sub.get(key) != val:
-            problems.append(f"{label}: {key!r} must be {val!r}, got {sub.get(key)!r}")
+            out.append(Finding(f"{label}: {key!r} must be {val!r}, got {sub.get(key)!r}", source, True))
     present = set(sub) - set(header)
     missing = [k for k in expected if k not in present]
     extra = sorted(present - set(expected))
     if missing:
-        problems.append(f"{label}: {len(missing)} queries missing, e.g. {missing[:5]}")
+        out.append(Finding(f"{label}: {len(missing)} queries missing, e.g. {missing[:5]}", source, True))
     if extra:
-        problems.append(f"{label}: {len(extra)} keys that are not query ids of this split, e.g. {extra[:5]}")
+        out.append(Finding(f"{label}: {len(extra)} keys that are not query ids of this split, e.g. {extra[:5]}",
+                           extra_source, extra_source == source))
 
 
-def cirr_file_problems(sub, queries: Sequence[Mapping], gallery_names: Iterable[str] | None = None,
-                       top: int = CIRR_TOP, subset: bool = False) -> list[str]:
-    """What the CIRR server would reject in cirr.json (`subset=False`) or subset_cirr.json (`subset=True`).
+def _repeated(values: list) -> list:
+    seen, dup = set(), []
+    for x in values:
+        if x in seen and x not in dup:
+            dup.append(x)
+        seen.add(x)
+    return dup
 
+
+def cirr_file_findings(sub, queries: Sequence[Mapping], gallery_names: Iterable[str] | None = None,
+                       top: int = CIRR_TOP, subset: bool = False) -> list[Finding]:
+    """Everything the CIRR checks find in cirr.json (`subset=False`) or subset_cirr.json (`subset=True`).
+
+    Rejected, as CIRR's server instructions state: not one JSON object; `"version"` other than `"rc2"`;
+    `"metric"` other than `"recall"` / `"recall_subset"`; a test query's `pair_id` missing; a list that is
+    not `top` (50) or 3 image names, given as strings without the `.png` of the files. Notes, since the
+    server's own checks are not public: keys that are not query ids, a name listed twice, the reference in
+    its own list, subset names outside the query's `img_set`, names outside the gallery.
     `queries`: dicts with "pair_id", "reference_name", "group_members" (CIRRDataset(...).queries).
-    `gallery_names`: the test1 gallery; when given, every name must belong to it. `top`: names per
-    list of cirr.json (the server wants 50; only a toy gallery smaller than 51 images calls for fewer).
     """
     label = "subset_cirr.json" if subset else "cirr.json"
     if not isinstance(sub, Mapping):
-        return [f"{label}: must be a JSON object (dict), got {type(sub).__name__}"]
-    problems: list[str] = []
+        return [Finding(f"{label}: must be a JSON object (dict), got {type(sub).__name__}", CIRR_DOC, True)]
+    out: list[Finding] = []
     known = None if gallery_names is None else set(gallery_names)
     keys = [str(q["pair_id"]) for q in queries]
-    _check_keys(sub, keys, {"version": "rc2", "metric": "recall_subset" if subset else "recall"}, label, problems)
+    header = {"version": "rc2", "metric": "recall_subset" if subset else "recall"}
+    _check_keys(sub, keys, header, label, CIRR_DOC, CIRR_CONVENTION, out)
     n = CIRR_SUBSET_TOP if subset else top
     for key, query in zip(keys, queries):
-        ref = query["reference_name"]
-        if key in sub and _check_list(sub[key], n, f"{label} pair id {key}", known, problems):
-            if ref in sub[key]:
-                problems.append(f"{label} pair id {key}: holds the reference image {ref!r}")
-            outside = [x for x in sub[key] if x not in query["group_members"]] if subset else []
-            if outside:
-                problems.append(f"{label} pair id {key}: {outside} are not members of the query's img_set")
-    return problems
+        if key not in sub:
+            continue
+        value, where = sub[key], f"{label} pair id {key}"
+        if not isinstance(value, list):
+            out.append(Finding(f"{where}: expected a list, got {type(value).__name__}", CIRR_DOC, True))
+            continue
+        bad = [x for x in value if not isinstance(x, str)]
+        if bad:
+            out.append(Finding(f"{where}: entries must be strings, found {bad[0]!r} ({type(bad[0]).__name__})",
+                               CIRR_DOC, True))
+            continue
+        if len(value) != n:
+            out.append(Finding(f"{where}: {len(value)} entries, expected exactly {n}", CIRR_DOC, True))
+        files = [x for x in value if x.lower().endswith(".png")]
+        if files:
+            out.append(Finding(f"{where}: image names are given without '.png', found {files[:3]}", CIRR_DOC, True))
+        dup = _repeated(value)
+        if dup:
+            out.append(Finding(f"{where}: repeated entries {dup[:5]}; the entries must be distinct", CIRR_CONVENTION,
+                               False))
+        if query["reference_name"] in value:
+            out.append(Finding(f"{where}: holds the reference image {query['reference_name']!r}", CIRR_CONVENTION,
+                               False))
+        outside = [x for x in value if x not in query["group_members"]] if subset else []
+        if outside:
+            out.append(Finding(f"{where}: {outside} are not members of the query's img_set", CIRR_CONVENTION, False))
+        unknown = [] if known is None else [x for x in value if x not in known]
+        if unknown:
+            out.append(Finding(f"{where}: unknown gallery names {unknown[:5]}", CIRR_CONVENTION, False))
+    return out
+
+
+def _circo_id(x) -> int | None:
+    """The id the CIRCO server reads from a list entry (it converts the list with numpy to int): None for an
+    entry it cannot read."""
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return int(x) if np.isfinite(x) else None
+    if isinstance(x, str):
+        try:
+            return int(x)
+        except ValueError:
+            return None
+    return None
+
+
+def circo_file_findings(sub, queries: Sequence[Mapping], gallery_ids: Iterable | None = None,
+                        top: int = CIRCO_TOP) -> list[Finding]:
+    """Everything the CIRCO checks find in circo.json.
+
+    Rejected, as the server's code does: not one JSON object; query ids missing or keys that are not the
+    split's query ids (it wants exactly the ids 0..n-1); an entry numpy cannot read as an integer id (the
+    server takes ints and numeric strings alike); an id listed twice; and, as CIRCO's instructions state, a
+    list of other than the top `top` (50). Notes: a float id (the server truncates it), the same image as an
+    int and a string, an id outside the gallery. `queries`: dicts with "query_id" (CIRCODataset(...).queries).
+    """
+    if not isinstance(sub, Mapping):
+        return [Finding(f"circo.json: must be a JSON object (dict), got {type(sub).__name__}", CIRCO_SERVER, True)]
+    out: list[Finding] = []
+    known = None if gallery_ids is None else {i for i in map(_circo_id, gallery_ids) if i is not None}
+    keys = [str(q["query_id"]) for q in queries]
+    _check_keys(sub, keys, {}, "circo.json", CIRCO_SERVER, CIRCO_SERVER, out)
+    for key in keys:
+        if key not in sub:
+            continue
+        value, where = sub[key], f"circo.json query id {key}"
+        if not isinstance(value, list):
+            out.append(Finding(f"{where}: expected a list, got {type(value).__name__}", CIRCO_SERVER, True))
+            continue
+        ids = [_circo_id(x) for x in value]
+        unreadable = [x for x, i in zip(value, ids) if i is None]
+        if unreadable:
+            out.append(Finding(f"{where}: entries must be integer ids or numeric strings, found {unreadable[0]!r}",
+                               CIRCO_SERVER, True))
+            continue
+        if len(value) != top:
+            out.append(Finding(f"{where}: {len(value)} entries, expected exactly {top}", CIRCO_README, True))
+        dup = _repeated(value)
+        if dup:
+            out.append(Finding(f"{where}: repeated entries {dup[:5]}; the ids must be distinct", CIRCO_SERVER, True))
+        elif len(set(ids)) != len(ids):
+            out.append(Finding(f"{where}: repeated entries {_repeated(ids)[:5]} written once as a number and once as a "
+                               "string; the server counts such an image twice", CIRCO_CONVENTION, False))
+        floats = [x for x in value if isinstance(x, float)]
+        if floats:
+            out.append(Finding(f"{where}: float ids {floats[:3]}; the server truncates them to integers",
+                               CIRCO_CONVENTION, False))
+        unknown = [] if known is None else [x for x, i in zip(value, ids) if i not in known]
+        if unknown:
+            out.append(Finding(f"{where}: unknown gallery names {unknown[:5]}", CIRCO_CONVENTION, False))
+    return out
+
+
+def cirr_file_problems(sub, queries: Sequence[Mapping], gallery_names: Iterable[str] | None = None,
+                       top: int = CIRR_TOP, subset: bool = False) -> list[Finding]:
+    """What the CIRR server rejects in the file (`cirr_file_findings` that reject)."""
+    return [f for f in cirr_file_findings(sub, queries, gallery_names, top, subset) if f.rejects]
 
 
 def circo_file_problems(sub, queries: Sequence[Mapping], gallery_ids: Iterable | None = None,
-                        top: int = CIRCO_TOP) -> list[str]:
-    """What the CIRCO server would reject in circo.json.
-
-    `queries`: dicts with "query_id" (CIRCODataset(...).queries). `gallery_ids`: when given, every
-    id must belong to the gallery.
-    """
-    if not isinstance(sub, Mapping):
-        return [f"circo.json: must be a JSON object (dict), got {type(sub).__name__}"]
-    problems: list[str] = []
-    known = None if gallery_ids is None else {str(x) for x in gallery_ids}
-    keys = [str(q["query_id"]) for q in queries]
-    _check_keys(sub, keys, {}, "circo.json", problems)
-    for key in keys:
-        if key in sub:
-            _check_list(sub[key], top, f"circo.json query id {key}", known, problems)
-    return problems
+                        top: int = CIRCO_TOP) -> list[Finding]:
+    """What the CIRCO server rejects in circo.json (`circo_file_findings` that reject)."""
+    return [f for f in circo_file_findings(sub, queries, gallery_ids, top) if f.rejects]
 
 
 def validate_cirr_submission(sub: Mapping, subset_sub: Mapping, queries: Sequence[Mapping],
                              gallery_names: Iterable[str] | None = None, top: int = CIRR_TOP) -> None:
-    """Raise SubmissionError if cirr.json / subset_cirr.json would be rejected by the CIRR server
-    (`cirr_file_problems` of both, every problem listed)."""
+    """Raise SubmissionError listing every finding, notes included, in cirr.json / subset_cirr.json: the
+    check of the files this repository writes, which keep the conventions too."""
     names = None if gallery_names is None else list(gallery_names)
-    problems = cirr_file_problems(sub, queries, names, top) + cirr_file_problems(subset_sub, queries, names, top, subset=True)
-    _raise_if(problems, "CIRR submission")
+    found = cirr_file_findings(sub, queries, names, top) + cirr_file_findings(subset_sub, queries, names, top, subset=True)
+    _raise_if(found, "CIRR submission")
 
 
 def validate_circo_submission(sub: Mapping, queries: Sequence[Mapping],
                               gallery_ids: Iterable | None = None, top: int = CIRCO_TOP) -> None:
-    """Raise SubmissionError if circo.json would be rejected by the CIRCO server (`circo_file_problems`)."""
-    _raise_if(circo_file_problems(sub, queries, gallery_ids, top), "CIRCO submission")
+    """Raise SubmissionError listing every finding, notes included, in circo.json (the files this
+    repository writes keep the conventions too)."""
+    _raise_if(circo_file_findings(sub, queries, gallery_ids, top), "CIRCO submission")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,5 +536,5 @@ def query_count_note(benchmark: str, n_queries: int) -> str | None:
     want = SERVER_QUERIES.get(benchmark)
     if want is not None and n_queries != want:
         return (f"the {benchmark.upper()} test annotations here hold {n_queries:,} queries, the official split "
-                f"{want:,}: a file made from them is for these annotations only; the server rejects it")
+                f"{want:,}: files are checked against these annotations, and the server expects the official queries")
     return None

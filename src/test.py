@@ -71,12 +71,16 @@ def validate_files(args) -> list:
         raise SubmissionError(f"--validate: {args.dataset} has no test server; pass --dataset cirr or circo")
     checks = check_submission_files(args.dataset, dataset_root(args, args.dataset), args.validate)
     for c in checks:
-        verdict = "the server accepts it" if not c.problems else f"{len(c.problems)} problem(s) the server rejects"
+        verdict = "accepted" if not c.problems else f"rejected: {len(c.problems)} problem(s)"
         print(f"{c.path} ({size_text(args.dataset, c.size)}): {verdict}", flush=True)
-        for line in c.problems[:20] + [f"warning: {w}" for w in c.warnings]:
+        for line in c.problems[:20]:
             print(f"  {line}")
         if len(c.problems) > 20:
             print(f"  ... and {len(c.problems) - 20} more")
+        for line in c.warnings[:20]:  # conventions: they do not change the verdict
+            print(f"  note: {line}")
+        if len(c.warnings) > 20:
+            print(f"  note: ... and {len(c.warnings) - 20} more")
     bad = [c for c in checks if c.problems]
     if bad:
         raise SubmissionError(f"{len(bad)} of {len(checks)} file(s) would be rejected: {', '.join(str(c.path) for c in bad)}")

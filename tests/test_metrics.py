@@ -269,12 +269,13 @@ def test_circo_submission_and_validator():
         "51 entries": {**sub, "0": sub["0"] + [next(str(x) for x in ids if str(x) not in sub["0"])]},
         "repeated entries": {**sub, "0": sub["0"][:49] + sub["0"][:1]},
         "unknown gallery names": {**sub, "0": sub["0"][:49] + ["123"]},
-        "must be strings": {**sub, "0": [int(x) for x in sub["0"]]},
+        "integer ids or numeric strings": {**sub, "0": sub["0"][:49] + ["id-7"]},
         "not query ids": {**sub, "77": sub["0"]},
     }
     for message, bad_sub in bad.items():
         with pytest.raises(ValueError, match=message):
             validate_circo_submission(bad_sub, queries, gallery_ids=ids)
+    validate_circo_submission({k: [int(x) for x in v] for k, v in sub.items()}, queries, gallery_ids=ids)  # ints too
 
 
 def test_validator_lists_every_problem():
@@ -315,8 +316,9 @@ def test_submissions_of_a_toy_gallery_smaller_than_the_server_lists():
     assert sub["1"] == order
     with pytest.raises(ValueError, match="7 entries, expected exactly 50"):
         validate_cirr_submission(sub, subset, queries, gallery_names=names)  # the server's 50
-    circo = circo_submission(q, g, names, [5, 6], top=8)
-    validate_circo_submission(circo, [{"query_id": 5}, {"query_id": 6}], gallery_ids=names, top=8)
+    ids = [100 + i for i in range(8)]  # CIRCO's gallery ids are COCO image ids
+    circo = circo_submission(q, g, ids, [5, 6], top=8)
+    validate_circo_submission(circo, [{"query_id": 5}, {"query_id": 6}], gallery_ids=ids, top=8)
     assert len(circo["5"]) == 8
 
 
