@@ -40,9 +40,9 @@ SKIPPED = "skipped: no CUDA"
 SPEED_KEYS = ("train_fp16_images_per_s", "train_bf16_images_per_s", "train_compile_images_per_s",
               "train_fast_images_per_s", "train_cached_images_per_s", "train_peak_gib", "train_fast_peak_gib",
               "compose_cached_images_per_s", "compose_images_per_s", "circo_warm_eval_s")
-# on CUDA, kept for the speed part at the end of --time-limit (on an H200 the figures took 65 s, the CIRCO
-# evaluation 47 s, with every compile included)
-SPEED_SECONDS = 220
+# on CUDA, kept for the speed part at the end of --time-limit (on an H200 the figures took 60 s, the CIRCO
+# evaluation 38 s, with every compile included)
+SPEED_SECONDS = 190
 EVAL_SECONDS = 90  # of which the warm CIRCO evaluation (scripts/bench_eval.py) keeps this much
 COMPOSE_BATCH = 32  # composed queries: the evaluation scripts' default batch
 # several scripts' main(argv) in one process, one after the other (open_clip's slow import paid once):
@@ -395,14 +395,16 @@ def speed_figures(device: torch.device, clip_model: str, batch: int, repeats: in
         return per_s(trainer(fp16))
 
     def every_option():
-        plain_visual = clip.encode_visual
+        # train.py's order (training.apply_speed_options): the weights are held in half before the compile,
+        # which traces them as they then are; the compiled pass of the figure before is dropped first
+        torch._dynamo.reset()
+        clip.train_visual = clip.encode_visual
         with torch.no_grad(), training.prec.autocast(fp16, device):
-            P_plain = plain_visual(images[:8])[1]
+            P_plain = clip.encode_visual(images[:8])[1]
+        training.apply_speed_options(clip, fp16, compile_visual=cuda, half_visual=cuda, causal_text=True)
         if cuda:
-            clip.hold_visual_weights_in(torch.float16)
             with torch.no_grad(), training.prec.autocast(fp16, device):
-                checks["clip_half_P_max_abs_diff"] = float((plain_visual(images[:8])[1] - P_plain).abs().max())
-        clip.use_causal_text_attention()
+                checks["clip_half_P_max_abs_diff"] = float((clip.encode_visual(images[:8])[1] - P_plain).abs().max())
         return with_peak(trainer(fp16, fused=True), "train_fast_peak_gib")
 
     def compiled_on_cuda():
@@ -433,7 +435,11 @@ def speed_figures(device: torch.device, clip_model: str, batch: int, repeats: in
             notes.append(f"{key}: " + bench._free_after_oom(device, COMPOSE_BATCH if key.startswith("compose") else batch))
         save(speed, notes, checks)
     if profile:
-        try:
+        try:  # the default step: the options off again (the weights were fp16 values, so float() restores them)
+            torch._dynamo.reset()
+            clip.train_visual = clip.encode_visual
+            clip.use_causal_text_attention(False)
+            clip.model.visual.float()
             Path(profile).write_text(profile_table(device, trainer(fp16)))
         except Exception as e:
             notes.append(f"profile: {type(e).__name__}: {last_line(str(e))}")

@@ -160,6 +160,11 @@ class FrozenCLIP(nn.Module):
         it at every call anyway). When that cast loses digits (bf16; fp32 weights that did not come as
         fp16), a float32 copy stays on the CPU, so `float32_weights()` gives back exactly the loaded ones.
         The text tower stays float32: its LayerNorms run in float32 on the gradient path."""
+        if self.train_visual != self.encode_visual:
+            # the compiled pass keeps the weights' dtype it was traced with; changing it under the compiled
+            # kernels read past the weights' memory on an H200 (illegal memory access), not an error
+            raise RuntimeError("hold_visual_weights_in after compile_visual: hold the weights first, then compile "
+                               "(training.apply_speed_options does it in that order)")
         state = {k: v for k, v in self.model.visual.state_dict().items() if v.is_floating_point()}
         lossless = all(torch.equal(v.to(dtype).to(v.dtype), v) for v in state.values())
         self._float32_copy = None if lossless else {k: v.detach().float().cpu().clone() for k, v in state.items()}

@@ -422,6 +422,24 @@ def test_half_visual_weights_within_half_precision(tiny_clip_path, dtype, tol):
     assert half.visual_dtype == dtype
 
 
+def test_half_weights_refused_after_compile(tiny_clip_path):
+    """The compiled visual pass keeps the weights' dtype it was traced with (on an H200, fp16 weights under a
+    pass compiled for float32 ones read out of bounds): the order is refused, and apply_speed_options'
+    order (half, then compile) is what train.py runs."""
+    from clip_loader import load_clip
+    from training import apply_speed_options
+
+    clip = load_clip("ViT-L/14", tiny_clip_path, device="cpu")
+    assert clip.train_visual == clip.encode_visual
+    clip.compile_visual()  # lazy: nothing is traced before the first call
+    with pytest.raises(RuntimeError, match="hold the weights first"):
+        clip.hold_visual_weights_in(torch.bfloat16)
+    assert clip.visual_dtype == torch.float32
+    clip = load_clip("ViT-L/14", tiny_clip_path, device="cpu")
+    apply_speed_options(clip, "bf16", compile_visual=True, half_visual=True, causal_text=True)
+    assert clip.visual_dtype == torch.bfloat16 and clip.train_visual != clip.encode_visual and clip.causal_text
+
+
 def test_fused_adamw_equals_plain_adamw():
     from training import make_optimizer
 
