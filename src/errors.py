@@ -1,7 +1,7 @@
 """The errors a user can fix: a missing file, a wrong layout, a bad flag, an unusable checkpoint.
 
 Library code raises a subclass of `UserError` with a message that names the file or flag and says
-what to do; the scripts' `main` (through `cli.run_main`) turns it into one `error: ...` line and exit
+what to do; the scripts' `main` (through `cli.script_main`) turns it into one `error: ...` line and exit
 status 1, without a traceback. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
