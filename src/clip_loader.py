@@ -304,8 +304,8 @@ def build_openai_model(sd: dict, fast: bool = True) -> CLIP:
     converts to fp16 stored in fp16), without its random initialisation: the model is laid out on the meta
     device, given uninitialised memory, then every persistent tensor is filled from `sd` (strict) and the
     buffers a state dict does not hold (the causal mask, and nothing else) rebuilt. The same model (tested);
-    a ViT-L/14 loads in about 5 s instead of 17 s on a 2-core CPU. `fast=False`, or a model with any other
-    buffer outside its state dict, takes the plain way."""
+    `load_clip` of a ViT-L/14 file takes 2-8 s instead of 9-19 s (CPU figures, on a 2-core CPU shared with
+    other work). `fast=False`, or a model with any other buffer outside its state dict, takes the plain way."""
     if fast:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
