@@ -120,7 +120,7 @@ def bench_training(clip, net, args, device, results):
     B = args.batch_size
     images = torch.randn(B, 3, clip.image_size, clip.image_size, device=device)
     subjects, attributes = _captions(rng, B)
-    pb = net.prompts(clip)
+    pb = clip.prompts
     texts = {k: v.to(device) for k, v in pb.training_texts(subjects, attributes).items()}
     amp = device.type == "cuda" and args.precision != "fp32"
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
@@ -403,7 +403,7 @@ def count_step(clip, net, fast: bool, images, subjects, attributes) -> dict:
     casts the same ops to 2-byte floats as GPU fp16 autocast. Returns FLOPs (total, forward, per piece)
     and the bytes of tensors saved for backward, each storage once, CLIP's and the network's fp32
     parameters left out (they are fixed memory, counted on their own)."""
-    texts = net.prompts(clip).training_texts(subjects, attributes)
+    texts = clip.prompts.training_texts(subjects, attributes)
     params = {p.untyped_storage().data_ptr() for m in (clip, net) for p in m.parameters()}
     saved = {}
 

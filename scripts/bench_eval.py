@@ -54,7 +54,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cli  # noqa: E402
 import evaluate  # noqa: E402
 import evaluation  # noqa: E402
 import features  # noqa: E402
@@ -72,8 +71,8 @@ QUERY_TOLERANCE = 1e-5  # L2-normalised query features, cold against warm: float
 
 # (label, module, function, parent label): the phases timed by wrapping these functions.
 PHASES = [
-    ("load CLIP", cli, "clip_from_args", None),
-    ("load network", cli, "load_model", None),
+    ("load CLIP", evaluate, "load_clip", None),
+    ("load network", evaluate, "load_model", None),
     ("datasets (annotation JSONs)", evaluation, "open_benchmark", None),
     ("gallery_features", evaluation, "gallery_features", None),
     ("cache key", feature_store, "gallery_key", "gallery_features"),

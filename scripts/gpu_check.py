@@ -344,7 +344,7 @@ def speed_figures(device: torch.device, clip_model: str, batch: int, repeats: in
     net = FTI4CIR.for_clip(clip).to(device)
     images = torch.randn(batch, 3, clip.image_size, clip.image_size, device=device)
     subjects, attributes = bench._captions(np.random.default_rng(0), batch)
-    texts = {k: v.to(device) for k, v in net.prompts(clip).training_texts(subjects, attributes).items()}
+    texts = {k: v.to(device) for k, v in clip.prompts.training_texts(subjects, attributes).items()}
     train_batch = {"image": images, "texts": texts}
     fp16 = "fp16" if cuda else "fp32"  # fp16 needs CUDA; the CPU's "fp16" figure is fp32
 

@@ -6,7 +6,7 @@
 Captions are appended, one JSON line per image, to a progress file beside `--out`
 (`<out>.partial.jsonl`, or `<out>.partial.<i>-of-<n>.jsonl` per shard), so an interrupted run
 resumes where it stopped. When every selected image has a caption, whichever shard finishes last
-splits them (caption_split.py) and writes `--out`: the authors' JSON list of
+splits them (caption_pairs.py) and writes `--out`: the authors' JSON list of
 `{"img_id", "subject", "attribute"}`, sorted by id. `--split-only` redoes that split from the
 progress files without BLIP.
 """
@@ -23,16 +23,17 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from caption_split import DEFAULT_SPACY_MODEL, SpacyTagger, SpacyUnavailable, Tagger, build_pairs
-from cli import FlagParser, check_output_folder, script_main
+from caption_pairs import DEFAULT_SPACY_MODEL, SpacyTagger, SpacyUnavailable, Tagger, build_pairs
+from cli import FlagParser, script_main
 from datasets import IMAGENET_FILE_RE, DatasetLayoutError, ImageLoadError, imagenet_file_name, load_image
 from distributed import layout_from_env, pick_device
 from errors import ConfigError, UserError
 from logs import get_logger
 from precision import DTYPES, weights_dtype
 from transforms import build_transform
-from utils import atomic_write_json, resolve_device
+from utils import atomic_write_json, check_output_folder, resolve_device
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # HF port of BLIP ViT-B, CapFilt-L
 PROMPT = "a picture of "  # BLIP's captioning prompt; stripped from every caption
@@ -168,6 +169,7 @@ def collate_images(batch):
 
 def load_blip(name: str, device: torch.device, dtype: torch.dtype):
     """BlipForConditionalGeneration + its tokenizer from a hub id or a save_pretrained folder."""
+    # deferred: transformers takes seconds to import and only the captioning pass needs it (--split-only does not)
     from transformers import AutoTokenizer, BlipForConditionalGeneration
 
     try:
@@ -347,8 +349,6 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
 
 def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
     """Caption `todo`, appending one JSON line per image to `own_file` batch by batch."""
-    from tqdm import tqdm
-
     device = resolve_device(args.device)
     if device.type == "cuda":  # one GPU per torchrun / srun process, as training picks it
         device = pick_device(device, layout_from_env(), torch.cuda.device_count())

@@ -5,7 +5,7 @@
 
 Prints a table per benchmark (expected, found, missing, unreadable) with each problem, where its data
 comes from and which folder it belongs in; writes every missing and unreadable file to the JSON
-report (`--report`); exits with status 1 when anything is wrong. The checks are `data_check`'s.
+report (`--report`); exits with status 1 when anything is wrong. The checks are `dataset_checks`'s.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 import time
 
 from cli import FlagParser, add_root_args, script_main
-from data_check import CHECKABLE, check_benchmark_root, format_report
+from dataset_checks import CHECKABLE, check_benchmark_root, format_report
 from datasets import DEFAULT_ROOTS
 from errors import UserError
 from logs import get_logger

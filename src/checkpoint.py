@@ -24,12 +24,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from errors import UserError, torch_load_problem
+from errors import ConfigError, UserError, torch_load_problem
+from hub import local_file
+from logs import get_logger
 from models import FTI4CIR, FTI4CIRConfig
 from utils import atomic_torch_save
 
 FORMAT = "fti4cir"
 FORMAT_VERSION = 1
+
+log = get_logger("checkpoint")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -102,6 +106,30 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
         net = build_network(obj["config"], obj["state_dict"], path)
         info = {"format": FORMAT, "config": obj["config"], **{k: obj[k] for k in ("epoch", "global_step") if k in obj}}
     return net.to(device).eval(), info
+
+
+def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
+               baseline: str | None = None) -> FTI4CIR | None:
+    """The network of `model_path` (--model-path: a file or an hf-hub: reference) in eval mode on `device`,
+    checked against `clip`; None for a `baseline` (image-only / text-only), which needs no network."""
+    if baseline is not None:
+        if model_path:
+            log.info(f"--baseline {baseline}: --model-path {model_path} is not used")
+        return None
+    if not model_path:
+        raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
+                          "image-only|text-only is given")
+    path = local_file(model_path, "--model-path")
+    net, info = load_network(path, device)
+    try:
+        net.check_clip(clip)
+    except ValueError as e:
+        raise ConfigError(f"--model-path {model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
+                          f"Pass the --clip-model/--clip-weights it was trained with") from e
+    extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
+    where = f" = {path}" if str(path) != str(model_path) else ""
+    log.info(f"model: {model_path}{where} ({info['format']} format{extra})")
+    return net
 
 
 # ---------------------------------------------------------------------------------------------

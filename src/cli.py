@@ -1,6 +1,7 @@
-"""Command-line pieces shared by the scripts: the parser class, the flag groups several scripts take
-(CLIP, device, dataset roots, evaluation), turning parsed flags into library objects, and the script
-boundary that turns a `UserError` into one `error: ...` line."""
+"""The command line's shared pieces, imported by the scripts alone: the parser class, the script boundary
+(a `UserError` becomes one `error: ...` line), the flag groups several scripts take (CLIP, device,
+dataset roots, evaluation and inference) and the conversion of parsed flags into the library's plain
+values and config objects. Each script holds its own parser, set-up and body."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +11,28 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from clip_loader import CLIP_FORMATS, load_clip
-from datasets import BENCHMARKS, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
-from errors import ConfigError, UserError
-from logs import get_logger, setup_logging
+import torch
 
-log = get_logger("cli")
+from clip_loader import CLIP_FORMATS
+from datasets import BENCHMARKS, CIRCO_QUERY_TEMPLATES, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
+from errors import ConfigError, UserError
+from evaluation import EvalConfig
+from feature_store import DEFAULT_CACHE_DIR
+from features import BASELINES, Encoding
+from logs import setup_logging
+from precision import PRECISIONS, check_precision
+from transforms import PREPROCESS_TYPES
+from utils import check_output_folder, resolve_device
+
+
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds `(default: ...)` to a flag's help, unless the help already says what the default is, the flag
+    is required, or its default is None (the help says what leaving it out does)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower() or action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -24,7 +41,7 @@ class FlagParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsOnceFormatter)
         super().__init__(*args, **kwargs)
 
     def _normalise(self, argv):
@@ -50,8 +67,6 @@ def script_main(main):
 
     @functools.wraps(main)
     def run(argv=None, *args, **kwargs):
-        import torch
-
         setup_logging()
         try:
             return main(argv, *args, **kwargs)
@@ -70,24 +85,11 @@ def script_main(main):
     return run
 
 
-def check_output_folder(path, flag: str, fix: str = "pass a folder you can write to") -> Path:
-    """Creates `path` if needed and proves it writable, before any slow work; a ConfigError naming the
-    flag, the folder and `fix` otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create or write this folder ({e.strerror or e}); {fix}") from None
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # CLIP and device
 
 def add_clip_args(parser: argparse.ArgumentParser) -> None:
+    """--clip-model, --clip-weights, --clip-format, --clip-pretrained: `clip_loader.load_clip`'s arguments."""
     g = parser.add_argument_group("CLIP")
     g.add_argument("--clip-model", "--model", "--clip_model_name", dest="clip_model", default="ViT-L/14",
                    help="CLIP architecture: OpenAI spelling (ViT-L/14, ViT-B/32) or open_clip's (ViT-L-14, ViT-B-32)")
@@ -105,12 +107,6 @@ def add_clip_args(parser: argparse.ArgumentParser) -> None:
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
-
-
-def clip_from_args(args, device):
-    """load_clip from the CLIP flags (a loading problem is a ClipLoadError, a UserError)."""
-    return load_clip(args.clip_model, args.clip_weights, device=device, clip_format=args.clip_format,
-                     pretrained=getattr(args, "clip_pretrained", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,13 +137,11 @@ def dataset_root(args, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation (evaluate.py and test.py)
+# encoding a gallery and composed queries (evaluate.py, test.py, retrieve.py)
 
 def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BENCHMARKS,
                   default_save_path: str = "./results") -> None:
     """The flags evaluate.py and test.py share (the authors' spellings accepted as aliases)."""
-    from datasets import CIRCO_QUERY_TEMPLATES
-
     parser.add_argument("--dataset", required=True, type=str.lower, choices=list(datasets), help="benchmark")
     add_root_args(parser)
     parser.add_argument("--categories", nargs="+", choices=list(FASHIONIQ_CATEGORIES), default=list(FASHIONIQ_CATEGORIES),
@@ -174,11 +168,6 @@ def add_eval_args(parser: argparse.ArgumentParser, datasets: Sequence[str] = BEN
 def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> None:
     """The flags of a script that encodes a gallery and composed queries (evaluate.py, test.py, retrieve.py):
     the network or a baseline, CLIP, preprocessing, output folder, device, batching, precision, cache."""
-    from features import BASELINES
-    from feature_store import DEFAULT_CACHE_DIR
-    from precision import PRECISIONS
-    from transforms import PREPROCESS_TYPES
-
     parser.add_argument("--model-path", default=None,
                         help="FTI4CIR checkpoint: this repo's (src/train.py) or the authors' released file; or "
                              "hf-hub:OWNER/REPO/FILE (from the Hugging Face cache, else downloaded)")
@@ -207,86 +196,39 @@ def add_model_args(parser: argparse.ArgumentParser, default_save_path: str) -> N
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def encoding_from_args(args, device):
-    """How add_model_args' flags say to encode."""
-    from features import Encoding
-
-    return Encoding(batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
-                    progress=not args.no_progress)
-
-
-def eval_config_from_args(args, device, split: str = "val"):
-    """The EvalConfig that evaluate.py's / test.py's flags describe."""
-    from evaluation import EvalConfig
-
-    return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type,
-                      encoding=encoding_from_args(args, device), cache_dir=None if args.no_cache else args.cache_dir,
-                      cache_hash_images=args.cache_hash_images, baseline=args.baseline,
-                      reference_tokens=args.cache_reference_tokens, examples=getattr(args, "save_examples", 0),
-                      examples_dir=Path(args.save_path) / "examples", skip_missing_images=args.skip_missing_images,
-                      circo_query=args.circo_query)
-
-
-def load_model(args, clip, device):
-    """The FTI4CIR network of --model-path, checked against CLIP; None for a baseline."""
-    from checkpoint import load_network
-
-    if args.baseline is not None:
-        if args.model_path:
-            log.info(f"--baseline {args.baseline}: --model-path {args.model_path} is not used")
-        return None
-    if not args.model_path:
-        raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
-                          "image-only|text-only is given")
-    from hub import local_file
-
-    path = local_file(args.model_path, "--model-path")
-    net, info = load_network(path, device)
-    try:
-        net.check_clip(clip)
-    except ValueError as e:
-        raise ConfigError(f"--model-path {args.model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
-                          f"Pass the --clip-model/--clip-weights it was trained with") from e
-    extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
-    where = f" = {path}" if str(path) != str(args.model_path) else ""
-    log.info(f"model: {args.model_path}{where} ({info['format']} format{extra})")
-    return net
-
-
-def model_setup(args, check=None):
-    """Device, precision check, CLIP and network (None for a baseline) from add_model_args' flags;
-    `check()`, when given, runs before CLIP is loaded (inputs are checked before the slow part)."""
-    from precision import check_precision
-    from utils import resolve_device
-
+def model_device(args) -> torch.device:
+    """The device add_model_args' flags ask for, with their precision and sizes checked (before anything slow)."""
     device = resolve_device(args.device)
     check_precision(args.precision, device)
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
-    if check is not None:
-        check()
+    return device
+
+
+def check_model_outputs(args) -> None:
+    """--save-path and (unless --no-cache) --cache-dir created and writable, before CLIP is loaded."""
     check_output_folder(args.save_path, "--save-path")
     if not args.no_cache:
         check_output_folder(args.cache_dir, "--cache-dir", "pass a folder you can write to, or --no-cache")
-    clip = clip_from_args(args, device)
-    return device, clip, load_model(args, clip, device)
 
 
-def eval_setup(args):
-    """model_setup for evaluate.py / test.py; the dataset root is checked before CLIP is loaded."""
-    return model_setup(args, check=lambda: dataset_root(args, args.dataset))
+def clip_args(args) -> dict:
+    """`clip_loader.load_clip`'s keyword arguments from add_clip_args' flags."""
+    return dict(model_name=args.clip_model, weights=args.clip_weights, clip_format=args.clip_format,
+                pretrained=args.clip_pretrained)
 
 
-def write_validation_metrics(args, clip, net, device) -> dict[str, float]:
-    """The validation metrics evaluate.py's flags ask for, printed as a table and written as
-    `<save-path>/metrics_<dataset>[_<baseline>].json`."""
-    from evaluation import evaluate, format_table, metrics_path
-    from utils import atomic_write_json
+def encoding_from_args(args, device) -> Encoding:
+    """How add_model_args' flags say to encode."""
+    return Encoding(batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
+                    progress=not args.no_progress)
 
-    metrics = evaluate(net, clip, args.dataset, dataset_root(args, args.dataset), eval_config_from_args(args, device))
-    what = f"baseline {args.baseline}" if args.baseline else f"model {args.model_path}"
-    print(f"\n{args.dataset} val, {what}, precision {args.precision}\n{format_table(args.dataset, metrics)}", flush=True)
-    path = metrics_path(args.save_path, args.dataset, args.baseline)
-    atomic_write_json(metrics, path)
-    log.info(f"wrote {path}")
-    return metrics
+
+def eval_config_from_args(args, device, split: str = "val") -> EvalConfig:
+    """The EvalConfig that add_eval_args' flags describe."""
+    return EvalConfig(split=split, categories=args.categories, preprocess_type=args.preprocess_type,
+                      encoding=encoding_from_args(args, device), cache_dir=None if args.no_cache else args.cache_dir,
+                      cache_hash_images=args.cache_hash_images, baseline=args.baseline,
+                      reference_tokens=args.cache_reference_tokens, examples=args.save_examples,
+                      examples_dir=Path(args.save_path) / "examples", skip_missing_images=args.skip_missing_images,
+                      circo_query=args.circo_query)

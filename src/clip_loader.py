@@ -3,8 +3,10 @@ needs (METHOD §1 and §5): one visual pass giving both the global feature `g` a
 `P` (the last block's output), and a text pass that starts from token embeddings (so pseudo-words can
 be put in).
 
-Every script loads CLIP through `load_clip`; the network itself never holds CLIP, so CLIP is never
-inside DDP or the network's state dict.
+Every script loads CLIP through `load_clip`, a thin layer over open_clip: a file given with
+--clip-weights is read here; open_clip's pretrained weights (OpenAI's by default) are found in open_clip's
+caches or downloaded by open_clip. A `FrozenCLIP` holds its tokenizer and the prompt builder made from it
+(`prompts`). The network itself never holds CLIP, so CLIP is never inside DDP or the network's state dict.
 """
 from __future__ import annotations
 
@@ -23,10 +25,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import open_clip
 from open_clip.model import CLIP, build_model_from_openai_state_dict
 from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import load_file as load_safetensors
 
 from errors import UserError, torch_load_problem
-from hub import cached_hub_file, hub_file, hub_reachable, is_hub_reference, not_cached_message
+from hub import cached_hub_file, fail_if_offline, hub_file, is_hub_reference, not_cached_message
 from logs import get_logger
+from models import text_width_problem
+from prompts import PromptBuilder
 
 log = get_logger("clip_loader")
 
@@ -38,7 +43,6 @@ _OPENAI_NAMES = {
     "ViT-L/14@336px": "ViT-L-14-336",
 }
 CLIP_FORMATS = ("auto", "openai", "open_clip")
-STAR = "*"
 
 
 class ClipLoadError(UserError, RuntimeError):
@@ -74,17 +78,20 @@ class FrozenCLIP(nn.Module):
         self.pretrained = pretrained  # open_clip pretrained tag (--clip-pretrained), None for OpenAI's weights or a file
         model.float().eval().requires_grad_(False)  # frozen, float32 weights (code)
         self.tokenizer = SimpleTokenizer(context_length=model.context_length)
-        self.sot_id = self.tokenizer.sot_token_id
-        self.eot_id = self.tokenizer.eot_token_id
-        star = self.tokenizer.encode(STAR)
-        if len(star) != 1:
-            raise ClipLoadError(f"the tokenizer splits {STAR!r} into {star}; the method needs one token")
-        self.star_id = star[0]
+        try:  # the method's sentences as token ids, with this tokenizer's special ids (prompts.py)
+            self.prompts = PromptBuilder(self.tokenizer, model.context_length)
+        except ValueError as e:
+            raise ClipLoadError(f"{name}: {e}") from e
         self._fingerprint: dict | None = None
         self._float32_copy: dict | None = None
         self.train_visual = self.encode_visual  # the training step's visual pass (`compile_visual`)
         self.causal_text = False  # `use_causal_text_attention`
         self.train(False)
+
+    @property
+    def star_id(self) -> int:
+        """`prompts.star`, the `*` placeholder's id, under the name src/reference.py reads."""
+        return self.prompts.star
 
     def train(self, mode: bool = True):  # CLIP stays in eval mode whatever its owner does
         return super().train(False)
@@ -257,7 +264,8 @@ def _causal_transformer(transformer, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# loading
+# loading: a file given with --clip-weights is read here (OpenAI's layout or an open_clip checkpoint);
+# open_clip's pretrained weights are found in its caches or downloaded by open_clip itself
 
 
 def _read_weights(path: Path):
@@ -274,9 +282,7 @@ def _read_weights(path: Path):
             if is_jit:
                 return torch.jit.load(str(path), map_location="cpu").state_dict(), "jit"
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
+            obj = load_safetensors(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
@@ -301,20 +307,23 @@ def _is_openai_layout(sd: dict) -> bool:
 def build_openai_model(sd: dict, fast: bool = True) -> CLIP:
     """open_clip's `build_model_from_openai_state_dict` (architecture inferred, QuickGELU, the weights it
     converts to fp16 stored in fp16), without its random initialisation: the model is laid out on the meta
-    device, given uninitialised memory, then every persistent tensor is filled from `sd` (strict) and
-    the causal mask, the one non-persistent buffer, rebuilt. Same model (tested), about 5 s less for
-    ViT-L/14 on a CPU. `fast=False`, or any other non-persistent buffer, takes the plain way."""
+    device, given uninitialised memory, then every persistent tensor is filled from `sd` (strict) and the
+    buffers a state dict does not hold (the causal mask, and nothing else) rebuilt. The same model (tested);
+    `load_clip` of a ViT-L/14 file takes 2-8 s instead of 9-19 s (CPU figures, on a 2-core CPU shared with
+    other work). `fast=False`, or a model with any other buffer outside its state dict, takes the plain way."""
     if fast:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
             model = build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
-        derived = [(m, n) for m in model.modules() for n in m._non_persistent_buffers_set]
-        if all(n == "attn_mask" and getattr(m, n).dim() == 2 for m, n in derived):
+        persistent = set(model.state_dict())
+        derived = [n for n, _ in model.named_buffers() if n not in persistent]
+        if all(n.rpartition(".")[2] == "attn_mask" and model.get_buffer(n).dim() == 2 for n in derived):
+            sizes = {n: model.get_buffer(n).shape[0] for n in derived}
             model = model.to_empty(device="cpu")
             model.load_state_dict({k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")})
-            for m, n in derived:  # open_clip's causal mask: -inf above the diagonal
-                size = getattr(m, n).shape[0]
-                setattr(m, n, torch.full((size, size), float("-inf")).triu_(1))
+            for n, size in sizes.items():  # open_clip's causal mask: -inf above the diagonal
+                owner, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(owner), attr, torch.full((size, size), float("-inf")).triu_(1))
             return model.eval()
     return build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
 
@@ -352,43 +361,10 @@ def _load_weights_file(path: Path, model_name: str, clip_format: str) -> tuple[C
     return model, f"{name}:{path.resolve()}"
 
 
-def _cached_openai_file(name: str) -> Path | None:
-    """OpenAI weights already on disk: the `clip` package's cache or the hub cache."""
-    return _cached_pretrained_file(name, "openai")
-
-
-def _hub_weight_names(hub: str) -> tuple[str, list[str]]:
-    """(repo id, file names to look for) of an open_clip `hf_hub` entry: 'org/repo/' means open_clip's
-    default file names, 'org/repo/file' that file; a safetensors twin is preferred, as open_clip does."""
-    repo, filename = os.path.split(hub)  # as open_clip splits it
-    if not filename:
-        return repo, [open_clip.constants.HF_SAFE_WEIGHTS_NAME, open_clip.constants.HF_WEIGHTS_NAME]
-    twins = [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []
-    return repo, twins + [filename]
-
-
-def _cached_pretrained_file(name: str, tag: str) -> Path | None:
-    """open_clip's `tag` weights of `name` already on disk: open_clip's URL cache (~/.cache/clip) or the hub cache."""
-    cfg = open_clip.pretrained.get_pretrained_cfg(name, tag) or {}
-    url = cfg.get("url", "")
-    if url:
-        f = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        if f.is_file():
-            return f
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        try:
-            return cached_hub_file(*_hub_weight_names(hub))
-        except ImportError:
-            return None
-    return None
-
-
 def qualifying_backbones() -> dict[str, list[str]]:
     """open_clip's model configs that FTI4CIR can run over, with their pretrained tags: a ViT image tower
     pooled by its class token, OpenAI's text tower (argmax pooling, a projection matrix, causal mask) and
-    a text width equal to the embedding size (the pseudo-words are made from the image embedding and
-    put where word embeddings go)."""
+    the text width the network needs (models.text_width_problem)."""
     out = {}
     for name in open_clip.list_models():
         c = open_clip.get_model_config(name) or {}
@@ -399,7 +375,7 @@ def qualifying_backbones() -> dict[str, list[str]]:
               and v.get("pos_embed_type", "learnable") == "learnable"
               and t.get("pool_type", "argmax") == "argmax" and t.get("proj_type", "linear") == "linear"
               and not t.get("proj_bias") and not t.get("embed_cls") and not t.get("no_causal_mask")
-              and t.get("width", 512) == c.get("embed_dim"))
+              and text_width_problem(t.get("width", 512), c.get("embed_dim")) is None)
         if ok:
             out[name] = open_clip.list_pretrained_tags_by_model(name)
     return out
@@ -414,26 +390,56 @@ def _backbones_text() -> str:
 
 
 def check_backbone(clip: "FrozenCLIP") -> None:
-    """FTI4CIR needs CLIP's text width == embedding size; ClipLoadError listing the backbones that qualify."""
-    if clip.text_width != clip.embed_dim:
-        raise ClipLoadError(f"CLIP {clip.name} ({clip.source}) has text width {clip.text_width} and embedding size "
-                            f"{clip.embed_dim}: FTI4CIR needs them equal. open_clip backbones that qualify "
+    """A ClipLoadError listing the backbones that qualify when FTI4CIR cannot run over `clip`'s sizes."""
+    problem = text_width_problem(clip.text_width, clip.embed_dim)
+    if problem:
+        raise ClipLoadError(f"CLIP {clip.name} ({clip.source}) has {problem}. open_clip backbones that qualify "
                             f"(--clip-model: --clip-pretrained tags):\n{_backbones_text()}")
 
 
-def _pretrained_weights_file(name: str, tag: str, cfg: dict) -> Path:
-    """The file of open_clip's `tag` weights of `name`: cached, else downloaded once, else a clear error."""
+def _hub_weight_names(hub: str) -> tuple[str, list[str]]:
+    """(repo id, file names to look for) of an open_clip `hf_hub` entry: 'org/repo/' means open_clip's
+    default file names, 'org/repo/file' that file; a safetensors twin is preferred, as open_clip does."""
+    repo, filename = os.path.split(hub)  # as open_clip splits it
+    if not filename:
+        return repo, [open_clip.constants.HF_SAFE_WEIGHTS_NAME, open_clip.constants.HF_WEIGHTS_NAME]
+    twins = [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else []
+    return repo, twins + [filename]
+
+
+def _cached_pretrained_file(name: str, tag: str) -> Path | None:
+    """open_clip's `tag` weights of `name` already on disk, where open_clip's downloads put them: its URL
+    cache (~/.cache/clip; not re-hashed, as open_clip would on every load) or the hub cache."""
+    cfg = open_clip.pretrained.get_pretrained_cfg(name, tag) or {}
+    if cfg.get("url"):
+        f = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        if f.is_file():
+            return f
+    return cached_hub_file(*_hub_weight_names(cfg["hf_hub"])) if cfg.get("hf_hub") else None
+
+
+def _pretrained_file(name: str, tag: str, cfg: dict) -> Path:
+    """The file of open_clip's `tag` weights of `name`: cached, else downloaded by open_clip (once); offline,
+    a ClipLoadError at once saying what to fetch."""
     cached = _cached_pretrained_file(name, tag)
     if cached is not None:
         return cached
-    what = f"CLIP {name} --clip-pretrained {tag} weights"
-    alternative = f"or pass the downloaded file as --clip-weights FILE --clip-pretrained {tag}"
-    if not hub_reachable():
+    if tag == "openai":
+        what = f"CLIP {name} 'openai' weights"
+        alternative = (f"or pass --clip-weights /path/to/{name}.pt (OpenAI's file, as the `clip` package caches it "
+                       "in ~/.cache/clip/) or an open_clip checkpoint")
+    else:
+        what = f"CLIP {name} --clip-pretrained {tag} weights"
+        alternative = f"or pass the downloaded file as --clip-weights FILE --clip-pretrained {tag}"
+
+    def offline() -> str:
         if cfg.get("hf_hub"):
             repo, names = _hub_weight_names(cfg["hf_hub"])
-            raise ClipLoadError(not_cached_message(what, repo, names[-1], alternative))
-        raise ClipLoadError(f"{what} are not on this machine and the network is off: download {cfg.get('url')} into "
-                            f"~/.cache/clip/ (open_clip's cache), {alternative}")
+            return not_cached_message(what, repo, names[-1], alternative)
+        return (f"{what} are not on this machine and the network is off: download {cfg.get('url')} into "
+                f"~/.cache/clip/ (open_clip's cache), {alternative}")
+
+    fail_if_offline(offline, ClipLoadError)
     try:
         return Path(open_clip.pretrained.download_pretrained(cfg))
     except Exception as e:  # noqa: BLE001 - one attempt; any failure means the same to the user
@@ -441,28 +447,30 @@ def _pretrained_weights_file(name: str, tag: str, cfg: dict) -> Path:
 
 
 def _load_pretrained(model_name: str, tag: str, weights: Path | None) -> tuple[CLIP, str]:
-    """(model, source) of open_clip's pretrained `tag` weights of `model_name`, from `weights` (a file
-    holding them) or open_clip's caches; QuickGELU as the tag was trained."""
+    """(model, source) of open_clip's pretrained `tag` weights of `model_name` ('openai': OpenAI's), from
+    `weights` (a file holding them) or open_clip's caches; QuickGELU as the tag was trained."""
     name = canonical_model_name(model_name)
     if name not in qualifying_backbones():
         raise ClipLoadError(f"--clip-model {name}: FTI4CIR cannot run over this backbone. Backbones that qualify "
                             f"(--clip-model: --clip-pretrained tags):\n{_backbones_text()}")
     cfg = open_clip.pretrained.get_pretrained_cfg(name, tag)
+    if not cfg and tag == "openai":
+        raise ClipLoadError(f"OpenAI released no weights for {name}; pass --clip-weights PATH")
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise ClipLoadError(f"--clip-pretrained {tag}: open_clip has no such weights for {name}; its tags: "
                             f"{', '.join(tags) or 'none (pass --clip-weights)'}")
-    path = Path(weights) if weights is not None else _pretrained_weights_file(name, tag, cfg)
+    path = Path(weights) if weights is not None else _pretrained_file(name, tag, cfg)
+    if tag == "openai" and path.suffix == ".pt":  # OpenAI's own file (a TorchScript archive): its fp16 weights
+        return _load_weights_file(path, name, "openai")
     if not path.is_file():
         raise ClipLoadError(f"--clip-weights {path}: no such file (the {name} --clip-pretrained {tag} weights)")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*QuickGELU mismatch")
-            model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=bool(cfg.get("quick_gelu")))
+        model = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=bool(cfg.get("quick_gelu")))
     except Exception as e:  # noqa: BLE001
         raise ClipLoadError(f"{path}: cannot be read as open_clip's {name} --clip-pretrained {tag} weights "
                             f"({type(e).__name__}: {str(e)[:300]}). Is the file truncated?") from e
-    return model, f"{name}:{path.resolve()}"
+    return model, f"{name}:openai" if tag == "openai" else f"{name}:{path.resolve()}"
 
 
 def load_clip(
@@ -475,14 +483,13 @@ def load_clip(
     """The frozen CLIP every script uses.
 
     `weights`: a local OpenAI-format file (plain state dict or TorchScript archive; architecture read
-    from the weights, so any size works) or an open_clip checkpoint of `model_name`. Without it, open_clip's
-    `openai` weights for `model_name`: from a local cache, else downloaded; offline this fails at once
-    with a message saying what to pass, instead of retrying a hub.
+    from the weights, so any size works) or an open_clip checkpoint of `model_name`, or an
+    `hf-hub:OWNER/REPO/FILE` reference (hub.py).
 
     `pretrained`: one of open_clip's pretrained tags for `model_name` (e.g. ViT-H-14's laion2b_s32b_b79k),
-    read from `weights` when given, else from open_clip's caches (the hub cache first; offline, an error
-    naming what to download). None or 'openai': OpenAI's weights, as above. `weights` may also be an
-    `hf-hub:OWNER/REPO/FILE` reference (hub.py). The backbone must have text width == embedding size.
+    read from `weights` when given. Without `weights`, the tag's weights (OpenAI's when `pretrained` is
+    None or 'openai') come from open_clip's caches, else open_clip downloads them; offline this fails at
+    once with a message saying what to pass. The backbone must fit the network (`check_backbone`).
     """
     if clip_format not in CLIP_FORMATS:
         raise ClipLoadError(f"--clip-format {clip_format!r}: choose one of {CLIP_FORMATS}")
@@ -490,31 +497,12 @@ def load_clip(
         weights = hub_file(weights, "--clip-weights")
     tag = pretrained.lower().replace("-", "_") if pretrained else None  # open_clip's spelling of tags
     tag = None if tag == "openai" else tag
-    if tag is not None:
-        if clip_format == "openai":
-            raise ClipLoadError(f"--clip-format openai reads OpenAI's files; --clip-pretrained {tag} weights are open_clip's")
-        model, desc = _load_pretrained(model_name, tag, weights)
-    elif weights is not None:
+    if tag is not None and clip_format == "openai":
+        raise ClipLoadError(f"--clip-format openai reads OpenAI's files; --clip-pretrained {tag} weights are open_clip's")
+    if weights is not None and tag is None:
         model, desc = _load_weights_file(Path(weights), model_name, clip_format)
     else:
-        name = canonical_model_name(model_name)
-        if not open_clip.pretrained.get_pretrained_cfg(name, "openai"):
-            raise ClipLoadError(f"OpenAI released no weights for {name}; pass --clip-weights PATH")
-        cached = _cached_openai_file(name)
-        if cached is not None and cached.suffix == ".pt":
-            model, desc = _load_weights_file(cached, name, "openai")
-        elif cached is not None:
-            model = open_clip.create_model(name, pretrained=str(cached), force_quick_gelu=True)
-            desc = f"{name}:openai"
-        elif hub_reachable():
-            model = open_clip.create_model(name, pretrained="openai")
-            desc = f"{name}:openai"
-        else:
-            raise ClipLoadError(
-                f"CLIP {name} 'openai' weights are not on this machine and the model hub cannot be reached. "
-                f"Pass --clip-weights /path/to/{name}.pt (OpenAI's file, as cached by the `clip` package in "
-                "~/.cache/clip/) or an open_clip checkpoint."
-            )
+        model, desc = _load_pretrained(model_name, tag or "openai", weights)
     if desc.startswith("openai:"):  # an OpenAI-format file: its architecture was read from the weights
         name = openai_architecture(model)
         if _OPENAI_NAMES.get(model_name, model_name) != name:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from annotation_schema import NONEMPTY, AnnotationFormatError, check_entries
 from errors import UserError
 
 MODES = ("gallery", "query")
@@ -77,10 +78,6 @@ ImageNet/
 
 class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset root, annotation file or image folder is missing."""
-
-
-class AnnotationFormatError(UserError, ValueError):
-    """An annotation file exists but does not hold what the benchmark's format says."""
 
 
 class ImageLoadError(UserError, OSError):
@@ -142,63 +139,6 @@ def _read_json(path: Path, layout: str, root: Path, what: str, hint: str = "") -
             return json.load(f)
     except json.JSONDecodeError as e:
         raise AnnotationFormatError(f"{path}: not valid JSON ({e})") from e
-
-
-# Schemas of annotation entries: a dict maps each required key to the type of its value (a tuple: any
-# of them; a one-element list: a list of that type; a dict: a nested object). NONEMPTY: a non-empty string.
-NONEMPTY = "non-empty string"
-_TYPE_NAMES = {str: "a string", int: "an integer", NONEMPTY: "a non-empty string"}
-
-
-def _type_problem(value, kind, where: str) -> str | None:
-    """Why `value` does not have the type `kind` (None when it does)."""
-    if isinstance(kind, dict):
-        if not isinstance(value, dict):
-            return f"{where or 'it'} is not a JSON object"
-        for key, sub in kind.items():
-            name = f"{where}.{key}" if where else key
-            if key not in value:
-                return f"lacks [{name!r}]"
-            problem = _type_problem(value[key], sub, name)
-            if problem:
-                return problem
-        return None
-    if isinstance(kind, list):
-        if not isinstance(value, list):
-            return f"has {where!r} = {str(value)[:60]}, not a list"
-        bad = next((v for v in value if _type_problem(v, kind[0], where)), None)
-        return None if bad is None else f"has {where!r} holding {bad!r}, not {_type_names(kind[0])}"
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    for k in kinds:
-        if k == NONEMPTY and isinstance(value, str) and value.strip():
-            return None
-        if k is int and isinstance(value, int) and not isinstance(value, bool):
-            return None
-        if k is str and isinstance(value, str):
-            return None
-    return f"has {where!r} = {value!r}, not {_type_names(kind)}"
-
-
-def _type_names(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(_TYPE_NAMES.get(k, str(k)) for k in kinds)
-
-
-def _check_entries(entries: Any, schema: dict, path: Path, unique: str | None = None) -> None:
-    """Every entry of a list annotation must match `schema`; `unique`: a key no two entries share."""
-    if not isinstance(entries, list):
-        raise AnnotationFormatError(f"{path}: expected a JSON list, got {type(entries).__name__}")
-    seen: dict = {}
-    for i, e in enumerate(entries):
-        problem = _type_problem(e, schema, "")
-        if problem:
-            raise AnnotationFormatError(f"{path}: entry {i} {problem}: {str(e)[:200]}")
-        if unique is not None:
-            key = str(e[unique])
-            if key in seen:
-                raise AnnotationFormatError(f"{path}: entries {seen[key]} and {i} have the same {unique} {e[unique]!r}; "
-                                            f"each {unique} must appear once (fix or re-download the file)")
-            seen[key] = i
 
 
 def _check_mode(mode: str) -> None:
@@ -313,7 +253,7 @@ class FashionIQDataset(_Base):
             if mode == "query":
                 cap_path = root / "captions" / f"cap.{cat}.{split}.json"
                 entries = _read_json(cap_path, FASHIONIQ_LAYOUT, root, "FashionIQ captions")
-                _check_entries(entries, {"candidate": str, "captions": [str]}
+                check_entries(entries, {"candidate": str, "captions": [str]}
                                | ({"target": str} if split != "test" else {}), cap_path)
                 for i, e in enumerate(entries):
                     if not (isinstance(e["captions"], list) and len(e["captions"]) == 2):
@@ -364,7 +304,7 @@ class CIRRDataset(_Base):
             cap_path = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
             entries = _read_json(cap_path, CIRR_LAYOUT, root, "CIRR captions")
             schema = {"pairid": int, "reference": str, "caption": str, "img_set": {"members": [str]}}
-            _check_entries(entries, schema | ({"target_hard": str} if split != "test1" else {}), cap_path, unique="pairid")
+            check_entries(entries, schema | ({"target_hard": str} if split != "test1" else {}), cap_path, unique="pairid")
             for e in entries:
                 q = {"reference_name": e["reference"], "relative_caption": e["caption"], "pair_id": e["pairid"],
                      "group_members": list(e["img_set"]["members"])}
@@ -434,7 +374,7 @@ def _circo_gallery(info_path: Path, root: Path) -> tuple[list[str], list[str]]:
                       hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
     if not isinstance(info, dict) or "images" not in info:
         raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
-    _check_entries(info["images"], {"id": (int, str), "file_name": str}, info_path, unique="id")
+    check_entries(info["images"], {"id": (int, str), "file_name": str}, info_path, unique="id")
     return [str(im["id"]) for im in info["images"]], [im["file_name"] for im in info["images"]]
 
 
@@ -479,7 +419,7 @@ class CIRCODataset(_Base):
             schema = {"id": int, "reference_img_id": (int, str), "relative_caption": str, "shared_concept": str}
             if split == "val":
                 schema |= {"target_img_id": (int, str), "gt_img_ids": [(int, str)]}
-            _check_entries(entries, schema, ann_path, unique="id")
+            check_entries(entries, schema, ann_path, unique="id")
             for e in entries:
                 q = {"reference_name": str(e["reference_img_id"]), "relative_caption": e["relative_caption"],
                      "shared_concept": e["shared_concept"], "query_id": e["id"]}
@@ -522,7 +462,7 @@ class ImageNetPairsDataset(Dataset):
         _require(root, IMAGENET_LAYOUT, root, "ImageNet root folder", is_dir=True)
         self.image_dir = _require(root / "test", IMAGENET_LAYOUT, root, "ImageNet test image folder", is_dir=True)
         pairs = _read_json(self.pairs_path, IMAGENET_LAYOUT, root, "pairs file")
-        _check_entries(pairs, {"img_id": (int, NONEMPTY), "subject": NONEMPTY, "attribute": NONEMPTY}, self.pairs_path,
+        check_entries(pairs, {"img_id": (int, NONEMPTY), "subject": NONEMPTY, "attribute": NONEMPTY}, self.pairs_path,
                        unique="img_id")
         if not pairs:
             raise AnnotationFormatError(f"{self.pairs_path}: the pairs list is empty; write it with src/caption.py "

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import sys
 
-from cli import FlagParser, add_eval_args, eval_setup, script_main, write_validation_metrics
+from checkpoint import load_model
+from cli import (FlagParser, add_eval_args, check_model_outputs, clip_args, dataset_root, eval_config_from_args,
+                 model_device, script_main)
+from clip_loader import load_clip
+from evaluation import evaluate, format_table, metrics_path
+from logs import get_logger
+from utils import atomic_write_json
+
+log = get_logger("evaluate")
 
 
 def build_parser() -> FlagParser:
@@ -19,10 +27,32 @@ def build_parser() -> FlagParser:
     return parser
 
 
+def setup(args):
+    """(device, CLIP, network or None for a baseline) from add_eval_args' flags; every flag, the dataset
+    root and the output folders are checked before CLIP is loaded."""
+    device = model_device(args)
+    dataset_root(args, args.dataset)
+    check_model_outputs(args)
+    clip = load_clip(**clip_args(args), device=device)
+    return device, clip, load_model(args.model_path, clip, device, args.baseline)
+
+
+def write_validation_metrics(args, clip, net, device) -> dict[str, float]:
+    """The validation metrics the flags ask for, printed as a table and written as
+    `<save-path>/metrics_<dataset>[_<baseline>].json`."""
+    metrics = evaluate(net, clip, args.dataset, dataset_root(args, args.dataset), eval_config_from_args(args, device))
+    what = f"baseline {args.baseline}" if args.baseline else f"model {args.model_path}"
+    print(f"\n{args.dataset} val, {what}, precision {args.precision}\n{format_table(args.dataset, metrics)}", flush=True)
+    path = metrics_path(args.save_path, args.dataset, args.baseline)
+    atomic_write_json(metrics, path)
+    log.info(f"wrote {path}")
+    return metrics
+
+
 @script_main
 def main(argv=None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
-    device, clip, net = eval_setup(args)
+    device, clip, net = setup(args)
     return write_validation_metrics(args, clip, net, device)
 
 

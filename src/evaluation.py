@@ -23,9 +23,10 @@ from typing import Sequence
 import torch
 
 import metrics as M
-from data_check import LeftOut, leave_out_missing, metadata_only
+from dataset_checks import LeftOut, leave_out_missing, metadata_only
 from datasets import CIRCO_QUERY_TEMPLATES, FASHIONIQ_CATEGORIES, CIRCODataset, CIRRDataset, FashionIQDataset
 from errors import ConfigError
+from examples import ExampleRow, save_example_grid
 from feature_store import EvalCache
 from features import Encoding, Gallery, gallery_features, query_features
 from logs import get_logger
@@ -197,7 +198,7 @@ def _list_length(server_top: int, available: int, what: str) -> int:
     """The server's list length, or all `available` names of a gallery too small for it (toy data)."""
     if available >= server_top:
         return server_top
-    log.warning(f"warning: the {what} gallery offers only {available} candidates per query, so each list has "
+    log.warning(f"the {what} gallery offers only {available} candidates per query, so each list has "
                 f"{available} names, not {server_top}: the server rejects such files; written for toy data (the "
                 f"authors' [:{server_top}] slice gives the same)")
     return available
@@ -213,7 +214,7 @@ def _refuse_incomplete(name: str, r: Retrieval) -> None:
             f"so none is written. Get the missing images (python src/check_data.py lists them and where they come "
             f"from) and run again without --skip-missing-images")
     if left is not None and left.gallery_names:
-        log.warning(f"warning: {left.line()}: every query is in the file, but its rankings leave out those images, "
+        log.warning(f"{left.line()}: every query is in the file, but its rankings leave out those images, "
                     "so the server's scores are not comparable with full-data results")
 
 
@@ -327,8 +328,6 @@ def save_examples(r: Retrieval, count: int, out_dir, label: str, top: int = 5) -
 def draw_rankings(r: Retrieval, rows: Sequence[int], ranked: torch.Tensor, path, title: str) -> Path:
     """A PNG grid (examples.py) of the queries `rows` of `r`: each one's reference, modification text and
     the gallery images of its row of `ranked` [len(rows), K], best first, its targets framed."""
-    from examples import ExampleRow, save_example_grid
-
     out = []
     for row, i in zip(ranked.tolist(), rows):
         x = r.queries[i]

@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
 
 from errors import UserError
 
@@ -53,17 +56,21 @@ def hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
+def fail_if_offline(message: Callable[[], str], error: type[UserError] = HubError) -> None:
+    """The check every download goes through first: when the hub cannot be reached (offline, or no answer
+    within 1.5 s) the script stops at once with `error(message())`, instead of a download retrying a hub
+    that is not there."""
+    if not hub_reachable():
+        raise error(message())
+
+
 def hub_cache_dir() -> str:
     """The hub cache folder huggingface_hub uses (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    from huggingface_hub import constants
-
     return constants.HF_HUB_CACHE
 
 
 def cached_hub_file(repo_id: str, filenames: Sequence[str]) -> Path | None:
     """The first of `filenames` that the hub cache holds for `repo_id` (its `main` revision), else None."""
-    from huggingface_hub import try_to_load_from_cache
-
     for name in filenames:
         got = try_to_load_from_cache(repo_id, name, cache_dir=hub_cache_dir())
         if isinstance(got, str):
@@ -73,8 +80,6 @@ def cached_hub_file(repo_id: str, filenames: Sequence[str]) -> Path | None:
 
 def not_cached_message(what: str, repo_id: str, filename: str, alternative: str) -> str:
     """What to do when `filename` of `repo_id` is neither cached nor downloadable."""
-    from huggingface_hub.file_download import repo_folder_name
-
     cache = hub_cache_dir()
     folder = repo_folder_name(repo_id=repo_id, repo_type="model")
     return (f"{what}: not in the Hugging Face cache ({cache}), and the hub cannot be reached (offline: "
@@ -85,8 +90,6 @@ def not_cached_message(what: str, repo_id: str, filename: str, alternative: str)
 
 def download_hub_file(repo_id: str, filename: str, what: str) -> Path:
     """One download attempt through huggingface_hub (into its cache)."""
-    from huggingface_hub import hf_hub_download
-
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir()))
     except Exception as e:  # noqa: BLE001 - network, authorisation or a missing file all mean the same here
@@ -100,9 +103,8 @@ def hub_file(ref: str, flag: str) -> Path:
     cached = cached_hub_file(repo_id, [filename])
     if cached is not None:
         return cached
-    if not hub_reachable():
-        raise HubError(not_cached_message(f"{flag} {ref}", repo_id, filename,
-                                          f"or download the file by hand and pass its path to {flag}"))
+    fail_if_offline(lambda: not_cached_message(f"{flag} {ref}", repo_id, filename,
+                                               f"or download the file by hand and pass its path to {flag}"))
     return download_hub_file(repo_id, filename, f"{flag} {ref}")
 
 

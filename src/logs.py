@@ -1,8 +1,9 @@
 """Where the scripts' messages and training's records go.
 
 - `setup_logging()`: every module logs through `logging.getLogger("fti4cir.<module>")`; the scripts call
-  this once so that INFO lines reach standard output as plain text. Processes other than rank 0 of a
-  distributed run only show warnings and errors.
+  this once so that INFO lines reach standard output as plain text and warnings as `warning: <text>`
+  (the level is the formatter's to print: a message never starts with it). Processes other than rank 0
+  of a distributed run only show warnings and errors.
 - `TrainLog`: rank 0's per-step JSON lines (`train_log.jsonl`) and TensorBoard scalars.
 """
 from __future__ import annotations
@@ -30,12 +31,20 @@ class _CurrentStdout(logging.StreamHandler):
         pass
 
 
+class LevelFormatter(logging.Formatter):
+    """`message` for INFO and below, `warning: message` / `error: message` above."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def setup_logging(main_process: bool = True) -> logging.Logger:
-    """Plain `message` lines on stdout at INFO (WARNING on non-main processes); idempotent."""
+    """Lines on stdout at INFO (WARNING on non-main processes), the level named from WARNING up; idempotent."""
     logger = logging.getLogger(ROOT)
     if not any(isinstance(h, _CurrentStdout) for h in logger.handlers):
         handler = _CurrentStdout()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(LevelFormatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
@@ -55,6 +64,7 @@ class TrainLog:
     def __init__(self, model_dir: Path, enabled: bool, purge_step: int | None = None):
         self.tb = self.jsonl = None
         if enabled:
+            # deferred: tensorboard takes seconds to import and only rank 0 of a training run writes to it
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(model_dir) / "tensorboard"), purge_step=purge_step)

@@ -20,7 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prompts import PromptBuilder
+
+
+def text_width_problem(text_width: int, embed_dim: int) -> str | None:
+    """The one requirement FTI4CIR puts on CLIP's sizes: the pseudo-word tokens are made from the image
+    embedding (size D) and put where word embeddings (size E) go, so E == D. None when it holds, else what
+    is wrong."""
+    if text_width == embed_dim:
+        return None
+    return f"text width {text_width} and embedding size {embed_dim}: FTI4CIR needs them equal"
 
 
 @dataclass
@@ -226,13 +234,13 @@ class FTI4CIR(nn.Module):
 
     def __init__(self, cfg: FTI4CIRConfig):
         super().__init__()
-        if cfg.text_width != cfg.embed_dim:
-            raise ValueError(f"FTI4CIR needs CLIP's text width == embedding size, got {cfg.text_width} != {cfg.embed_dim}")
+        problem = text_width_problem(cfg.text_width, cfg.embed_dim)
+        if problem:
+            raise ValueError(f"CLIP {cfg.clip_model} has {problem}")
         self.cfg = cfg
         self.phi_s = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
         self.phi_a = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
         self.attributes = LocalAttributeExtractor(cfg.num_k, cfg.vision_width, cfg.text_width, cfg.tf_layer, cfg.tf_head, cfg.mlp_ratio)
-        self._prompts: dict[int, PromptBuilder] = {}
 
     @classmethod
     def for_clip(cls, clip, **hparams) -> "FTI4CIR":
@@ -246,12 +254,6 @@ class FTI4CIR(nn.Module):
         if got != want:
             raise ValueError(f"this network was built for CLIP (D, W, E) = {want} ({self.cfg.clip_model}); the CLIP given has {got}")
 
-    def prompts(self, clip) -> PromptBuilder:
-        key = id(clip.tokenizer)
-        if key not in self._prompts:
-            self._prompts[key] = PromptBuilder(clip.tokenizer, clip.context_length)
-        return self._prompts[key]
-
     # pieces ----------------------------------------------------------------------------------------
     def pseudo_words(self, g: torch.Tensor, P: torch.Tensor):
         """(v_s [B, E], v_a [B, topk, E], A_sel [B, topk, E], r [B]) from CLIP's g and visual tokens P."""
@@ -260,7 +262,7 @@ class FTI4CIR(nn.Module):
         return self.phi_s(g), self.phi_a(A_sel), A_sel, r
 
     def _full_sentence_inputs(self, clip, v_s, v_a, r, tail=None, tail_len=None):
-        pb = self.prompts(clip)
+        pb = clip.prompts
         ids, eot, start = pb.pseudo_word_sentence(r, tail, tail_len, r_max=self.cfg.topk)
         x = substitute(clip.token_embedding(ids), eot, pb.subject_pos, v_s, start, r, v_a)
         return x, eot
@@ -274,7 +276,7 @@ class FTI4CIR(nn.Module):
         if len(texts) != B or any(len(row) != T for row in texts):
             raise ValueError(f"compose needs {B} rows of {T} texts each, got {[len(row) for row in texts]}")
         # host-side tokenisation, texts in text-major order: every row's first text, then every second...
-        tail, tail_len = self.prompts(clip).query_tails([row[t] for t in range(T) for row in texts])
+        tail, tail_len = clip.prompts.query_tails([row[t] for t in range(T) for row in texts])
         if g.device.type == "cuda":  # pinned, so the copies below need not wait for the device
             tail, tail_len = tail.pin_memory(), tail_len.pin_memory()
         return self.compose_tokens(clip, g, P, tail.to(g.device, non_blocking=True),
@@ -300,7 +302,7 @@ class FTI4CIR(nn.Module):
         `texts`: `PromptBuilder.training_texts` output, on g's device. `gather`: optional function that
         all-gathers features across processes with gradient, so the contrastive loss sees the global batch.
         """
-        pb = self.prompts(clip)
+        pb = clip.prompts
         v_s, v_a, A_sel, r = self.pseudo_words(g, P)
         # the three sentences that need gradients, encoded in one batched text pass:
         # full "a photo of [S] with [A..]", subject-only "a photo of [S] with <attr>",

@@ -14,13 +14,10 @@ import contextlib
 import torch
 
 from errors import ConfigError, DeviceError
-from logs import get_logger
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 TRAIN_PRECISIONS = ("fp16", "bf16", "fp32")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-log = get_logger("precision")
 
 
 def check_precision(precision: str, device, allowed=PRECISIONS) -> None:
@@ -46,12 +43,12 @@ def _native_bf16(device: torch.device) -> bool:
 
 
 def training_precision(precision: str, device) -> str:
-    """The precision training runs in: fp16 needs CUDA, so on another device it falls back to fp32."""
+    """The precision training runs in: fp16 needs CUDA, so on another device it falls back to fp32 (the
+    caller says so)."""
     device = torch.device(device)
     if precision not in TRAIN_PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: choose one of {TRAIN_PRECISIONS}")
     if precision == "fp16" and device.type != "cuda":
-        log.info(f"notice: --precision fp16 needs a CUDA device; training in fp32 on {device}")
         return "fp32"
     check_precision(precision, device, TRAIN_PRECISIONS)
     return precision

@@ -23,14 +23,18 @@ def _trim(ids: torch.Tensor) -> torch.Tensor:
 
 
 class PromptBuilder:
-    """Token-id assembly for the method's sentences, from an open_clip `SimpleTokenizer`."""
+    """Token-id assembly for the method's sentences, from an open_clip `SimpleTokenizer`: `sot`, `eot` and
+    `star` are its special ids. Each CLIP holds one (`FrozenCLIP.prompts`)."""
 
     def __init__(self, tokenizer, context_length: int = 77):
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.sot = tokenizer.sot_token_id
         self.eot = tokenizer.eot_token_id
-        (self.star,) = tokenizer.encode("*")
+        star = tokenizer.encode("*")
+        if len(star) != 1:
+            raise ValueError(f"the tokenizer splits '*' into {star}; the method needs one token")
+        self.star = star[0]
         self.prefix = torch.tensor(tokenizer.encode(PREFIX), dtype=torch.long)
         # position of the subject slot in every sentence that starts with PREFIX (after <sot>)
         self.subject_pos = 1 + int((self.prefix == self.star).nonzero()[0, 0])

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from cli import FlagParser, add_model_args, encoding_from_args, model_setup, script_main
+from checkpoint import load_model
+from cli import FlagParser, add_model_args, check_model_outputs, clip_args, encoding_from_args, model_device, script_main
+from clip_loader import load_clip
 from evaluation import EvalConfig
-from folder_retrieval import check_gallery, collect_queries, save_grid, search_folder
+from folder_search import check_gallery, collect_queries, save_grid, search_folder
 from logs import get_logger
 from utils import atomic_write_json
 
@@ -45,13 +47,12 @@ def build_parser() -> FlagParser:
 @script_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    queries = []
-
-    def check():
-        check_gallery(args.gallery)
-        queries.extend(collect_queries(args.reference, args.text, args.queries))
-
-    device, clip, net = model_setup(args, check=check)
+    device = model_device(args)  # every input checked before CLIP is loaded
+    check_gallery(args.gallery)
+    queries = collect_queries(args.reference, args.text, args.queries)
+    check_model_outputs(args)
+    clip = load_clip(**clip_args(args), device=device)
+    net = load_model(args.model_path, clip, device, args.baseline)
     config = EvalConfig(split="", preprocess_type=args.preprocess_type, encoding=encoding_from_args(args, device),
                         cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
                         baseline=args.baseline)

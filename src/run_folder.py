@@ -62,13 +62,13 @@ class RunLock:
             if e.errno not in UNSUPPORTED:
                 raise
             # a file system without locks (Lustre mounted without -o flock, some NFS set-ups)
-            log.warning(f"warning: {self.folder} is on a file system that cannot lock files ({e.strerror}); "
+            log.warning(f"{self.folder} is on a file system that cannot lock files ({e.strerror}); "
                         "training goes on, but nothing stops a second run from using this --model-dir at the same time")
             return
         f.seek(0)
         previous = _read_owner(f.read())
         if previous:
-            log.info(f"notice: took over the lock in {self.folder} left by a run that is gone ({_describe(previous)})")
+            log.warning(f"took over the lock in {self.folder} left by a run that is gone ({_describe(previous)})")
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),

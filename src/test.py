@@ -18,8 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cli import (FlagParser, add_eval_args, dataset_root, eval_config_from_args, eval_setup, script_main,
-                 write_validation_metrics)
+from cli import FlagParser, add_eval_args, dataset_root, eval_config_from_args, script_main
+from evaluate import setup, write_validation_metrics
 from evaluation import TEST_SPLITS, check_submission_files, retrieve, submission_bytes, submission_files
 from logs import get_logger
 from metrics import SERVER_MAX_BYTES, SubmissionError, query_count_note
@@ -51,9 +51,9 @@ def write_submission(args, clip, net, device) -> list[Path]:
     files = submission_bytes(args.dataset, submission_files(args.dataset, r))
     note = query_count_note(args.dataset, len(r.queries))
     if note:
-        log.warning(f"warning: {note}")
+        log.warning(note)
     if args.dataset == "circo" and args.circo_query != "relative":
-        log.warning(f"warning: queries built with --circo-query {args.circo_query}, not the authors' relative captions")
+        log.warning(f"queries built with --circo-query {args.circo_query}, not the authors' relative captions")
     out_dir = Path(args.save_path) / args.dataset
     paths = []
     for name, data in files.items():
@@ -92,7 +92,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.validate:
         return validate_files(args)
-    device, clip, net = eval_setup(args)
+    device, clip, net = setup(args)  # evaluate.py's: the same flags
     if args.dataset == "fashioniq":
         return write_validation_metrics(args, clip, net, device)
     return write_submission(args, clip, net, device)

@@ -1,13 +1,15 @@
 """The training loop of FTI4CIR (METHOD §6-7), behind src/train.py.
 
-Four steps, in the order a run takes them:
+Five steps, in the order a run takes them:
 
-- `setup`: data, the frozen CLIP, the network, the image-feature source, optimizer and scaler;
+- `preflight` (train_config.py): every check that can fail before CLIP is loaded, and the folder's lock;
+- `setup`: the frozen CLIP, the network, the image-feature source, loader, optimizer and scaler;
 - `restore`: a checkpoint's weights, optimizer, scaler, position and random streams;
 - `train_one_epoch`: the steps of one epoch (`training_step` is one of them);
 - `end_of_epoch`: save, log the epoch's means, validate.
 
-`train` runs them, holding the folder's lock (run_folder.py) and stopping cleanly on SIGTERM / SIGINT
+`train(config, info, device)` runs them for a `TrainConfig`, holding the folder's lock (run_folder.py)
+and stopping cleanly on SIGTERM / SIGINT
 (stop_signals.py): every process finishes the same step, `latest.pt` is written, and the run ends with
 exit status 128 + the signal's number. The image features of a batch come from one object, called the
 same way with or without `--cache-image-features` (train_features.py).
@@ -20,9 +22,9 @@ batch B/N train like one process with batch B.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,32 +32,32 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import precision as prec
-from checkpoint import CheckpointError, capture_rng, checkpoint_summaries, link_or_copy, load_checkpoint, restore_rng, save_network
-from cli import check_output_folder, clip_from_args
-from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
+from checkpoint import capture_rng, checkpoint_summaries, link_or_copy, restore_rng, save_network
+from clip_loader import load_clip
+from datasets import ImageNetPairsDataset
 from distributed import (DistInfo, RankFailed, ResumableDistributedSampler, all_gather_object, all_reduce_mean,
                          gather_with_grad, main_only)
 from errors import ConfigError, UserError
+from evaluation import EvalConfig, evaluate
+from features import Encoding
 from logs import TrainLog, get_logger
 from models import FTI4CIR
-from run_folder import RunLock, check_start, remove_leftovers
 from stop_signals import StopOnSignal, ignore_stop_signals
+from train_config import Preflight, TrainConfig, hparam_differences, preflight, resolved_hparams
 from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything
 
-LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")
+LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")  # the network's loss terms (FTI4CIR.forward)
+# each term's name in train_log.jsonl and in TensorBoard, step and epoch alike
+LOG_NAMES = {"total": "loss", "contrastive": "loss_contrastive", "ortho": "loss_ortho", "reg": "loss_reg",
+             "num_attributes": "num_attributes"}
 # fp16 steps whose loss or gradients overflow are skipped, as the gradient scaler does; a run of this many
 # in a row means the scale cannot recover, and the run stops
 MAX_SKIPPED_STEPS = 20
-# flags that steer the run rather than define the training (the speed options change only float rounding):
-# a resume may change them without a notice
-RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device", "cache_hash_images",
-                    "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
-                    "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress",
-                    "compile", "clip_half", "causal_text_attention", "fused_adamw", "deterministic"}
 
 log = get_logger("training")
 
@@ -67,7 +69,7 @@ class NonFiniteLossError(UserError):
 def non_finite_message(run: "Run", stats: list[float]) -> str:
     """What went wrong, which checkpoints there are with the loss each was saved at, and what to change.
     The step in question was skipped: its update was never applied."""
-    pos, args = run.position, run.args
+    pos, config = run.position, run.config
     saved = checkpoint_summaries(run.ckpt_dir)
     listed = "; ".join(f"{s['path']} (global step {s.get('global_step', '?')}, loss "
                        + (f"{s['loss']:.4g})" if isinstance(s.get("loss"), float) else "not recorded)")
@@ -77,7 +79,7 @@ def non_finite_message(run: "Run", stats: list[float]) -> str:
     return (f"{what} at epoch {pos.epoch + 1}, global step {pos.global_step + 1}{streak}: "
             + ", ".join(f"{k} {v}" for k, v in zip(LOSS_KEYS, stats))
             + f". Stopped before that update; no weights were written. Checkpoints, newest first: {listed}. Resume from one whose loss looks sane with --resume PATH, and lower --lr (now "
-            f"{args.lr:g})" + (" or train with --precision bf16 or fp32" if run.precision == "fp16" else ""))
+            f"{config.lr:g})" + (" or train with --precision bf16 or fp32" if run.precision == "fp16" else ""))
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
@@ -98,8 +100,6 @@ def make_optimizer(net: torch.nn.Module, lr: float, wd: float, fused: bool) -> t
 def use_deterministic_algorithms() -> None:
     """--deterministic: PyTorch's deterministic kernels (cuBLAS with a fixed workspace, no atomics in the
     backward of gather/scatter or attention), so two CUDA runs match bit for bit; slower."""
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set before any GPU work
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -157,7 +157,7 @@ class Position:
 class Run:
     """Everything one training run works with."""
 
-    args: object
+    config: TrainConfig | None  # None: a step-only run (`step_only_run`)
     info: DistInfo
     device: torch.device
     precision: str
@@ -179,18 +179,19 @@ class Run:
     grad_scale: float = 1.0  # the scaler's scale after the newest step (it drops when a step is skipped)
     skipped_in_a_row: int = 0
     pending_error: BaseException | None = None  # a rank-0 failure between two steps, raised on every rank together
+    val_root: Path | None = None  # --val-dataset's root folder
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.args.model_dir)
+        return Path(self.config.model_dir)
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.model_dir / "checkpoints"
+        return self.config.ckpt_dir
 
     @property
     def batch_size(self) -> int:
-        return self.args.batch_size
+        return self.config.batch_size
 
     @property
     def world(self) -> int:
@@ -201,78 +202,37 @@ class Run:
         return self.sampler.num_samples // self.batch_size
 
 
-def val_root(args) -> Path | None:
-    if not args.val_dataset:
-        return None
-    root = Path(args.val_data_path or DEFAULT_ROOTS[args.val_dataset])
-    if not root.is_dir():
-        raise ConfigError(f"--val-dataset {args.val_dataset}: {root} is not a folder; pass --val-data-path")
-    return root
-
-
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        path = ckpt_dir / "latest.pt"
-        if not path.is_file():
-            log.info(f"--resume latest: no {path} yet; starting from scratch")
-            return None
-        return path
-    path = Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"--resume {resume}: no such file (pass 'latest' or a checkpoint written by train.py)")
-    return path
-
-
-def resolved_hparams(args, net, clip, info: DistInfo, device, precision: str) -> dict:
-    h = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())}
-    h.update(world_size=info.world_size, global_batch_size=args.batch_size * info.world_size,
-             precision_used=precision, device_type=device.type, clip_source=str(clip.source),
-             network=net.cfg.to_dict())
-    return h
-
-
-def hparam_differences(old: dict, new: dict) -> list[str]:
-    old = {"cache_image_features": False, **old}  # checkpoints from before the flag existed trained without it
-    keys = (set(old) | set(new)) - RUN_CONTROL_KEYS
-    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
-
-
-def setup(args, info: DistInfo, device: torch.device) -> Run:
-    """Everything a run needs, in the order that fails fastest: flags and files before the slow CLIP load."""
-    precision = prec.training_precision(args.precision, device)
-    val_root(args)
-    # every listed image is checked here, before CLIP is loaded
-    dataset = ImageNetPairsDataset(args.imagenet_path, args.pairs_path, build_transform(args.preprocess_type, 224))
-    if len(dataset) // info.world_size // args.batch_size == 0:  # what the sampler below will find
-        raise ConfigError(f"{len(dataset)} training pairs give no full batch of {args.batch_size} x {info.world_size} "
-                          "process(es); lower --batch-size")
-    clip = clip_from_args(args, device)
-    apply_speed_options(clip, precision, compile_visual=args.compile, half_visual=args.clip_half,
-                        causal_text=args.causal_text_attention)
-    dataset.preprocess = build_transform(args.preprocess_type, clip.image_size)
-    seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    net = FTI4CIR.for_clip(clip, num_k=args.num_k, topk=args.topk, epsilon=args.epsilon, temperature=args.temperature,
-                           reg_weight=args.reg_weight, tf_layer=args.tf_layer, tf_head=args.tf_head,
-                           mapper_dropout=args.mapper_dropout).to(device)
-    if args.cache_image_features:
-        cache = open_feature_cache(args.feature_cache_dir, clip, dataset, precision, info, args.cache_hash_images)
+def setup(config: TrainConfig, info: DistInfo, device: torch.device, checked: Preflight) -> Run:
+    """Everything a run needs, after `preflight` has checked the flags and files: the slow CLIP load,
+    the network, the feature source, the loader, the optimizer."""
+    precision, dataset = checked.precision, checked.dataset
+    clip = load_clip(config.clip_model, config.clip_weights, device=device, clip_format=config.clip_format,
+                     pretrained=config.clip_pretrained)
+    apply_speed_options(clip, precision, compile_visual=config.compile, half_visual=config.clip_half,
+                        causal_text=config.causal_text_attention)
+    dataset.preprocess = build_transform(config.preprocess_type, clip.image_size)
+    seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = FTI4CIR.for_clip(clip, num_k=config.num_k, topk=config.topk, epsilon=config.epsilon,
+                           temperature=config.temperature, reg_weight=config.reg_weight, tf_layer=config.tf_layer,
+                           tf_head=config.tf_head, mapper_dropout=config.mapper_dropout).to(device)
+    if config.cache_image_features:
+        cache = open_feature_cache(config.feature_cache_dir, clip, dataset, precision, info, config.cache_hash_images)
         features = CachedTowerFeatures(clip, device, precision, cache)
     else:
         features = TowerFeatures(clip, device, precision)
-    sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=args.seed)
-    loader = DataLoader(features.wrap_dataset(dataset), batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, drop_last=True, collate_fn=features.collate(net.prompts(clip)),
+    sampler = ResumableDistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, seed=config.seed)
+    loader = DataLoader(features.wrap_dataset(dataset), batch_size=config.batch_size, sampler=sampler,
+                        num_workers=config.workers, drop_last=True, collate_fn=features.collate(clip.prompts),
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                         # its own generator: creating an epoch's iterator must not draw from the global RNG,
                         # or a resumed run's dropout masks would differ from an uninterrupted run's
-                        generator=torch.Generator().manual_seed(args.seed + info.rank),
-                        persistent_workers=args.workers > 0)
-    optimizer = make_optimizer(net, args.lr, args.wd, args.fused_adamw)
+                        generator=torch.Generator().manual_seed(config.seed + info.rank),
+                        persistent_workers=config.workers > 0)
+    optimizer = make_optimizer(net, config.lr, config.wd, config.fused_adamw)
     scaler = make_scaler(precision, device)
-    hparams = resolved_hparams(args, net, clip, info, device, precision)
-    run = Run(args, info, device, precision, dataset, clip, net, features, sampler, loader, optimizer, scaler, hparams)
+    hparams = resolved_hparams(config, net, clip, info, device, precision)
+    run = Run(config, info, device, precision, dataset, clip, net, features, sampler, loader, optimizer, scaler, hparams,
+              val_root=checked.val_root)
     run.flags = torch.zeros(2, device=device)
     run.grad_scale = scaler.get_scale()
     return run
@@ -294,37 +254,12 @@ def step_only_run(clip, net, device: torch.device, precision: str, *, fused_adam
 # ---------------------------------------------------------------------------------------------
 # restoring a checkpoint
 
-def _epoch_number(path: Path) -> int:
-    try:
-        return int(path.stem.split("_")[-1])
-    except ValueError:
-        return -1
-
-
-def read_resume_state(path: Path, ckpt_dir: Path) -> dict:
-    """The training checkpoint to resume from, read and checked before anything slow is loaded; an
-    unreadable one is named with the newest epoch checkpoint to fall back to."""
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        others = [p for p in sorted(ckpt_dir.glob("epoch_*.pt"), key=_epoch_number)
-                  if p.is_file() and not p.samefile(path)]
-        hint = f"; resume from the newest epoch checkpoint instead: --resume {others[-1]}" if others else ""
-        raise CheckpointError(f"--resume: {e}{hint}") from None
-    lacking = [k for k in ("optimizer", "epoch", "samples_in_epoch", "global_step") if k not in state]
-    if lacking:
-        raise CheckpointError(f"--resume {path}: not a training checkpoint (it lacks {', '.join(lacking)}: only the "
-                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt")
-    return state
-
-
 def restore(run: Run, path: Path, state: dict) -> dict | None:
     """Puts a training checkpoint's `state` (read_resume_state) into the run; returns this process's saved
     random streams (None when the checkpoint was written by another number of processes)."""
     diffs = hparam_differences(state.get("hparams", {}), run.hparams)
     if diffs and run.info.is_main:
-        warnings.warn(f"resuming {path} with different hyper-parameters (the current flags apply): "
-                      + "; ".join(diffs), stacklevel=2)
+        log.warning(f"resuming {path} with different hyper-parameters (the current flags apply): " + "; ".join(diffs))
     try:
         run.net.load_state_dict(state["state_dict"])
     except RuntimeError as e:
@@ -332,28 +267,29 @@ def restore(run: Run, path: Path, state: dict) -> dict | None:
                           f"(saved config {state['config']}): {str(e)[:300]}") from e
     run.optimizer.load_state_dict(state["optimizer"])
     for group in run.optimizer.param_groups:  # load_state_dict brings the saved wd back; the flags apply
-        group["weight_decay"] = run.args.wd
+        group["weight_decay"] = run.config.wd
     if state.get("scaler") and state.get("hparams", {}).get("precision_used") == run.precision:
         run.scaler.load_state_dict(state["scaler"])  # another precision's scale means nothing here
         run.grad_scale = run.scaler.get_scale()
     run.position = Position(state["epoch"], state["samples_in_epoch"], state["global_step"], path)
     world = run.world
-    if run.position.samples_in_epoch % world:
-        log.info(f"notice: {run.position.samples_in_epoch} samples done in the epoch do not split over {world} "
+    if run.position.samples_in_epoch % world and run.info.is_main:
+        log.warning(f"{run.position.samples_in_epoch} samples done in the epoch do not split over {world} "
                  "processes; a few samples of that epoch are repeated")
     log.info(f"resumed {path}: epoch {run.position.epoch + 1}, {run.position.samples_in_epoch} samples into it, "
              f"global step {run.position.global_step}")
     rngs = state.get("rng") or []
     if len(rngs) == world:
         return rngs[run.info.rank]
-    log.info(f"notice: {path} was written by {len(rngs)} processes, this run has {world}: "
-             "random streams are re-seeded, dropout masks will differ from an uninterrupted run")
+    if run.info.is_main:
+        log.warning(f"{path} was written by {len(rngs)} processes, this run has {world}: "
+                    "random streams are re-seeded, dropout masks will differ from an uninterrupted run")
     return None
 
 
 def start(run: Run, rng_state: dict | None, resumed: bool) -> None:
     """Per-process random streams, the DDP wrapper, the output folder and the logs."""
-    seed_everything(run.args.seed + run.info.rank)  # per-rank streams (dropout masks differ between ranks)
+    seed_everything(run.config.seed + run.info.rank)  # per-rank streams (dropout masks differ between ranks)
     if rng_state is not None:
         restore_rng(rng_state, run.device)
     run.model = run.net
@@ -439,8 +375,9 @@ def training_step(run: Run, batch: dict) -> tuple[list[float], bool, bool]:
     if run.precision != "fp16" or run.skipped_in_a_row >= MAX_SKIPPED_STEPS:
         run.features.commit()  # non-finite visual features would be the cause: that error first
         raise NonFiniteLossError(non_finite_message(run, stats))
-    log.info(f"notice: global step {run.position.global_step + 1}: the fp16 loss or gradients overflowed; the update "
-             f"was skipped and the gradient scale lowered to {scale:g} (a few such steps at the start are normal)")
+    if run.info.is_main:
+        log.warning(f"global step {run.position.global_step + 1}: the fp16 loss or gradients overflowed; the update "
+                    f"was skipped and the gradient scale lowered to {scale:g} (a few such steps at the start are normal)")
     return stats, stop, True
 
 
@@ -473,8 +410,6 @@ def _write_log(run: Run, write) -> None:
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
     # in a log file (no terminal) refresh rarely: each refresh is a line there
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
@@ -483,8 +418,8 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     """The steps of 0-based `epoch`, from where `run.position` says it stands; writes `latest.pt` every
     --save-every-steps and stops early, with `latest.pt` written, at --max-steps."""
-    args, pos, b, world = run.args, run.position, run.batch_size, run.world
-    lr = learning_rate(epoch, args.lr, args.lr_decay, args.lr_div)
+    config, pos, b, world = run.config, run.position, run.batch_size, run.world
+    lr = learning_rate(epoch, config.lr, config.lr_decay, config.lr_div)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     skip = pos.samples_in_epoch // world  # per-rank indices already trained on this epoch
@@ -493,8 +428,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     last_step = step + len(run.loader)  # < steps_per_epoch only after a resume across a batch-size change
     stats = EpochStats(np.zeros(len(LOSS_KEYS)), first_step=step)
     t0 = t_last = time.perf_counter()
-    bar = _progress_bar(run.steps_per_epoch, step, f"epoch {epoch + 1}/{args.epochs}",
-                        run.info.is_main and not args.no_progress)
+    bar = _progress_bar(run.steps_per_epoch, step, f"epoch {epoch + 1}/{config.epochs}",
+                        run.info.is_main and not config.no_progress)
     try:
         for batch in run.loader:
             t_batch = time.perf_counter()
@@ -510,8 +445,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 stats.steps += 1
             stats.data_wait += t_batch - t_last
             record = {"epoch": epoch + 1, "step": step, "global_step": pos.global_step, "lr": lr,
-                      **{("loss" if k == "total" else k if k == "num_attributes" else f"loss_{k}"): v
-                         for k, v in zip(LOSS_KEYS, losses)},
+                      **{LOG_NAMES[k]: v for k, v in zip(LOSS_KEYS, losses)},
                       "images_per_s": b * world / max(now - t_last, 1e-9), "data_wait_s": t_batch - t_last,
                       "step_s": now - t_batch, **({"skipped": True} if skipped else {})}
             _write_log(run, lambda: run.train_log.step(record, pos.global_step))
@@ -519,8 +453,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.sums[0] / max(stats.steps, 1):.4f}", lr=f"{lr:.2g}")
             mid_epoch = step < last_step
-            limit = stop or (args.max_steps and pos.global_step >= args.max_steps)
-            if mid_epoch and ((args.save_every_steps and pos.global_step % args.save_every_steps == 0) or limit):
+            limit = stop or (config.max_steps and pos.global_step >= config.max_steps)
+            if mid_epoch and ((config.save_every_steps and pos.global_step % config.save_every_steps == 0) or limit):
                 save_checkpoint(run, run.ckpt_dir / "latest.pt", epoch, pos.samples_in_epoch, step)
             if mid_epoch and limit:
                 stats.stopped_early, stats.stop_signalled = True, stop
@@ -536,32 +470,33 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
 # ---------------------------------------------------------------------------------------------
 # the end of an epoch
 
-def validate(run: Run) -> dict[str, float]:
-    """evaluate.py's validation metrics (percent) of the current network on --val-dataset's val split:
-    fp32 inference as the authors'; the gallery features (frozen CLIP) are cached in --val-cache-dir,
-    so only the first validation encodes the gallery."""
-    from evaluation import EvalConfig, evaluate
-    from features import Encoding
-
-    args = run.args
-    encoding = Encoding(batch_size=args.val_batch_size, workers=args.workers, device=run.device, precision="fp32",
+def validation_config(config: TrainConfig, device: torch.device) -> EvalConfig:
+    """evaluate.py's validation as training runs it: fp32 inference as the authors', --val-batch-size,
+    the gallery features (frozen CLIP) cached in --val-cache-dir, so only the first validation encodes the
+    gallery."""
+    encoding = Encoding(batch_size=config.val_batch_size, workers=config.workers, device=device, precision="fp32",
                         progress=False)
-    config = EvalConfig(split="val", preprocess_type=args.preprocess_type, encoding=encoding,
-                        cache_dir=args.val_cache_dir or None, cache_hash_images=args.cache_hash_images)
+    return EvalConfig(split="val", preprocess_type=config.preprocess_type, encoding=encoding,
+                      cache_dir=config.val_cache_dir or None, cache_hash_images=config.cache_hash_images)
+
+
+def validate(run: Run) -> dict[str, float]:
+    """evaluate.py's validation metrics (percent) of the current network on --val-dataset's val split."""
+    dataset = run.config.val_dataset
     try:
         with run.clip.float32_weights():  # fp32 inference, as the authors' validation, whatever --clip-half holds
-            return evaluate(run.net, run.clip, args.val_dataset, val_root(args), config)
+            return evaluate(run.net, run.clip, dataset, run.val_root, validation_config(run.config, run.device))
     except UserError as e:
-        raise ConfigError(f"validation on {args.val_dataset}: {e}") from e
+        raise ConfigError(f"validation on {dataset}: {e}") from e
 
 
 def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
     """After 0-based `epoch` completed: checkpoint (epoch_<n>.pt and latest.pt, n = completed epochs),
     the epoch's summary line and scalars, and validation every --val-frequency epochs."""
-    args, pos = run.args, run.position
+    config, pos = run.config, run.position
     done = epoch + 1  # checkpoint names count completed epochs: epoch_1.pt after the first epoch
     pos.epoch, pos.samples_in_epoch = done, 0
-    if args.save_frequency and done % args.save_frequency == 0:
+    if config.save_frequency and done % config.save_frequency == 0:
         path = save_checkpoint(run, run.ckpt_dir / f"epoch_{done}.pt", done, 0, 0)
         main_only(run.info, lambda: link_or_copy(path, run.ckpt_dir / "latest.pt"), f"linking {path} as latest.pt")
     else:
@@ -570,89 +505,60 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
     b, world = run.batch_size, run.world
     part = (f" (resumed: steps {stats.first_step + 1}-{stats.first_step + stats.steps} of {run.steps_per_epoch}; "
             "the means and speed cover those)" if stats.first_step else "")
-    log.info(f"epoch {done}/{args.epochs}{part}: loss {means['total']:.4f} (contrastive {means['contrastive']:.4f}, "
+    log.info(f"epoch {done}/{config.epochs}{part}: loss {means['total']:.4f} (contrastive {means['contrastive']:.4f}, "
              f"ortho {means['ortho']:.4f}, reg {means['reg']:.4f}), {means['num_attributes']:.1f} attributes/image, "
-             f"lr {learning_rate(epoch, args.lr, args.lr_decay, args.lr_div):.3g}, "
+             f"lr {learning_rate(epoch, config.lr, config.lr_decay, config.lr_div):.3g}, "
              f"{(stats.steps + stats.skipped) * b * world / max(stats.seconds, 1e-9):.1f} images/s, data wait {stats.data_wait:.1f} s, "
              f"{stats.seconds:.0f} s; saved {pos.last_checkpoint}")
-    _write_log(run, lambda: run.train_log.scalars("epoch", {f"loss_{k}": v for k, v in means.items()}, pos.global_step))
-    if args.val_dataset and done % args.val_frequency == 0:
+    _write_log(run, lambda: run.train_log.scalars("epoch", {LOG_NAMES[k]: v for k, v in means.items()}, pos.global_step))
+    if config.val_dataset and done % config.val_frequency == 0:
         def validate_and_log():
             metrics = validate(run)
-            log.info(f"validation {args.val_dataset} after epoch {done}: "
+            log.info(f"validation {config.val_dataset} after epoch {done}: "
                      + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-            run.train_log.scalars(f"val_{args.val_dataset}", metrics, pos.global_step)
+            run.train_log.scalars(f"val_{config.val_dataset}", metrics, pos.global_step)
 
-        main_only(run.info, validate_and_log, f"validating on {args.val_dataset}")  # also the barrier
+        main_only(run.info, validate_and_log, f"validating on {config.val_dataset}")  # also the barrier
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 
-def claim_folder(args, info: DistInfo) -> RunLock:
-    """Rank 0 takes the folder's lock, refuses a folder that holds a run without --resume, checks that
-    checkpoints/ can be written and removes leftovers; the other ranks wait for its result."""
-    model_dir = Path(args.model_dir)
-    lock = RunLock(model_dir)
-
-    def claim():
-        check_output_folder(model_dir, "--model-dir")
-        lock.acquire()
-        try:
-            check_start(model_dir, args.resume)
-            check_output_folder(model_dir / "checkpoints", "--model-dir")
-            remove_leftovers(model_dir)
-        except BaseException:
-            lock.release()
-            raise
-
-    main_only(info, claim, f"claiming --model-dir {model_dir}")  # collective: also the barrier the others wait at
-    return lock
-
-
-def train(args, info: DistInfo, device: torch.device) -> dict:
+def train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     """A whole training run; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early",
     "stopped_by"} (`stopped_by`: the name of the signal that stopped the run, or None)."""
-    val_root(args)  # the flags first, then the folder, then the slow loading
-    resume_path = resolve_resume(args.resume, Path(args.model_dir) / "checkpoints")
-    lock = claim_folder(args, info)
+    checked = preflight(config, info, device)  # everything before the slow part; holds the folder's lock
     try:
-        return _train(args, info, device, resume_path)
+        return _train(config, info, device, checked)
     finally:
-        lock.release()
+        checked.lock.release()
 
 
-def _train(args, info: DistInfo, device: torch.device, resume_path: Path | None) -> dict:
-    state = read_resume_state(resume_path, Path(args.model_dir) / "checkpoints") if resume_path else None
-    if info.is_main:  # every output folder before the slow CLIP load
-        if args.cache_image_features:
-            check_output_folder(args.feature_cache_dir, "--feature-cache-dir",
-                                "pass a folder you can write to, or drop --cache-image-features")
-        if args.val_dataset and args.val_cache_dir:
-            check_output_folder(args.val_cache_dir, "--val-cache-dir", "pass a folder you can write to, or ''")
-    run = setup(args, info, device)
-    rng_state = restore(run, resume_path, state) if resume_path is not None else None
+def _train(config: TrainConfig, info: DistInfo, device: torch.device, checked: Preflight) -> dict:
+    resume_path = checked.resume_path
+    run = setup(config, info, device, checked)
+    rng_state = restore(run, resume_path, checked.resume_state) if resume_path is not None else None
     start(run, rng_state, resumed=resume_path is not None)
     pos = run.position
-    if pos.epoch >= args.epochs:
-        log.info(f"nothing to train: {resume_path} already holds {pos.epoch} epochs and --epochs is {args.epochs}")
+    if pos.epoch >= config.epochs:
+        log.info(f"nothing to train: {resume_path} already holds {pos.epoch} epochs and --epochs is {config.epochs}")
     else:
         log.info(f"training {len(run.dataset)} pairs, {run.steps_per_epoch} steps/epoch of {run.batch_size} x "
-                 f"{run.world} process(es), epochs {pos.epoch + 1}..{args.epochs}, {run.precision} on {device}; "
+                 f"{run.world} process(es), epochs {pos.epoch + 1}..{config.epochs}, {run.precision} on {device}; "
                  f"outputs in {run.model_dir}")
     stopped_early = signalled = False
     try:
         with StopOnSignal() as run.stop:
             run.net.train()
-            for epoch in range(pos.epoch, args.epochs):
+            for epoch in range(pos.epoch, config.epochs):
                 stats = train_one_epoch(run, epoch)
                 if stats.stopped_early:
                     stopped_early, signalled = True, stats.stop_signalled
                     break
                 end_of_epoch(run, epoch, stats)
                 signalled = stop_agreed(run)  # also a signal that came during the epoch's end (every rank asks)
-                if signalled or (args.max_steps and pos.global_step >= args.max_steps):
-                    stopped_early = pos.epoch < args.epochs
+                if signalled or (config.max_steps and pos.global_step >= config.max_steps):
+                    stopped_early = pos.epoch < config.epochs
                     break
             local = run.stop.requested
         if run.pending_error is not None:  # a log write that failed after the last collective
@@ -665,6 +571,6 @@ def _train(args, info: DistInfo, device: torch.device, resume_path: Path | None)
     if stopped_early and signalled:
         stopped_by = local.name if local is not None else "a stop signal sent to another process"
     elif stopped_early:
-        log.info(f"stopped at global step {pos.global_step} (--max-steps {args.max_steps}); resume with --resume latest")
+        log.info(f"stopped at global step {pos.global_step} (--max-steps {config.max_steps}); resume with --resume latest")
     return {"global_step": pos.global_step, "epochs_done": pos.epoch, "stopped_by": stopped_by,
             "last_checkpoint": str(pos.last_checkpoint) if pos.last_checkpoint else None, "stopped_early": stopped_early}

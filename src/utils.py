@@ -1,4 +1,4 @@
-"""Small helpers shared by every script: atomic file writes, the device, seeding."""
+"""Small helpers shared by every script: atomic file writes, output folders, the device, seeding."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from errors import DeviceError
+from errors import ConfigError, DeviceError
 
 
 def _atomic_replace(path: Path, write) -> None:
@@ -45,6 +45,20 @@ def atomic_write_json(obj: Any, path, indent: int | None = 2) -> None:
 
 def atomic_write_bytes(data: bytes, path) -> None:
     _atomic_replace(Path(path), lambda f: f.write(data))
+
+
+def check_output_folder(path, flag: str, fix: str = "pass a folder you can write to") -> Path:
+    """Creates `path` if needed and proves it writable, before any slow work; a ConfigError naming the
+    flag, the folder and `fix` otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create or write this folder ({e.strerror or e}); {fix}") from None
+    return path
 
 
 def report_json(results: Any, path) -> None:

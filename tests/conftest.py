@@ -105,13 +105,15 @@ def eval_args(tiny_clip_path, tmp_path) -> list[str]:
 def fast_clip(monkeypatch, tiny_clip, tiny_clip_path):
     """The scripts get the session's tiny CLIP instead of reading the same file again (the full-run
     tests load it through the flags)."""
-    import cli
+    import evaluate
+    import retrieve
 
-    def load(args, device):
-        assert Path(args.clip_weights) == tiny_clip_path and str(device) == "cpu"
+    def load(model_name, weights, device, **kwargs):
+        assert Path(weights) == tiny_clip_path and str(device) == "cpu"
         return tiny_clip
 
-    monkeypatch.setattr(cli, "clip_from_args", load)
+    for module in (evaluate, retrieve):
+        monkeypatch.setattr(module, "load_clip", load)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import caption
-import caption_split
-from caption_split import build_pairs, drop_trailing_repeats, split_caption
+import caption_pairs
+from caption_pairs import build_pairs, drop_trailing_repeats, split_caption
 
 NOUNS = {"dog", "cat", "grass", "table", "ball", "dogs", "picture"}
 
@@ -108,8 +108,8 @@ def test_rule4_and_counts_in_build_pairs():
 
 def test_missing_spacy_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy -> ImportError
-    with pytest.raises(caption_split.SpacyUnavailable, match=r"pip install spacy.*python -m spacy download en_core_web_sm"):
-        caption_split.SpacyTagger()
+    with pytest.raises(caption_pairs.SpacyUnavailable, match=r"pip install spacy.*python -m spacy download en_core_web_sm"):
+        caption_pairs.SpacyTagger()
     # the script checks before captioning, and says how to go on without spaCy
     with pytest.raises(SystemExit, match=r"python -m spacy download en_core_web_sm.*--caption-only"):
         caption.main(["--imagenet-path", "/nonexistent"])
@@ -120,8 +120,8 @@ def test_missing_spacy_model_error_says_not_on_pypi(monkeypatch):
         raise OSError(f"[E050] Can't find model '{name}'")
 
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
-    with pytest.raises(caption_split.SpacyUnavailable, match=r"not on PyPI.*python -m spacy download en_core_web_sm"):
-        caption_split.SpacyTagger("en_core_web_sm")
+    with pytest.raises(caption_pairs.SpacyUnavailable, match=r"not on PyPI.*python -m spacy download en_core_web_sm"):
+        caption_pairs.SpacyTagger("en_core_web_sm")
 
 
 def test_spacy_tagger_reads_pos_and_switches_off_unused_pipes(monkeypatch):
@@ -143,7 +143,7 @@ def test_spacy_tagger_reads_pos_and_switches_off_unused_pipes(monkeypatch):
             return [self(t) for t in texts]
 
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=lambda name: Nlp()))
-    tagger = caption_split.SpacyTagger()
+    tagger = caption_pairs.SpacyTagger()
     assert sorted(tagger.nlp.disabled) == ["lemmatizer", "ner", "parser"]
     assert tagger("a dog on grass") == toy_tagger("a dog on grass")
     assert list(tagger.pipe(["a cat", "the ball"])) == [toy_tagger("a cat"), toy_tagger("the ball")]

@@ -1,4 +1,4 @@
-"""check_data.py / data_check.py: a deleted image, a truncated PNG, a JPEG cut short and a wrong count
+"""check_data.py / dataset_checks.py: a deleted image, a truncated PNG, a JPEG cut short and a wrong count
 are found and reported (table, JSON report, exit status); the official counts are those of the real
 annotation files; the fast existence check equals a stat per file."""
 from __future__ import annotations
@@ -8,9 +8,8 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 
-import data_check as D
+import dataset_checks as D
 from check_data import main as check_main
 from helpers import dump_json, make_circo, make_cirr, read_json
 from toy.placeholders import make_placeholder_images, write_circo_image_info

@@ -129,12 +129,10 @@ class _StopsAtBackward:
 
 
 def _models(tiny_clip, train: bool):
-    """A CLIP of the test's own (sharing the read-only tokenizer) and a network over it, on the host;
-    the prompt builder is made here because its constructor reads a value."""
+    """A CLIP of the test's own (sharing the read-only tokenizer) and a network over it, on the host."""
     clip = copy.deepcopy(tiny_clip, {id(tiny_clip.tokenizer): tiny_clip.tokenizer})
     torch.manual_seed(0)
     net = FTI4CIR.for_clip(clip, num_k=8, topk=5).train(train)
-    net.prompts(clip)
     return clip, net
 
 
@@ -166,7 +164,7 @@ def training_run(request, tiny_clip) -> Observed:
     precision = request.param
     obs = Observed(precision)
     clip, net = _models(tiny_clip, train=True)
-    texts = net.prompts(clip).training_texts(SUBJECTS, ATTRIBUTES)  # built in the loader's workers
+    texts = clip.prompts.training_texts(SUBJECTS, ATTRIBUTES)  # built in the loader's workers
     torch.manual_seed(1)
     batch = {"image": pinned(torch.randn(B, 3, clip.image_size, clip.image_size)),
              "texts": {k: pinned(v) for k, v in texts.items()}}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import metrics as M
-from data_check import metadata_only
+from dataset_checks import metadata_only
 from datasets import CIRCODataset
 from evaluate import main as evaluate_main
 from evaluation import retrieve

@@ -46,7 +46,7 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_owner(data8, tin
     lock = RunLock(model_dir)
     lock.acquire()  # another run holds the folder
     loaded = []
-    monkeypatch.setattr(training, "clip_from_args", lambda *a: loaded.append(1))
+    monkeypatch.setattr(training, "load_clip", lambda *a, **k: loaded.append(1))
     try:
         msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4))
     finally:
@@ -192,7 +192,10 @@ def test_ddp_every_rank_stops_at_the_same_step(data8, tiny_clip_path, tmp_path):
 
 def test_unwritable_outputs_are_refused_before_clip_loads(data8, tiny_clip_path, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(cli, "load_clip", lambda *a, **k: loaded.append(1))
+    import evaluate
+
+    for module in (training, evaluate):
+        monkeypatch.setattr(module, "load_clip", lambda *a, **k: loaded.append(1))
     blocker = tmp_path / "a_file"  # a file where a folder should be: not creatable, also for root
     blocker.write_text("x")
     msg = _exit_message(train.main, train_args(data8, tiny_clip_path, blocker / "run"))

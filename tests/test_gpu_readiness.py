@@ -228,7 +228,7 @@ def test_fp16_skips_an_overflowing_step_and_goes_on(fp16_on_cpu, nan_from_step, 
     assert records[2].get("skipped") and records[3].get("skipped")
     assert not records[4].get("skipped") and not records[5].get("skipped")  # the run went on
     out = capsys.readouterr().out
-    assert "notice: global step 3: the fp16 loss or gradients overflowed; the update was skipped" in out
+    assert "warning: global step 3: the fp16 loss or gradients overflowed; the update was skipped" in out
     state = load_checkpoint(model_dir / "checkpoints" / "latest.pt")
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
     assert state["scaler"]["scale"] <= 2.0**14  # halved at each skipped step

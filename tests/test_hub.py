@@ -19,9 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import feature_store
-from checkpoint import save_network
+from checkpoint import load_model, save_network
 from clip_loader import ClipLoadError, load_clip, qualifying_backbones
 from hub import HubError, hub_file
 from evaluate import main as evaluate_main
@@ -75,8 +74,7 @@ def test_hf_hub_references_load_from_the_cache(hub_cache, tiny_clip_path, tiny_c
     with torch.no_grad():
         torch.testing.assert_close(clip.encode_image(x), tiny_clip.encode_image(x), rtol=0, atol=0)
     assert "models--someone--tiny-clip" in str(hub_file("hf-hub:someone/tiny-clip/tiny_clip.pt", "--clip-weights"))
-    args = argparse.Namespace(baseline=None, model_path="hf-hub:someone/fti4cir/checkpoints/epoch_1.pt")
-    loaded = cli.load_model(args, tiny_clip, "cpu")
+    loaded = load_model("hf-hub:someone/fti4cir/checkpoints/epoch_1.pt", tiny_clip, "cpu")
     want = FTI4CIR.for_clip(tiny_clip)
     want.load_state_dict(torch.load(net_file, weights_only=True)["state_dict"])
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), want.state_dict().values()))

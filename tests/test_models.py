@@ -39,8 +39,8 @@ def batch(tiny_clip):
 
 def test_tokenizer_facts(tiny_clip):
     pb = PromptBuilder(tiny_clip.tokenizer)
-    assert tiny_clip.star_id == STAR and pb.star == STAR
-    assert tiny_clip.eot_id == EOT and int(tiny_clip.tokenize(["x"]).max()) == EOT
+    assert tiny_clip.prompts.star == STAR and pb.star == STAR
+    assert tiny_clip.prompts.eot == EOT and int(tiny_clip.tokenize(["x"]).max()) == EOT
     assert pb.subject_pos == 4
     ids = tiny_clip.tokenize(["a photo of * with * * but a * here"])[0].tolist()
     assert ids[:9] == [49406, 320, 1125, 539, STAR, 593, STAR, STAR, 767]

@@ -1,4 +1,4 @@
-"""retrieve.py / folder_retrieval.py: a folder ranked exactly as evaluate.py ranks the same benchmark
+"""retrieve.py / folder_search.py: a folder ranked exactly as evaluate.py ranks the same benchmark
 gallery (reference kept, CIRCO; reference excluded, CIRR), the outputs, the cache on the second run,
 the baselines, image listing and clear errors."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import metrics as M
 from datasets import ImageFolderDataset, list_images
 from evaluation import retrieve, submission_files
 from examples import grid_size
-from folder_retrieval import search_folder
+from folder_search import search_folder
 from retrieve import main as retrieve_main
 from helpers import eval_config, make_circo, make_cirr
 

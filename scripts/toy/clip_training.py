@@ -75,7 +75,7 @@ class WordCachedTokenizer:
 
     def __init__(self, clip: FrozenCLIP):
         self.tokenizer, self.context_length = clip.tokenizer, clip.context_length
-        self.sot, self.eot = clip.sot_id, clip.eot_id
+        self.sot, self.eot = clip.prompts.sot, clip.prompts.eot
         self.words: dict[str, list[int]] = {}
 
     def ids(self, caption: str) -> list[int]:

@@ -12,6 +12,7 @@ evaluate.py / test.py's `--skip-missing-images`.
 """
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -317,8 +318,6 @@ def _imagenet_sections(report: BenchmarkReport, root: Path) -> list[Section]:
     out = [Section("test images (ids 1-100,000)", n, images=[os.path.join(folder, f) for f in expected])]
     pairs = root / "pairs.json"
     if pairs.is_file():
-        import json
-
         try:
             entries = json.loads(pairs.read_text(encoding="utf-8"))
             ids = [str(e["img_id"]) for e in entries]

@@ -108,7 +108,7 @@ class SpacyTagger:
 
 def load_spacy(model: str = DEFAULT_SPACY_MODEL):
     """Load a spaCy pipeline for POS tags, with an exact error when spaCy or the model is missing."""
-    try:
+    try:  # deferred: spaCy is optional, needed by the caption split alone
         import spacy
     except ImportError as err:
         raise SpacyUnavailable(

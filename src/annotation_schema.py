@@ -1,0 +1,69 @@
+"""The shape of an annotation file's entries: a schema says which keys each entry must have and the type
+of each value, and `check_entries` names the first entry that does not fit (datasets.py's readers)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from errors import UserError
+
+
+class AnnotationFormatError(UserError, ValueError):
+    """An annotation file exists but does not hold what the benchmark's format says."""
+
+
+# Schemas of annotation entries: a dict maps each required key to the type of its value (a tuple: any
+# of them; a one-element list: a list of that type; a dict: a nested object). NONEMPTY: a non-empty string.
+NONEMPTY = "non-empty string"
+_TYPE_NAMES = {str: "a string", int: "an integer", NONEMPTY: "a non-empty string"}
+
+
+def _type_problem(value, kind, where: str) -> str | None:
+    """Why `value` does not have the type `kind` (None when it does)."""
+    if isinstance(kind, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'it'} is not a JSON object"
+        for key, sub in kind.items():
+            name = f"{where}.{key}" if where else key
+            if key not in value:
+                return f"lacks [{name!r}]"
+            problem = _type_problem(value[key], sub, name)
+            if problem:
+                return problem
+        return None
+    if isinstance(kind, list):
+        if not isinstance(value, list):
+            return f"has {where!r} = {str(value)[:60]}, not a list"
+        bad = next((v for v in value if _type_problem(v, kind[0], where)), None)
+        return None if bad is None else f"has {where!r} holding {bad!r}, not {_type_names(kind[0])}"
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    for k in kinds:
+        if k == NONEMPTY and isinstance(value, str) and value.strip():
+            return None
+        if k is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if k is str and isinstance(value, str):
+            return None
+    return f"has {where!r} = {value!r}, not {_type_names(kind)}"
+
+
+def _type_names(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_TYPE_NAMES.get(k, str(k)) for k in kinds)
+
+
+def check_entries(entries: Any, schema: dict, path: Path, unique: str | None = None) -> None:
+    """Every entry of a list annotation must match `schema`; `unique`: a key no two entries share."""
+    if not isinstance(entries, list):
+        raise AnnotationFormatError(f"{path}: expected a JSON list, got {type(entries).__name__}")
+    seen: dict = {}
+    for i, e in enumerate(entries):
+        problem = _type_problem(e, schema, "")
+        if problem:
+            raise AnnotationFormatError(f"{path}: entry {i} {problem}: {str(e)[:200]}")
+        if unique is not None:
+            key = str(e[unique])
+            if key in seen:
+                raise AnnotationFormatError(f"{path}: entries {seen[key]} and {i} have the same {unique} {e[unique]!r}; "
+                                            f"each {unique} must appear once (fix or re-download the file)")
+            seen[key] = i

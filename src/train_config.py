@@ -1,0 +1,245 @@
+"""What a training run is asked to do, and everything checked before its slow part.
+
+- `TrainConfig`: one field per flag of src/train.py, with the same name and default; the checkpoints'
+  `hparams` are its fields plus what the run resolved (`resolved_hparams`).
+- `preflight`: every check that can fail before CLIP is loaded, in the order that fails fastest: the
+  values, the precision on this device, the validation root, the resume path, the output folders (taken
+  and checked by rank 0 under the run's lock, run_folder.py), the checkpoint to resume from, and the
+  training pairs with every image they list.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import precision as prec
+from checkpoint import CheckpointError, load_checkpoint
+from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
+from distributed import DistInfo, main_only
+from errors import ConfigError
+from logs import get_logger
+from run_folder import RunLock, check_start, remove_leftovers
+from transforms import build_transform
+from utils import check_output_folder
+
+# fields that steer the run rather than define the training (the speed options change only float rounding):
+# a resume may change them without a warning
+RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device", "cache_hash_images",
+                    "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
+                    "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress",
+                    "compile", "clip_half", "causal_text_attention", "fused_adamw", "deterministic"}
+
+log = get_logger("train_config")
+
+
+@dataclass
+class TrainConfig:
+    """A training run (src/train.py's flags, under their names; docs/METHOD.md §6-9 for the method's)."""
+
+    # data
+    imagenet_path: str = DEFAULT_ROOTS["imagenet"]
+    pairs_path: str | None = None  # None: <imagenet_path>/pairs.json
+    preprocess_type: str = "targetpad"
+    workers: int = 8
+    cache_image_features: bool = False
+    cache_hash_images: bool = False
+    feature_cache_dir: str | None = None  # None: <imagenet_path>/.fti4cir_cache
+    # optimisation
+    batch_size: int = 256  # per process
+    lr: float = 4e-5
+    wd: float = 0.01
+    epochs: int = 80  # the authors' code: 80; their README: 60
+    lr_decay: int = 10
+    lr_div: float = 0.1
+    seed: int = 42
+    precision: str = "fp16"
+    # network
+    num_k: int = 24
+    topk: int = 12
+    epsilon: float = 0.05
+    temperature: float = 0.2
+    reg_weight: float = 1.4
+    tf_layer: int = 3
+    tf_head: int = 1
+    mapper_dropout: float = 0.5
+    # CLIP (clip_loader.load_clip's arguments)
+    clip_model: str = "ViT-L/14"
+    clip_weights: str | None = None
+    clip_format: str = "auto"
+    clip_pretrained: str | None = None
+    # checkpoints and logs
+    model_dir: str = "./model_save"
+    save_frequency: int = 1
+    save_every_steps: int = 0
+    resume: str | None = None
+    max_steps: int = 0
+    # validation
+    val_dataset: str | None = None
+    val_data_path: str | None = None
+    val_frequency: int = 1
+    val_batch_size: int = 32
+    val_cache_dir: str = ".cache/features"
+    # speed
+    compile: bool = False
+    clip_half: bool = False
+    causal_text_attention: bool = False
+    fused_adamw: bool = False
+    deterministic: bool = False
+    # processes
+    device: str | None = None
+    no_progress: bool = False
+    dist_timeout_minutes: float = 60.0
+
+    def __post_init__(self):
+        self.pairs_path = self.pairs_path or str(Path(self.imagenet_path) / "pairs.json")
+        self.feature_cache_dir = self.feature_cache_dir or str(Path(self.imagenet_path) / ".fti4cir_cache")
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.model_dir) / "checkpoints"
+
+
+def check_values(config: TrainConfig) -> None:
+    """Every value out of range, in one ConfigError."""
+    problems = []
+    for name in ("batch_size", "epochs", "workers", "save_frequency", "save_every_steps", "max_steps", "val_frequency"):
+        value = getattr(config, name)
+        if value < (1 if name in ("batch_size", "val_frequency") else 0):
+            problems.append(f"--{name.replace('_', '-')} {value}")
+    for name in ("lr", "lr_div", "wd", "epsilon", "temperature", "reg_weight", "mapper_dropout", "dist_timeout_minutes"):
+        if not math.isfinite(getattr(config, name)):
+            problems.append(f"--{name.replace('_', '-')} {getattr(config, name)} must be a finite number")
+    if config.lr <= 0 or config.lr_div <= 0:
+        problems.append(f"--lr {config.lr} / --lr-div {config.lr_div} must be positive")
+    if not 0 <= config.mapper_dropout < 1:
+        problems.append(f"--mapper-dropout {config.mapper_dropout} must be in [0, 1)")
+    if problems:
+        raise ConfigError("invalid values: " + "; ".join(problems))
+
+
+def val_root(config: TrainConfig) -> Path | None:
+    """The validation benchmark's root folder (None without --val-dataset), which must exist."""
+    if not config.val_dataset:
+        return None
+    root = Path(config.val_data_path or DEFAULT_ROOTS[config.val_dataset])
+    if not root.is_dir():
+        raise ConfigError(f"--val-dataset {config.val_dataset}: {root} is not a folder; pass --val-data-path")
+    return root
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = ckpt_dir / "latest.pt"
+        if not path.is_file():
+            log.info(f"--resume latest: no {path} yet; starting from scratch")
+            return None
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume}: no such file (pass 'latest' or a checkpoint written by train.py)")
+    return path
+
+
+def _epoch_number(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def read_resume_state(path: Path, ckpt_dir: Path) -> dict:
+    """The training checkpoint to resume from, read and checked before anything slow is loaded; an
+    unreadable one is named with the newest epoch checkpoint to fall back to."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        others = [p for p in sorted(ckpt_dir.glob("epoch_*.pt"), key=_epoch_number)
+                  if p.is_file() and not p.samefile(path)]
+        hint = f"; resume from the newest epoch checkpoint instead: --resume {others[-1]}" if others else ""
+        raise CheckpointError(f"--resume: {e}{hint}") from None
+    lacking = [k for k in ("optimizer", "epoch", "samples_in_epoch", "global_step") if k not in state]
+    if lacking:
+        raise CheckpointError(f"--resume {path}: not a training checkpoint (it lacks {', '.join(lacking)}: only the "
+                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt")
+    return state
+
+
+def claim_folders(config: TrainConfig, info: DistInfo) -> RunLock:
+    """Rank 0 takes --model-dir's lock, refuses a folder that holds a run without --resume, checks that
+    checkpoints/ and the caches' folders can be written and removes leftovers; every rank learns the result
+    (a failure stops them all)."""
+    model_dir = Path(config.model_dir)
+    lock = RunLock(model_dir)
+
+    def claim():
+        check_output_folder(model_dir, "--model-dir")
+        lock.acquire()
+        try:
+            check_start(model_dir, config.resume)
+            check_output_folder(config.ckpt_dir, "--model-dir")
+            if config.cache_image_features:
+                check_output_folder(config.feature_cache_dir, "--feature-cache-dir",
+                                    "pass a folder you can write to, or drop --cache-image-features")
+            if config.val_dataset and config.val_cache_dir:
+                check_output_folder(config.val_cache_dir, "--val-cache-dir", "pass a folder you can write to, or ''")
+            remove_leftovers(model_dir)
+        except BaseException:
+            lock.release()
+            raise
+
+    main_only(info, claim, f"claiming --model-dir {model_dir}")  # collective: also the barrier the others wait at
+    return lock
+
+
+@dataclass
+class Preflight:
+    """What `preflight` found, for the run to use: the precision it trains in, the validation root, the
+    checkpoint to resume from (path and contents), the training pairs, and the folder's lock (held)."""
+
+    precision: str
+    val_root: Path | None
+    resume_path: Path | None
+    resume_state: dict | None
+    dataset: ImageNetPairsDataset
+    lock: RunLock
+
+
+def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
+    """Every check of a run before the slow CLIP load, on every process, the fastest first. Holds the
+    folder's lock when it returns (`Preflight.lock`), released here when a later check fails."""
+    check_values(config)
+    precision = prec.training_precision(config.precision, device)
+    if precision != config.precision and info.is_main:
+        log.warning(f"--precision {config.precision} needs a CUDA device; training in {precision} on {device}")
+    root = val_root(config)
+    resume_path = resolve_resume(config.resume, config.ckpt_dir)
+    lock = claim_folders(config, info)
+    try:
+        state = read_resume_state(resume_path, config.ckpt_dir) if resume_path else None
+        # every listed image is checked here
+        dataset = ImageNetPairsDataset(config.imagenet_path, config.pairs_path, build_transform(config.preprocess_type, 224))
+        if len(dataset) // info.world_size // config.batch_size == 0:  # what the run's sampler will find
+            raise ConfigError(f"{len(dataset)} training pairs give no full batch of {config.batch_size} x "
+                              f"{info.world_size} process(es); lower --batch-size")
+    except BaseException:
+        lock.release()
+        raise
+    return Preflight(precision, root, resume_path, state, dataset, lock)
+
+
+def resolved_hparams(config: TrainConfig, net, clip, info: DistInfo, device, precision: str) -> dict:
+    """The checkpoints' and hyperparameters.json's record: every field, then what the run resolved."""
+    h = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(asdict(config).items())}
+    h.update(world_size=info.world_size, global_batch_size=config.batch_size * info.world_size,
+             precision_used=precision, device_type=device.type, clip_source=str(clip.source),
+             network=net.cfg.to_dict())
+    return h
+
+
+def hparam_differences(old: dict, new: dict) -> list[str]:
+    old = {"cache_image_features": False, **old}  # hparams without the key: trained without the feature cache
+    keys = (set(old) | set(new)) - RUN_CONTROL_KEYS
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(keys) if old.get(k) != new.get(k)]
