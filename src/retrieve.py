@@ -6,7 +6,8 @@
 Every image under --gallery (recursive; jpg, jpeg, png, webp, bmp, gif, tif, tiff) is a candidate.
 Prints each query's ranked files with their cosine similarity, writes `<save-path>/results.json` and
 `<save-path>/results.png` (reference, text, top K). The gallery's features go into the same cache as
-evaluate.py's (`--cache-dir`), so the next query over the same folder encodes only itself.
+evaluate.py's (`--cache-dir`), so the next query over the same folder encodes only itself. The search
+itself is src/fti4cir_api.py's (`FTI4CIRModel.index`, `.rank`), which Python code and torch.hub use too.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from cli import FlagParser, add_model_args, encoding_from_args, model_setup, script_main
-from evaluation import EvalConfig
-from folder_retrieval import check_gallery, collect_queries, save_grid, search_folder
+from cli import FlagParser, add_model_args, model_setup, script_main
+from folder_retrieval import check_gallery, collect_queries, save_grid
+from fti4cir_api import FTI4CIRModel
 from logs import get_logger
 from utils import atomic_write_json
 
@@ -52,11 +53,12 @@ def main(argv=None) -> dict:
         queries.extend(collect_queries(args.reference, args.text, args.queries))
 
     device, clip, net = model_setup(args, check=check)
-    config = EvalConfig(split="", preprocess_type=args.preprocess_type, encoding=encoding_from_args(args, device),
-                        cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
-                        baseline=args.baseline)
+    model = FTI4CIRModel(net, clip, preprocess_type=args.preprocess_type, batch_size=args.batch_size,
+                         workers=args.workers, precision=args.precision,
+                         cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
+                         progress=not args.no_progress)
     t = time.perf_counter()
-    results = search_folder(net, clip, args.gallery, queries, config, args.top, args.exclude_reference)
+    results = model.rank(model.index(args.gallery), queries, args.top, args.baseline, args.exclude_reference)
     log.info(f"{len(results.retrieval.names)} gallery images, {len(queries)} queries ranked in "
              f"{1000 * (time.perf_counter() - t):.0f} ms")
     out = results.to_dict()
