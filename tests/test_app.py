@@ -69,9 +69,6 @@ def test_app_in_browser(tiny_clip, tiny_clip_path, tmp_path):
     save_network(FTI4CIR.for_clip(tiny_clip), net_path)
     reference = gallery / "img04.png"
     text = "is red with long sleeves"
-    # what the page must show: explain's words for the reference, from the same network
-    model = FTI4CIRModel(load_network(net_path)[0], tiny_clip, workers=0, cache_dir=None, progress=False)
-    want = model.explain(str(reference))
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -83,6 +80,9 @@ def test_app_in_browser(tiny_clip, tiny_clip_path, tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+        # what the page must show, computed while the app starts: explain's words, from the same network
+        model = FTI4CIRModel(load_network(net_path)[0], tiny_clip, workers=0, cache_dir=None, progress=False)
+        want = model.explain(str(reference))
         _wait_for(url, proc, log)
         started = time.monotonic() - t0
         assert "10 images (encoded at start)" in log.read_text()
