@@ -1,8 +1,9 @@
 """Composed retrieval over any folder of images: the library behind retrieve.py (METHOD §10).
 
 The folder is a gallery like a benchmark's (datasets.ImageFolderDataset), encoded by the same code
-(`evaluation.encode_benchmark`: the gallery cache, composed queries, baselines), so the same query
-ranks a benchmark's gallery here exactly as evaluate.py ranks it.
+as evaluate.py's benchmarks (`features.gallery_features` with the gallery cache, `features.query_features`
+for composed queries and baselines), so the same query ranks a benchmark's gallery here exactly as
+evaluate.py ranks it. `index_folder` encodes the gallery once; `rank_folder` answers queries over it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 import metrics as M
 from datasets import ImageFolderDataset, list_images
 from errors import ConfigError
-from evaluation import EvalConfig, Retrieval, draw_rankings, encode_benchmark
+from evaluation import EvalConfig, Retrieval, draw_rankings
+from feature_store import EvalCache
+from features import Gallery, gallery_features, query_features
 from transforms import build_transform
 
 
@@ -82,17 +85,44 @@ class FolderResults:
                 "queries": out}
 
 
-def search_folder(net, clip, folder, queries: Sequence[tuple[str, str]], config: EvalConfig, top: int = 10,
-                  exclude_reference: bool = False) -> FolderResults:
-    """Ranks every image under `folder` for each (reference, text) query: FTI4CIR's composed query (or
-    config.baseline), cosine similarity to the gallery's CLIP embeddings. `exclude_reference`: a
-    reference that is itself in the folder is left out of its own ranking (as CIRR does)."""
+@dataclass
+class FolderIndex:
+    """A folder encoded as a gallery: its gallery-mode dataset (names, paths, preprocessing) and features."""
+
+    dataset: ImageFolderDataset
+    gallery: Gallery
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.dataset.gallery_paths
+
+    def __len__(self) -> int:
+        return len(self.gallery.names)
+
+
+def _check_top(top: int) -> None:
     if top < 1:
         raise ConfigError(f"--top must be >= 1, got {top}")
+
+
+def index_folder(clip, folder, config: EvalConfig) -> FolderIndex:
+    """Every image under `folder` as a gallery: CLIP embeddings from `config.cache_dir` (the gallery cache
+    evaluate.py uses) when it holds them, else encoded and written there."""
     preprocess = build_transform(config.preprocess_type, clip.image_size)
-    gallery = ImageFolderDataset(folder, "gallery", preprocess)
-    query = ImageFolderDataset(folder, "query", preprocess, queries)
-    r = encode_benchmark(net, clip, gallery, query, config)
+    dataset = ImageFolderDataset(folder, "gallery", preprocess)
+    cache = EvalCache(config.cache_dir, config.cache_hash_images) if config.cache_dir is not None else None
+    return FolderIndex(dataset, gallery_features(clip, dataset, config.encoding, cache))
+
+
+def rank_folder(net, clip, index: FolderIndex, queries: Sequence[tuple[str, str]], config: EvalConfig,
+                top: int = 10, exclude_reference: bool = False) -> FolderResults:
+    """Ranks the indexed folder for each (reference, text) query: FTI4CIR's composed query (or
+    config.baseline), cosine similarity to the gallery's CLIP embeddings. `exclude_reference`: a
+    reference that is itself in the folder is left out of its own ranking (as CIRR does)."""
+    _check_top(top)
+    gallery = index.dataset
+    query = ImageFolderDataset(gallery.root, "query", gallery.preprocess, queries)
+    r = Retrieval(index.gallery, query_features(net, clip, query, config.encoding, config.baseline), gallery, query)
     exclude = None
     if exclude_reference:
         row = {os.path.realpath(p): j for j, p in enumerate(gallery.gallery_paths)}
@@ -102,6 +132,13 @@ def search_folder(net, clip, folder, queries: Sequence[tuple[str, str]], config:
     g = r.gallery.features[ranked.to(r.gallery.features.device)]  # [Q, K, D]
     scores = torch.einsum("qd,qkd->qk", r.query_features.to(g.device, g.dtype), g).cpu()
     return FolderResults(r, ranked, scores)
+
+
+def search_folder(net, clip, folder, queries: Sequence[tuple[str, str]], config: EvalConfig, top: int = 10,
+                  exclude_reference: bool = False) -> FolderResults:
+    """`index_folder`, then `rank_folder`."""
+    _check_top(top)
+    return rank_folder(net, clip, index_folder(clip, folder, config), queries, config, top, exclude_reference)
 
 
 def save_grid(results: FolderResults, path) -> Path:

@@ -17,8 +17,8 @@ from pathlib import Path
 from checkpoint import load_model
 from cli import FlagParser, add_model_args, check_model_outputs, clip_args, encoding_from_args, model_device, script_main
 from clip_loader import load_clip
-from evaluation import EvalConfig
-from folder_search import check_gallery, collect_queries, save_grid, search_folder
+from folder_search import check_gallery, collect_queries, save_grid
+from fti4cir_api import FTI4CIRModel
 from logs import get_logger
 from utils import atomic_write_json
 
@@ -53,11 +53,14 @@ def main(argv=None) -> dict:
     check_model_outputs(args)
     clip = load_clip(**clip_args(args), device=device)
     net = load_model(args.model_path, clip, device, args.baseline)
-    config = EvalConfig(split="", preprocess_type=args.preprocess_type, encoding=encoding_from_args(args, device),
-                        cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
-                        baseline=args.baseline)
+    encoding = encoding_from_args(args, device)
+    # the Python API's model (fti4cir_api), so the script and the API rank through one path
+    model = FTI4CIRModel(net, clip, preprocess_type=args.preprocess_type, batch_size=encoding.batch_size,
+                         workers=encoding.workers, precision=encoding.precision,
+                         cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
+                         progress=encoding.progress)
     t = time.perf_counter()
-    results = search_folder(net, clip, args.gallery, queries, config, args.top, args.exclude_reference)
+    results = model.rank(model.index(args.gallery), queries, args.top, args.baseline, args.exclude_reference)
     log.info(f"{len(results.retrieval.names)} gallery images, {len(queries)} queries ranked in "
              f"{1000 * (time.perf_counter() - t):.0f} ms")
     out = results.to_dict()
