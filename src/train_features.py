@@ -190,6 +190,15 @@ class RowWriter:
     def num_filled(self) -> int:
         return self.store.num_filled()
 
+    @property
+    def writing(self) -> bool:
+        """Whether the writer thread runs (from the first write until `close`)."""
+        return self._thread is not None
+
+    def drain(self) -> None:
+        """Waits until every batch queued so far is stored (marked filled only at the next flush)."""
+        self._queue.join()
+
     def _staging(self, k: int, g_shape: tuple, P_shape: tuple, pin: bool) -> _Staging:
         try:
             s = self._free.get_nowait()

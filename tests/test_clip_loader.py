@@ -74,8 +74,7 @@ def test_clear_errors(tmp_path, tiny_clip_path):
 
 def test_offline_without_weights_fails_fast_with_what_to_pass(monkeypatch, tmp_path, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here
-    monkeypatch.setattr("clip_loader._cached_pretrained_file", lambda name, tag: None)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here, and nothing in the (empty) hub cache
     t = time.time()
     with pytest.raises(ClipLoadError, match="--clip-weights"):
         load_clip("ViT-L/14")

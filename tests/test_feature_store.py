@@ -303,7 +303,7 @@ def test_queued_rows_are_stored_then_marked_filled(tmp_path, data8, monkeypatch)
     assert np.array_equal(g_file[[4, 1]], g0.half().numpy())
     assert np.array_equal(P_file[[4, 1]], P.half().numpy())
     cache.close()
-    assert cache._thread is None
+    assert not cache.writing
 
 
 def test_filled_waits_for_the_flush_every_few_batches(tmp_path, data8):
@@ -312,11 +312,11 @@ def test_filled_waits_for_the_flush_every_few_batches(tmp_path, data8):
     g, P = torch.randn(8, 3).half(), torch.randn(8, 2, 4).half()
     for r in (5, 0):  # two batches: stored, not yet flushed, so not yet marked
         cache.write(np.array([r]), g[[r]], P[[r]])
-    cache._queue.join()
+    cache.drain()
     g_file, _, filled = open_arrays(cache.folder)
     assert not filled.any() and np.array_equal(g_file[[5, 0]], g[[5, 0]].numpy())
     cache.write(np.array([7, 2]), g[[7, 2]], P[[7, 2]])  # the third batch: the flush, then the flags
-    cache._queue.join()
+    cache.drain()
     assert open_arrays(cache.folder)[2].nonzero()[0].tolist() == [0, 2, 5, 7]
     cache.write(np.array([3]), g[[3]], P[[3]])
     cache.close()  # commit flushes what is left
@@ -369,9 +369,9 @@ def test_writer_failure_is_raised_and_marks_nothing(tmp_path, data8, monkeypatch
     def disk_full(*a):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache, "_store", disk_full)
+    monkeypatch.setattr(feature_store.RowFiles, "write_rows", disk_full)
     cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
-    cache._queue.join()
+    cache.drain()
     with pytest.raises(feature_store.FeatureCacheError, match=f"writing the feature cache {cache.folder} failed.*No space"):
         cache.write(np.array([5]), torch.randn(1, 3), torch.randn(1, 2, 4))  # the next write reports it
     cache.write(np.array([2]), torch.randn(1, 3), torch.randn(1, 2, 4))
