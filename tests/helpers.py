@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from checkpoint import load_checkpoint
 from evaluation import EvalConfig
@@ -304,3 +304,17 @@ def parse_garment_text(category: str, text: str) -> dict:
         if category == "toptee" and re.search(r"\bhas sleeves", t):  # a top's only sleeves are short ones
             _put(out, "variant", "short", text)
     return out
+
+
+def draw_gallery(folder, n: int = 12, seed: int = 0):
+    """n small distinct pictures: a shape of one colour on a background of another, a few elongated."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        size = (48, 32) if i % 4 == 3 else (40, 40)
+        bg, fg = (tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
+        im = Image.new("RGB", size, bg)
+        x, y = int(rng.integers(0, 16)), int(rng.integers(0, 12))
+        (ImageDraw.Draw(im).ellipse if i % 2 else ImageDraw.Draw(im).rectangle)((x, y, x + 18, y + 16), fill=fg)
+        im.save(folder / f"img{i:02d}.{'png' if i % 3 else 'jpg'}")
+    return folder

@@ -11,13 +11,12 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from checkpoint import save_network
+from helpers import draw_gallery
 from fti4cir_api import FTI4CIRModel, InputError, load
 from models import FTI4CIR, select_attributes
 from retrieve import main as retrieve_main
@@ -27,31 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["is red and a circle instead", "has a striped background"]
 
 
-def draw_gallery(folder, n: int = 12, seed: int = 0):
-    """n small distinct pictures: a shape of one colour on a background of another, a few elongated."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        size = (48, 32) if i % 4 == 3 else (40, 40)
-        bg, fg = (tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
-        im = Image.new("RGB", size, bg)
-        x, y = int(rng.integers(0, 16)), int(rng.integers(0, 12))
-        (ImageDraw.Draw(im).ellipse if i % 2 else ImageDraw.Draw(im).rectangle)((x, y, x + 18, y + 16), fill=fg)
-        im.save(folder / f"img{i:02d}.{'png' if i % 3 else 'jpg'}")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
     return draw_gallery(tmp_path_factory.mktemp("gallery") / "photos")
-
-
-@pytest.fixture(scope="module")
-def net_path(tiny_clip, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("net") / "fti4cir.pt"
-    save_network(FTI4CIR.for_clip(tiny_clip), path)
-    return path
 
 
 @pytest.fixture(scope="module")

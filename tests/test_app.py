@@ -20,7 +20,7 @@ import torch
 from checkpoint import load_network, save_network
 from fti4cir_api import FTI4CIRModel
 from models import FTI4CIR
-from test_api import draw_gallery
+from helpers import draw_gallery
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("FTI4CIR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
