@@ -1,4 +1,4 @@
-"""scripts/bench.py --count-flops: the counts it predicts the GPU step from."""
+"""scripts/bench_flops.py: the counts it predicts the GPU step from."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,13 +8,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_flops
 from models import FTI4CIR
 
 
 def test_cpu_attention_counted_like_the_gpu_kernels():
     b, h, s, d = 2, 3, 10, 8
     q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
-    with FlopCounterMode(display=False, custom_mapping=bench.CPU_SDPA) as counter:
+    with FlopCounterMode(display=False, custom_mapping=bench_flops.CPU_SDPA) as counter:
         out = F.scaled_dot_product_attention(q, k, v)
         forward = counter.get_total_flops()
         out.sum().backward()
@@ -25,14 +26,14 @@ def test_cpu_attention_counted_like_the_gpu_kernels():
 def test_prediction_on_the_tiny_clip():
     clip = bench.build_clip("tiny", torch.device("cpu"))
     net = FTI4CIR.for_clip(clip).train()
-    p = bench.predict_gpu_step(clip, net, SimpleNamespace(flops_batch=2, batch_size=8, skip_baseline=False))
+    p = bench_flops.predict_gpu_step(clip, net, SimpleNamespace(flops_batch=2, batch_size=8, skip_baseline=False))
     ours, base = p["ours"], p["baseline"]
     # one visual pass instead of two, no gradient through it: its FLOPs are the forward of encode_visual
     # (attention as linear + sdpa ops, as on the GPU under autocast; the fused CPU fast path is not counted)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False, custom_mapping=bench.CPU_SDPA) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=bench_flops.CPU_SDPA) as counter, torch.no_grad():
             clip.encode_visual(torch.randn(2, 3, clip.image_size, clip.image_size))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

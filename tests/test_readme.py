@@ -21,7 +21,7 @@ SCRIPT_DOCS = {
     "src/check_data.py": USER_DOCS, "src/retrieve.py": USER_DOCS, "src/app.py": USER_DOCS,
     "scripts/demo.py": DEMO_DOCS, "scripts/make_toy_data.py": DEMO_DOCS, "scripts/make_toy_clip.py": DEMO_DOCS,
     "scripts/bench_toy_clip.py": ("docs/DEMO.md",),
-    "scripts/bench.py": ("docs/PERFORMANCE.md",), "scripts/bench_eval.py": ("docs/PERFORMANCE.md",),
+    "scripts/bench.py": ("docs/PERFORMANCE.md",), "scripts/bench_flops.py": ("docs/PERFORMANCE.md",), "scripts/bench_eval.py": ("docs/PERFORMANCE.md",),
     "scripts/bench_feature_cache.py": ("docs/PERFORMANCE.md",), "scripts/bench_metrics.py": ("docs/PERFORMANCE.md",),
     "scripts/gpu_check.py": ("docs/PERFORMANCE.md",),
 }
