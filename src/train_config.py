@@ -167,15 +167,15 @@ def read_resume_state(path: Path, ckpt_dir: Path) -> dict:
     lacking = [k for k in ("optimizer", "epoch", "samples_in_epoch", "global_step") if k not in state]
     if lacking:
         raise CheckpointError(f"--resume {path}: not a training checkpoint (it lacks {', '.join(lacking)}: only the "
-                              f"network was saved); {NETWORK_ONLY_ADVICE.format(path=path)}, or resume from "
-                              "<model-dir>/checkpoints/latest.pt or epoch_N.pt")
+                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt, or "
+                              f"{NETWORK_ONLY_ADVICE.format(path=path)}")
     return state
 
 
 # what a file holding only the network can be used for: train.py starts from fresh weights and has no flag
 # that starts a run from given ones
-NETWORK_ONLY_ADVICE = ("evaluate it with evaluate.py / test.py --model-path {path}; a new training run "
-                       "(without --resume) starts from fresh weights, train.py has no flag that starts from these")
+NETWORK_ONLY_ADVICE = ("evaluate it with evaluate.py / test.py --model-path {path} (a new training run, without "
+                       "--resume, starts from fresh weights: train.py has no flag that starts from given ones)")
 
 
 def refuse_authors_checkpoint(path: Path) -> None:
@@ -278,9 +278,9 @@ def run_files_present(model_dir) -> set[str]:
 
 
 def forget_failed_start(model_dir, present: set[str]) -> None:
-    """After a run that failed before writing any checkpoint: removes the START_FILES it wrote (not those in
-    `present`), which would otherwise make the next run on the folder ask for --resume, with nothing to
-    resume from."""
+    """After a start that failed before writing any checkpoint (training._train says which failures count):
+    removes the START_FILES it wrote (not those in `present`), which would otherwise make the next run on
+    the folder ask for --resume, with nothing to resume from."""
     model_dir = Path(model_dir)
     removed = []
     for name in START_FILES:

@@ -40,7 +40,7 @@ from clip_loader import load_clip
 from datasets import ImageNetPairsDataset
 from distributed import (DistInfo, RankFailed, ResumableDistributedSampler, all_gather_object, all_reduce_mean,
                          gather_with_grad, main_only)
-from errors import ConfigError, UserError, naming_written_file
+from errors import ConfigError, UserError, naming_written_file, write_error
 from evaluation import EvalConfig, evaluate
 from features import Encoding
 from logs import TrainLog, get_logger
@@ -404,9 +404,11 @@ class EpochStats:
 
 def _write_log(run: Run, write) -> None:
     """Rank 0 writes to the step log or TensorBoard; a failure there (a full disk) is raised on every rank
-    together, by the next all-reduce, instead of stopping rank 0 alone."""
+    together, by the next all-reduce, instead of stopping rank 0 alone. A failed write names the step log
+    (TensorBoard's own writes happen in its thread, not here)."""
     try:
-        write()
+        with naming_written_file(run.model_dir / "train_log.jsonl"):
+            write()
     except Exception as e:  # noqa: BLE001 - re-raised on every rank by the next collective
         if not run.info.enabled:
             raise
@@ -548,8 +550,11 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, checked: P
     try:
         start(run, rng_state, resumed=resume_path is not None)
         return _epochs(run, resume_path)
-    except BaseException:
-        if info.is_main and run.position.last_checkpoint is None:  # nothing to resume from: a failed start
+    except BaseException as e:
+        # nothing to resume from and nothing to learn from the files: a write that failed (a full disk) or
+        # a failure before the first step; other failures (a non-finite loss) keep their step log
+        pos = run.position
+        if info.is_main and pos.last_checkpoint is None and (pos.global_step == 0 or write_error(e) is not None):
             forget_failed_start(run.model_dir, present)
         raise
 

@@ -675,3 +675,16 @@ def test_a_failed_first_write_is_one_line_naming_the_file_and_the_next_run_start
     assert not list((model_dir / "checkpoints").iterdir())
     if isinstance(failure, OSError):
         assert train.main(args)["global_step"] == 2  # the next plain run, without --resume
+
+
+def test_a_failed_step_log_write_names_the_log(data8, tiny_clip_path, tmp_path, monkeypatch):
+    from logs import TrainLog
+
+    def full(self, record, global_step):
+        raise OSError(28, "No space left on device")  # a write to an open file names no file
+
+    monkeypatch.setattr(TrainLog, "step", full)
+    model_dir = tmp_path / "run"
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1))
+    assert msg.startswith(f"error: {model_dir / 'train_log.jsonl'}: No space left on device")
+    assert not (model_dir / "train_log.jsonl").exists()  # the failed start's files are gone
