@@ -504,8 +504,9 @@ def test_the_clip_fingerprint_is_of_the_weights_alone(tiny_clip_path, tmp_path):
     assert weights_digest(state) == fp
     state["visual.proj"][0, 0] += 1.0  # one sampled value moved
     assert weights_digest(state) != fp
-    again.hold_visual_weights_in(torch.bfloat16)  # a speed option's cast is not another CLIP
-    assert again.weights_fingerprint() == fp
+    held = load_clip("ViT-L/14", copy)
+    held.hold_visual_weights_in(torch.bfloat16)  # a speed option's cast, before any fingerprint: not another CLIP
+    assert held.visual_dtype == torch.bfloat16 and held.weights_fingerprint() == fp
 
 
 @pytest.fixture(scope="module")
