@@ -89,7 +89,8 @@ def write_error(error: BaseException, path=None) -> OSError | None:
             code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in message), None)
             if code is None and not any(m in message for m in _TORCH_WRITER):
                 return None
-            text = os.strerror(code) if code is not None else "the write failed (a full disk or quota is the usual cause)"
+            text = (os.strerror(code) if code is not None
+                    else "the write failed (a full disk or quota is the usual cause)")
     else:
         return None
     return OSError(code, text, str(path)) if path is not None else OSError(code, text)

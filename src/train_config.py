@@ -28,8 +28,8 @@ from utils import check_output_folder
 
 # fields that steer the run rather than define the training (the speed options change only float rounding):
 # a resume may change them without a warning
-RUN_CONTROL_KEYS = {"resume", "allow_changes", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device", "cache_hash_images",
-                    "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
+RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device", "cache_hash_images",
+                    "allow_changes", "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
                     "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress",
                     "compile", "clip_half", "causal_text_attention", "fused_adamw", "deterministic"}
 
@@ -182,7 +182,8 @@ def refuse_authors_checkpoint(path: Path) -> None:
     """The authors' released file holds the network alone (a pickled module: no optimizer, no position)."""
     if is_authors_checkpoint(path):
         raise CheckpointError(f"--resume {path}: the authors' released file holds only the network (no optimizer "
-                              f"state, epoch or step), so it cannot be resumed; {NETWORK_ONLY_ADVICE.format(path=path)}")
+                              "state, epoch or step), so it cannot be resumed; "
+                              + NETWORK_ONLY_ADVICE.format(path=path))
 
 
 def data_fingerprint(dataset: ImageNetPairsDataset) -> dict:
@@ -196,7 +197,8 @@ def data_fingerprint(dataset: ImageNetPairsDataset) -> dict:
 
 
 def _describe_data(data: dict) -> str:
-    return f"{data.get('images', '?')} images, pairs file {data.get('pairs_file', '?')} (sha256 {data.get('pairs_sha256', '?')})"
+    return (f"{data.get('images', '?')} images, pairs file {data.get('pairs_file', '?')} "
+            f"(sha256 {data.get('pairs_sha256', '?')})")
 
 
 def check_resume_data(path: Path, state: dict, data: dict, allow_changes: bool, world_size: int, is_main: bool) -> None:
@@ -214,11 +216,12 @@ def check_resume_data(path: Path, state: dict, data: dict, allow_changes: bool, 
                               f"({_describe_data(data)}); pass the --imagenet-path / --pairs-path it was trained on, "
                               "or --allow-changes to go on with this data")
         if is_main:
-            log.warning(f"--allow-changes: resuming {path} on other data: {_describe_data(saved)} -> {_describe_data(data)}")
+            log.warning(f"--allow-changes: resuming {path} on other data: {_describe_data(saved)} -> "
+                        f"{_describe_data(data)}")
     done, per_process = state["samples_in_epoch"], data["images"] // world_size
     if done // world_size > per_process:
-        raise ConfigError(f"--resume {path} stopped {done} samples into epoch {state['epoch'] + 1}, past the end of this "
-                          f"run's data ({data['images']} images, {per_process * world_size} samples per epoch over "
+        raise ConfigError(f"--resume {path} stopped {done} samples into epoch {state['epoch'] + 1}, past the end "
+                          f"of this run's data ({data['images']} images, {per_process * world_size} samples per epoch over "
                           f"{world_size} process(es)); resume from an epoch checkpoint (epoch_N.pt) instead, or with "
                           "the data it was trained on")
 

@@ -567,7 +567,8 @@ def test_a_checkpoint_records_its_clip_and_data_and_a_resume_checks_them(stopped
     assert len([x for x in out if "over other CLIP weights" in x]) == 1
     assert len([x for x in out if "different hyper-parameters" in x and "lr: 4e-05 -> 0.001" in x]) == 1
     assert not [w for w in caught if "hyper-parameters" in str(w.message) or "CLIP" in str(w.message)]
-    assert load_checkpoint(tmp_path / "d" / "checkpoints" / "latest.pt")["clip_fingerprint"] != state["clip_fingerprint"]
+    resumed = load_checkpoint(tmp_path / "d" / "checkpoints" / "latest.pt")
+    assert resumed["clip_fingerprint"] != state["clip_fingerprint"]
 
 
 def test_checkpoints_without_the_records_still_resume_and_evaluate(stopped_run, data8, tiny_clip_path, tiny_clip,
