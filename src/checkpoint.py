@@ -3,7 +3,10 @@ training checkpoint besides the weights (every process's random-number state, li
 
 This repo's format is a plain dict, loadable with `torch.load(weights_only=True)`:
 `{"format": "fti4cir", "format_version": 1, "config": {...FTI4CIRConfig...}, "state_dict": {...}}`;
-training checkpoints add `optimizer`, `scaler`, `epoch`, `step`, `rng` and `hparams` beside them.
+training checkpoints add `optimizer`, `scaler`, `epoch`, `step`, `rng` and `hparams` beside them, and what
+the run was trained over: `clip_fingerprint` (FrozenCLIP.weights_fingerprint) and `data` (the pairs file's
+digest and image count, train_config.data_fingerprint). Files without these two (the authors' released
+file, or one written without them) still load; there is then nothing to compare.
 
 The authors' file is a whole pickled module (class `i2t_model.IMG2TEXT`). It is read without their
 code by a restricted unpickler that maps exactly their classes to empty stand-ins, allows the handful
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from errors import ConfigError, UserError, torch_load_problem
+from errors import ConfigError, UserError, naming_written_file, torch_load_problem
 from hub import local_file
 from logs import get_logger
 from models import FTI4CIR, FTI4CIRConfig
@@ -50,8 +53,10 @@ def network_payload(net: FTI4CIR) -> dict:
 
 
 def save_network(net: FTI4CIR, path, **extra) -> None:
-    """Atomically writes the network (and any training state in `extra`)."""
-    atomic_torch_save({**network_payload(net), **extra}, path)
+    """Atomically writes the network (and any training state in `extra`); a failed write (a full disk) is an
+    OSError naming `path`."""
+    with naming_written_file(path):
+        atomic_torch_save({**network_payload(net), **extra}, path)
 
 
 def build_network(config: dict, state_dict: dict, source) -> FTI4CIR:
@@ -91,27 +96,36 @@ def load_checkpoint(path) -> dict:
 def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dict]:
     """Loads this repo's checkpoint or the authors' released one. Returns (network in eval mode, info).
 
-    info: `{"format": "fti4cir" | "authors", "config": {...}}` plus `epoch`/`global_step` when present.
+    info: `{"format": "fti4cir" | "authors", "config": {...}}` plus, when the file holds them, `epoch`,
+    `global_step`, `clip_fingerprint` and `clip_source` (the CLIP it was trained over).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--model-path {path}: no such file. Pass a checkpoint written by src/train.py "
                               "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file.")
-    if _is_authors_pickle(path):
+    if is_authors_checkpoint(path):
         config, state_dict = read_authors_checkpoint(path)
         net = build_network(config, state_dict, path)
         info = {"format": "authors", "config": config}
     else:
         obj = load_checkpoint(path)
         net = build_network(obj["config"], obj["state_dict"], path)
-        info = {"format": FORMAT, "config": obj["config"], **{k: obj[k] for k in ("epoch", "global_step") if k in obj}}
+        info = {"format": FORMAT, "config": obj["config"],
+                **{k: obj[k] for k in ("epoch", "global_step", "clip_fingerprint") if k in obj}}
+        hparams = obj.get("hparams")
+        if isinstance(hparams, dict) and "clip_source" in hparams:
+            info["clip_source"] = hparams["clip_source"]
     return net.to(device).eval(), info
 
 
 def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
                baseline: str | None = None) -> FTI4CIR | None:
     """The network of `model_path` (--model-path: a file or an hf-hub: reference) in eval mode on `device`,
-    checked against `clip`; None for a `baseline` (image-only / text-only), which needs no network."""
+    checked against `clip`; None for a `baseline` (image-only / text-only), which needs no network.
+
+    A checkpoint that records the CLIP it was trained over (`clip_fingerprint`) is compared with `clip`:
+    other weights give one warning line (the shapes fit, the results are not the trained network's). The
+    network's attribute `loaded_from` holds the record `loaded_from()` makes, which evaluate.py writes."""
     if baseline is not None:
         if model_path:
             log.info(f"--baseline {baseline}: --model-path {model_path} is not used")
@@ -126,10 +140,29 @@ def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
     except ValueError as e:
         raise ConfigError(f"--model-path {model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
                           f"Pass the --clip-model/--clip-weights it was trained with") from e
+    net.loaded_from = loaded_from(model_path, path, info, clip)
     extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
+    if "clip_fingerprint" not in info:  # the authors' file, or one written without it
+        extra += "; its CLIP is not recorded, so not checked"
     where = f" = {path}" if str(path) != str(model_path) else ""
     log.info(f"model: {model_path}{where} ({info['format']} format{extra})")
+    recorded, current = info.get("clip_fingerprint"), net.loaded_from["clip_fingerprint"]["loaded"]
+    if recorded is not None and recorded != current:
+        log.warning(f"--model-path {model_path} was trained over other CLIP weights (fingerprint {recorded}, "
+                    f"{info.get('clip_source', 'source not recorded')}) than the ones loaded (fingerprint {current}, "
+                    f"{clip.source}): its results are not those of the trained model; pass the --clip-weights / "
+                    "--clip-model it was trained with")
     return net
+
+
+def loaded_from(model_path, path: Path, info: dict, clip) -> dict:
+    """What an evaluation used: the checkpoint (as given and as read), its format, epoch and global step
+    (None when not recorded) and the fingerprints of the CLIP it was trained over (None when not
+    recorded) and of the CLIP loaded."""
+    return {"model_path": str(model_path), "file": str(path), "format": info["format"],
+            "epoch": info.get("epoch"), "global_step": info.get("global_step"),
+            "clip_fingerprint": {"checkpoint": info.get("clip_fingerprint"), "loaded": clip.weights_fingerprint()},
+            "clip_source": {"checkpoint": info.get("clip_source"), "loaded": str(clip.source)}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +260,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 _restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="fti4cir_restricted_pickle")
 
 
-def _is_authors_pickle(path: Path) -> bool:
+def is_authors_checkpoint(path: Path) -> bool:
     """True when the file's pickle names the authors' `i2t_model` module (read from the archive, not executed)."""
     if not zipfile.is_zipfile(path):
         return False

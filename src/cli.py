@@ -15,7 +15,7 @@ import torch
 
 from clip_loader import CLIP_FORMATS
 from datasets import BENCHMARKS, CIRCO_QUERY_TEMPLATES, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
-from errors import ConfigError, UserError
+from errors import ConfigError, UserError, write_error
 from evaluation import EvalConfig
 from feature_store import DEFAULT_CACHE_DIR
 from features import BASELINES, Encoding
@@ -74,9 +74,12 @@ def script_main(main):
             raise SystemExit(f"error: {e}") from None
         except torch.OutOfMemoryError:
             raise SystemExit("error: out of memory on the device; lower --batch-size (and --workers)") from None
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename else ""
-            raise SystemExit(f"error: {where}{e.strerror or e}; free disk space or fix the permissions, "
+        except (OSError, RuntimeError) as e:
+            found = write_error(e)  # torch.save's writer wraps the system's refusal in a RuntimeError
+            if found is None:
+                raise
+            where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            raise SystemExit(f"error: {where}{found.strerror or found}; free disk space or fix the permissions, "
                              "then rerun (written files are replaced atomically, so none is half-written)") from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

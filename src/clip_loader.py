@@ -83,6 +83,7 @@ class FrozenCLIP(nn.Module):
         except ValueError as e:
             raise ClipLoadError(f"{name}: {e}") from e
         self._fingerprint: dict | None = None
+        self._weights_fingerprint: str | None = None
         self._float32_copy: dict | None = None
         self.train_visual = self.encode_visual  # the training step's visual pass (`compile_visual`)
         self.causal_text = False  # `use_causal_text_attention`
@@ -116,6 +117,15 @@ class FrozenCLIP(nn.Module):
             info.update(visual_weights_sha256=h.hexdigest(), image_size=self.image_size)
             self._fingerprint = info
         return dict(self._fingerprint)
+
+    def weights_fingerprint(self) -> str:
+        """A short digest of the weights alone (`weights_digest`): the same for the same weights wherever
+        they were read from, different for other weights of the same shapes. Training checkpoints record
+        it, and resuming or evaluating one compares it with the CLIP loaded. Taken once, from the float32
+        weights as loaded (`hold_visual_weights_in` takes it before it casts them)."""
+        if self._weights_fingerprint is None:
+            self._weights_fingerprint = weights_digest(self.model.state_dict())
+        return self._weights_fingerprint
 
     # sizes (METHOD's symbols)
     @property
@@ -172,6 +182,7 @@ class FrozenCLIP(nn.Module):
             # kernels read past the weights' memory on an H200 (illegal memory access), not an error
             raise RuntimeError("hold_visual_weights_in after compile_visual: hold the weights first, then compile "
                                "(training.apply_speed_options does it in that order)")
+        self.weights_fingerprint()  # of the weights as loaded, not of their cast
         state = {k: v for k, v in self.model.visual.state_dict().items() if v.is_floating_point()}
         lossless = all(torch.equal(v.to(dtype).to(v.dtype), v) for v in state.values())
         self._float32_copy = None if lossless else {k: v.detach().float().cpu().clone() for k, v in state.items()}
@@ -240,6 +251,29 @@ class FrozenCLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor, trim: bool = True) -> torch.Tensor:
         """Plain CLIP text features of token ids [B, 77] (end token = the largest id)."""
         return self.encode_token_embeddings(self.token_embedding(ids), ids.argmax(dim=-1), trim=trim)
+
+
+WEIGHT_SAMPLES = 64  # values read from each tensor by weights_digest
+
+
+def weights_digest(state: dict[str, torch.Tensor], length: int = 16) -> str:
+    """Hex SHA-256 (first `length` digits) over every tensor's name, shape and dtype and WEIGHT_SAMPLES of its
+    values at fixed, evenly spaced positions (first and last included), read as float32. Cheap for any CLIP
+    (a few hundred small reads, one copy to the host), and any retraining or fine-tuning moves the sampled
+    values; a change confined to unsampled entries would go unnoticed."""
+    h = hashlib.sha256()
+    samples = []
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        flat = t.reshape(-1)
+        if flat.numel():
+            k = min(flat.numel(), WEIGHT_SAMPLES)
+            at = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)  # integers: the same positions on every device
+            samples.append(flat.index_select(0, at.to(flat.device)).float())
+    if samples:
+        h.update(torch.cat(samples).cpu().numpy().tobytes())
+    return h.hexdigest()[:length]
 
 
 # flash, memory-efficient or math kernels: the cuDNN attention kernel failed on an H200 (torch 2.11) for these

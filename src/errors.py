@@ -6,6 +6,9 @@ status 1, without a traceback. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import pickle
 import re
 import zipfile
@@ -61,3 +64,46 @@ def torch_load_problem(error: BaseException, path=None) -> str:
             or (path is not None and _broken_zip(path))):
         return "truncated or corrupt: copy it again"
     return f"unreadable ({type(error).__name__}: {text.splitlines()[0][:160] if text else ''})"
+
+
+# the system's refusals of a write, whose text torch.save's writer puts in its own RuntimeError
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
+# what torch.save's C++ writer says when a write or a seek fails, whatever the cause
+_TORCH_WRITER = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def write_error(error: BaseException, path=None) -> OSError | None:
+    """The failed write behind `error`, as an OSError naming `path` (when given): an OSError itself (which
+    names no file, or a temporary one, when it comes from a write or fsync), or a RuntimeError of
+    torch.save's writer, which wraps the system's error in its own text. None for any other error."""
+    if isinstance(error, UserError):
+        return None
+    if isinstance(error, OSError):
+        code, text = error.errno, error.strerror or str(error)
+    elif isinstance(error, RuntimeError):
+        cause = error.__cause__ or error.__context__
+        message = str(error)
+        if isinstance(cause, OSError):
+            code, text = cause.errno, cause.strerror or str(cause)
+        else:
+            code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in message), None)
+            if code is None and not any(m in message for m in _TORCH_WRITER):
+                return None
+            text = (os.strerror(code) if code is not None
+                    else "the write failed (a full disk or quota is the usual cause)")
+    else:
+        return None
+    return OSError(code, text, str(path)) if path is not None else OSError(code, text)
+
+
+@contextlib.contextmanager
+def naming_written_file(path):
+    """A failed write inside the block (`write_error`) is raised as an OSError naming `path`, which the
+    scripts' boundary (cli.script_main) reports in one line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        found = write_error(e, path)
+        if found is None:
+            raise
+        raise found from e

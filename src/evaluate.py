@@ -4,7 +4,9 @@
 
 Prints a table and writes `<save-path>/metrics_<dataset>.json` (the authors' keys, percent); with
 `--baseline`, `metrics_<dataset>_image_only.json` / `_text_only.json`. The computation is
-`evaluation.evaluate`.
+`evaluation.evaluate`. With a model, `metrics_<dataset>.checkpoint.json` beside it records what was
+evaluated (`checkpoint.loaded_from`: the checkpoint's path, epoch and global step, and the fingerprints of
+the CLIP it was trained over and of the CLIP loaded); the metrics file itself keeps the authors' keys alone.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from checkpoint import load_model
 from cli import (FlagParser, add_eval_args, check_model_outputs, clip_args, dataset_root, eval_config_from_args,
                  model_device, script_main)
 from clip_loader import load_clip
+from errors import naming_written_file
 from evaluation import evaluate, format_table, metrics_path
 from logs import get_logger
 from utils import atomic_write_json
@@ -44,8 +47,14 @@ def write_validation_metrics(args, clip, net, device) -> dict[str, float]:
     what = f"baseline {args.baseline}" if args.baseline else f"model {args.model_path}"
     print(f"\n{args.dataset} val, {what}, precision {args.precision}\n{format_table(args.dataset, metrics)}", flush=True)
     path = metrics_path(args.save_path, args.dataset, args.baseline)
-    atomic_write_json(metrics, path)
+    with naming_written_file(path):
+        atomic_write_json(metrics, path)
     log.info(f"wrote {path}")
+    record = getattr(net, "loaded_from", None)
+    if record is not None:
+        record_path = path.with_suffix(".checkpoint.json")
+        with naming_written_file(record_path):
+            atomic_write_json({"metrics": path.name, **record}, record_path)
     return metrics
 
 

@@ -92,6 +92,9 @@ def build_parser() -> FlagParser:
                    help="also write checkpoints/latest.pt every N optimisation steps (mid-epoch resume points; 0: off)")
     s.add_argument("--resume", default=None,
                    help="'latest' (<model-dir>/checkpoints/latest.pt; starts fresh when there is none) or a checkpoint path")
+    s.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: go on when the CLIP weights or the training pairs differ from those the "
+                        "checkpoint records (each difference is one log line); without it, either is refused")
     s.add_argument("--max-steps", type=int, default=D.max_steps,
                    help="stop after this many optimisation steps in total, having written latest.pt (0: no limit; "
                         "for tests and time-limited jobs: resume with --resume latest)")

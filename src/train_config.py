@@ -3,18 +3,21 @@
 - `TrainConfig`: one field per flag of src/train.py, with the same name and default; the checkpoints'
   `hparams` are its fields plus what the run resolved (`resolved_hparams`).
 - `preflight`: every check that can fail before CLIP is loaded, in the order that fails fastest: the
-  values, the precision on this device, the validation root, the resume path, the output folders (taken
-  and checked by rank 0 under the run's lock, run_folder.py), the checkpoint to resume from, and the
-  training pairs with every image they list.
+  values (the global batch included), the precision on this device, the validation root, the resume
+  path, the output folders (taken and checked by rank 0 under the run's lock, run_folder.py), the
+  checkpoint to resume from, and the training pairs with every image they list, compared with the
+  pairs the checkpoint was trained on (`data_fingerprint`).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import precision as prec
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, is_authors_checkpoint, load_checkpoint
 from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
 from distributed import DistInfo, main_only
 from errors import ConfigError
@@ -26,7 +29,7 @@ from utils import check_output_folder
 # fields that steer the run rather than define the training (the speed options change only float rounding):
 # a resume may change them without a warning
 RUN_CONTROL_KEYS = {"resume", "epochs", "max_steps", "save_every_steps", "save_frequency", "workers", "device", "cache_hash_images",
-                    "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
+                    "allow_changes", "model_dir", "imagenet_path", "val_dataset", "val_data_path", "val_frequency",
                     "val_batch_size", "val_cache_dir", "dist_timeout_minutes", "feature_cache_dir", "no_progress",
                     "compile", "clip_half", "causal_text_attention", "fused_adamw", "deterministic"}
 
@@ -73,6 +76,7 @@ class TrainConfig:
     save_frequency: int = 1
     save_every_steps: int = 0
     resume: str | None = None
+    allow_changes: bool = False  # with resume: other CLIP weights or other training pairs are logged, not refused
     max_steps: int = 0
     # validation
     val_dataset: str | None = None
@@ -105,7 +109,7 @@ def check_values(config: TrainConfig) -> None:
     problems = []
     for name in ("batch_size", "epochs", "workers", "save_frequency", "save_every_steps", "max_steps", "val_frequency"):
         value = getattr(config, name)
-        if value < (1 if name in ("batch_size", "val_frequency") else 0):
+        if value < (1 if name in ("batch_size", "epochs", "val_frequency") else 0):
             problems.append(f"--{name.replace('_', '-')} {value}")
     for name in ("lr", "lr_div", "wd", "epsilon", "temperature", "reg_weight", "mapper_dropout", "dist_timeout_minutes"):
         if not math.isfinite(getattr(config, name)):
@@ -163,8 +167,81 @@ def read_resume_state(path: Path, ckpt_dir: Path) -> dict:
     lacking = [k for k in ("optimizer", "epoch", "samples_in_epoch", "global_step") if k not in state]
     if lacking:
         raise CheckpointError(f"--resume {path}: not a training checkpoint (it lacks {', '.join(lacking)}: only the "
-                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt")
+                              "network was saved); resume from <model-dir>/checkpoints/latest.pt or epoch_N.pt, or "
+                              f"{NETWORK_ONLY_ADVICE.format(path=path)}")
     return state
+
+
+# what a file holding only the network can be used for: train.py starts from fresh weights and has no flag
+# that starts a run from given ones
+NETWORK_ONLY_ADVICE = ("evaluate it with evaluate.py / test.py --model-path {path} (a new training run, without "
+                       "--resume, starts from fresh weights: train.py has no flag that starts from given ones)")
+
+
+def refuse_authors_checkpoint(path: Path) -> None:
+    """The authors' released file holds the network alone (a pickled module: no optimizer, no position)."""
+    if is_authors_checkpoint(path):
+        raise CheckpointError(f"--resume {path}: the authors' released file holds only the network (no optimizer "
+                              "state, epoch or step), so it cannot be resumed; "
+                              + NETWORK_ONLY_ADVICE.format(path=path))
+
+
+def data_fingerprint(dataset: ImageNetPairsDataset) -> dict:
+    """The training data as a checkpoint records it: the pairs file (path, SHA-256 of its bytes, first 16
+    digits) and the number of images it lists."""
+    h = hashlib.sha256()
+    with open(dataset.pairs_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"pairs_file": str(dataset.pairs_path), "pairs_sha256": h.hexdigest()[:16], "images": len(dataset)}
+
+
+def _describe_data(data: dict) -> str:
+    return (f"{data.get('images', '?')} images, pairs file {data.get('pairs_file', '?')} "
+            f"(sha256 {data.get('pairs_sha256', '?')})")
+
+
+def check_resume_data(path: Path, state: dict, data: dict, allow_changes: bool, world_size: int, is_main: bool) -> None:
+    """The checkpoint's training pairs against this run's: other pairs are refused, naming both, unless
+    `allow_changes` (then one log line); a mid-epoch position past the end of this run's data is refused
+    either way. A checkpoint that records neither the data nor the CLIP says so in one line."""
+    saved = state.get("data")
+    if saved is None or "clip_fingerprint" not in state:
+        if is_main:
+            missing = [what for key, what in (("clip_fingerprint", "CLIP"), ("data", "data")) if key not in state]
+            log.info(f"--resume {path} does not record the {' or the '.join(missing)} it was trained on; not checked")
+    if saved is not None and (saved.get("pairs_sha256"), saved.get("images")) != (data["pairs_sha256"], data["images"]):
+        if not allow_changes:
+            raise ConfigError(f"--resume {path} was trained on other data ({_describe_data(saved)}) than this run's "
+                              f"({_describe_data(data)}); pass the --imagenet-path / --pairs-path it was trained on, "
+                              "or --allow-changes to go on with this data")
+        if is_main:
+            log.warning(f"--allow-changes: resuming {path} on other data: {_describe_data(saved)} -> "
+                        f"{_describe_data(data)}")
+    done, per_process = state["samples_in_epoch"], data["images"] // world_size
+    if done // world_size > per_process:
+        raise ConfigError(f"--resume {path} stopped {done} samples into epoch {state['epoch'] + 1}, past the end "
+                          f"of this run's data ({data['images']} images, {per_process * world_size} samples per epoch over "
+                          f"{world_size} process(es)); resume from an epoch checkpoint (epoch_N.pt) instead, or with "
+                          "the data it was trained on")
+
+
+def check_resume_clip(path: Path, state: dict, fingerprint: str, source: str, allow_changes: bool,
+                      is_main: bool) -> None:
+    """The CLIP a checkpoint was trained over (its weights' fingerprint) against the one loaded: other
+    weights are refused, naming both, unless `allow_changes` (then one log line); nothing to compare
+    when the checkpoint records none (`check_resume_data` said so)."""
+    saved = state.get("clip_fingerprint")
+    if saved is None or saved == fingerprint:
+        return
+    old = f"fingerprint {saved}, {state.get('hparams', {}).get('clip_source', 'source not recorded')}"
+    new = f"fingerprint {fingerprint}, {source}"
+    if not allow_changes:
+        raise ConfigError(f"--resume {path} was trained over other CLIP weights ({old}) than the ones loaded ({new}); "
+                          "pass the --clip-weights / --clip-model it was trained with, or --allow-changes to go on "
+                          "over these")
+    if is_main:
+        log.warning(f"--allow-changes: resuming {path} over other CLIP weights: {old} -> {new}")
 
 
 def claim_folders(config: TrainConfig, info: DistInfo) -> RunLock:
@@ -194,16 +271,51 @@ def claim_folders(config: TrainConfig, info: DistInfo) -> RunLock:
     return lock
 
 
+# what `training.start` writes in --model-dir before the first checkpoint
+START_FILES = ("hyperparameters.json", "train_log.jsonl", "tensorboard")
+
+
+def run_files_present(model_dir) -> set[str]:
+    """The START_FILES already in `model_dir`, so that a failed start removes only what it wrote."""
+    return {name for name in START_FILES if (Path(model_dir) / name).exists()}
+
+
+def forget_failed_start(model_dir, present: set[str]) -> None:
+    """After a start that failed before writing any checkpoint (training._train says which failures count):
+    removes the START_FILES it wrote (not those in `present`), which would otherwise make the next run on
+    the folder ask for --resume, with nothing to resume from."""
+    model_dir = Path(model_dir)
+    removed = []
+    for name in START_FILES:
+        path = model_dir / name
+        if name in present or not path.exists():
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as e:  # the failure being raised matters more; say what is left
+            log.warning(f"could not remove {path} ({e.strerror or e}): remove it before the next run on {model_dir}")
+            continue
+        removed.append(name)
+    if removed:
+        log.info(f"the run stopped before its first checkpoint: removed {', '.join(removed)} from {model_dir}, so "
+                 "the next run there starts without --resume")
+
+
 @dataclass
 class Preflight:
     """What `preflight` found, for the run to use: the precision it trains in, the validation root, the
-    checkpoint to resume from (path and contents), the training pairs, and the folder's lock (held)."""
+    checkpoint to resume from (path and contents), the training pairs and their fingerprint
+    (`data_fingerprint`), and the folder's lock (held)."""
 
     precision: str
     val_root: Path | None
     resume_path: Path | None
     resume_state: dict | None
     dataset: ImageNetPairsDataset
+    data: dict
     lock: RunLock
 
 
@@ -211,11 +323,16 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
     """Every check of a run before the slow CLIP load, on every process, the fastest first. Holds the
     folder's lock when it returns (`Preflight.lock`), released here when a later check fails."""
     check_values(config)
+    if config.batch_size * info.world_size < 2:  # one sample is its own only candidate: the loss is 0
+        raise ConfigError(f"--batch-size {config.batch_size} x {info.world_size} process(es) is a global batch of 1; "
+                          "the contrastive loss needs at least 2 samples (with one it is 0): raise --batch-size")
     precision = prec.training_precision(config.precision, device)
     if precision != config.precision and info.is_main:
         log.warning(f"--precision {config.precision} needs a CUDA device; training in {precision} on {device}")
     root = val_root(config)
     resume_path = resolve_resume(config.resume, config.ckpt_dir)
+    if resume_path is not None:
+        refuse_authors_checkpoint(resume_path)
     lock = claim_folders(config, info)
     try:
         state = read_resume_state(resume_path, config.ckpt_dir) if resume_path else None
@@ -224,10 +341,13 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
         if len(dataset) // info.world_size // config.batch_size == 0:  # what the run's sampler will find
             raise ConfigError(f"{len(dataset)} training pairs give no full batch of {config.batch_size} x "
                               f"{info.world_size} process(es); lower --batch-size")
+        data = data_fingerprint(dataset)
+        if state is not None:
+            check_resume_data(resume_path, state, data, config.allow_changes, info.world_size, info.is_main)
     except BaseException:
         lock.release()
         raise
-    return Preflight(precision, root, resume_path, state, dataset, lock)
+    return Preflight(precision, root, resume_path, state, dataset, data, lock)
 
 
 def resolved_hparams(config: TrainConfig, net, clip, info: DistInfo, device, precision: str) -> dict:

@@ -40,13 +40,14 @@ from clip_loader import load_clip
 from datasets import ImageNetPairsDataset
 from distributed import (DistInfo, RankFailed, ResumableDistributedSampler, all_gather_object, all_reduce_mean,
                          gather_with_grad, main_only)
-from errors import ConfigError, UserError
+from errors import ConfigError, UserError, naming_written_file, write_error
 from evaluation import EvalConfig, evaluate
 from features import Encoding
 from logs import TrainLog, get_logger
 from models import FTI4CIR
 from stop_signals import StopOnSignal, ignore_stop_signals
-from train_config import Preflight, TrainConfig, hparam_differences, preflight, resolved_hparams
+from train_config import (Preflight, TrainConfig, check_resume_clip, forget_failed_start, hparam_differences, preflight,
+                          resolved_hparams, run_files_present)
 from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything
@@ -180,6 +181,7 @@ class Run:
     skipped_in_a_row: int = 0
     pending_error: BaseException | None = None  # a rank-0 failure between two steps, raised on every rank together
     val_root: Path | None = None  # --val-dataset's root folder
+    data: dict | None = None  # the training pairs' fingerprint (train_config.data_fingerprint), recorded in checkpoints
 
     @property
     def model_dir(self) -> Path:
@@ -232,7 +234,7 @@ def setup(config: TrainConfig, info: DistInfo, device: torch.device, checked: Pr
     scaler = make_scaler(precision, device)
     hparams = resolved_hparams(config, net, clip, info, device, precision)
     run = Run(config, info, device, precision, dataset, clip, net, features, sampler, loader, optimizer, scaler, hparams,
-              val_root=checked.val_root)
+              val_root=checked.val_root, data=checked.data)
     run.flags = torch.zeros(2, device=device)
     run.grad_scale = scaler.get_scale()
     return run
@@ -257,6 +259,8 @@ def step_only_run(clip, net, device: torch.device, precision: str, *, fused_adam
 def restore(run: Run, path: Path, state: dict) -> dict | None:
     """Puts a training checkpoint's `state` (read_resume_state) into the run; returns this process's saved
     random streams (None when the checkpoint was written by another number of processes)."""
+    check_resume_clip(path, state, run.clip.weights_fingerprint(), str(run.clip.source), run.config.allow_changes,
+                      run.info.is_main)
     diffs = hparam_differences(state.get("hparams", {}), run.hparams)
     if diffs and run.info.is_main:
         log.warning(f"resuming {path} with different hyper-parameters (the current flags apply): " + "; ".join(diffs))
@@ -298,7 +302,8 @@ def start(run: Run, rng_state: dict | None, resumed: bool) -> None:
 
     def write_run_files():
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run.hparams, run.model_dir / "hyperparameters.json")
+        with naming_written_file(run.model_dir / "hyperparameters.json"):
+            atomic_write_json(run.hparams, run.model_dir / "hyperparameters.json")
         return TrainLog(run.model_dir, True, purge_step=run.position.global_step if resumed else None)
 
     run.train_log = main_only(run.info, write_run_files, f"writing {run.model_dir}") or TrainLog(run.model_dir, False)
@@ -315,7 +320,8 @@ def save_checkpoint(run: Run, path: Path, epoch: int, samples: int, step: int) -
     main_only(run.info, lambda: save_network(
         run.net, path, optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
         samples_in_epoch=samples, step=step, global_step=run.position.global_step, world_size=run.world, rng=rng,
-        hparams=run.hparams, loss=run.last_loss), f"writing {path}")
+        hparams=run.hparams, loss=run.last_loss, clip_fingerprint=run.clip.weights_fingerprint(), data=run.data),
+        f"writing {path}")
     run.position.last_checkpoint = path
     return path
 
@@ -398,9 +404,11 @@ class EpochStats:
 
 def _write_log(run: Run, write) -> None:
     """Rank 0 writes to the step log or TensorBoard; a failure there (a full disk) is raised on every rank
-    together, by the next all-reduce, instead of stopping rank 0 alone."""
+    together, by the next all-reduce, instead of stopping rank 0 alone. A failed write names the step log
+    (TensorBoard's own writes happen in its thread, not here)."""
     try:
-        write()
+        with naming_written_file(run.model_dir / "train_log.jsonl"):
+            write()
     except Exception as e:  # noqa: BLE001 - re-raised on every rank by the next collective
         if not run.info.enabled:
             raise
@@ -538,8 +546,21 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device, checked: P
     resume_path = checked.resume_path
     run = setup(config, info, device, checked)
     rng_state = restore(run, resume_path, checked.resume_state) if resume_path is not None else None
-    start(run, rng_state, resumed=resume_path is not None)
-    pos = run.position
+    present = run_files_present(run.model_dir)  # before this start writes any
+    try:
+        start(run, rng_state, resumed=resume_path is not None)
+        return _epochs(run, resume_path)
+    except BaseException as e:
+        # nothing to resume from and nothing to learn from the files: a write that failed (a full disk) or
+        # a failure before the first step; other failures (a non-finite loss) keep their step log
+        pos = run.position
+        if info.is_main and pos.last_checkpoint is None and (pos.global_step == 0 or write_error(e) is not None):
+            forget_failed_start(run.model_dir, present)
+        raise
+
+
+def _epochs(run: Run, resume_path: Path | None) -> dict:
+    config, device, pos = run.config, run.device, run.position
     if pos.epoch >= config.epochs:
         log.info(f"nothing to train: {resume_path} already holds {pos.epoch} epochs and --epochs is {config.epochs}")
     else:

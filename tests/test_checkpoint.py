@@ -98,6 +98,19 @@ def test_round_trip(tmp_path):
         assert torch.equal(back.state_dict()[k], v)
 
 
+def test_load_network_reports_the_clip_a_checkpoint_records(tmp_path):
+    torch.manual_seed(0)
+    net = FTI4CIR(FTI4CIRConfig(**CFG))
+    save_network(net, tmp_path / "t.pt", global_step=7, clip_fingerprint="0123456789abcdef",
+                 hparams={"clip_source": "openai:/clips/ViT-L-14.pt"})
+    _, info = load_network(tmp_path / "t.pt")
+    assert (info["global_step"], info["clip_fingerprint"], info["clip_source"]) == (
+        7, "0123456789abcdef", "openai:/clips/ViT-L-14.pt")
+    save_network(net, tmp_path / "plain.pt")  # a network alone: nothing recorded, nothing reported
+    _, info = load_network(tmp_path / "plain.pt")
+    assert not {"global_step", "clip_fingerprint", "clip_source"} & set(info)
+
+
 def test_authors_checkpoint_maps_every_weight(authors_file, tmp_path):
     path, model = authors_file
     net, info = load_network(path)

@@ -477,3 +477,216 @@ def test_a_full_disk_is_one_line_and_the_old_file_stays(monkeypatch, tmp_path):
     monkeypatch.undo()
     assert f"{target}: No space left on device" in msg and "free disk space" in msg
     assert json.loads(target.read_text()) == {"old": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+# --- runs and checkpoints
+
+def _sha256_16(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def test_the_clip_fingerprint_is_of_the_weights_alone(tiny_clip_path, tmp_path):
+    import shutil
+
+    from clip_loader import load_clip, weights_digest
+    from toy.tiny_clip import save_tiny_clip
+
+    other = save_tiny_clip(tmp_path / "other.pt", seed=1)  # the same shapes, other weights
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(tiny_clip_path, copy)
+    a, b, again = (load_clip("ViT-L/14", p) for p in (tiny_clip_path, other, copy))
+    fp = a.weights_fingerprint()
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert b.weights_fingerprint() != fp and again.weights_fingerprint() == fp  # another file, the same weights
+    state = {k: v.clone() for k, v in a.model.state_dict().items()}
+    assert weights_digest(state) == fp
+    state["visual.proj"][0, 0] += 1.0  # one sampled value moved
+    assert weights_digest(state) != fp
+    held = load_clip("ViT-L/14", copy)
+    held.hold_visual_weights_in(torch.bfloat16)  # a speed option's cast, before any fingerprint: not another CLIP
+    assert held.visual_dtype == torch.bfloat16 and held.weights_fingerprint() == fp
+
+
+@pytest.fixture(scope="module")
+def stopped_run(data8, tiny_clip_path, tmp_path_factory):
+    """A run of batch 2 stopped at global step 3 (6 of the 8 samples of epoch 1 done): latest.pt."""
+    model_dir = tmp_path_factory.mktemp("stopped") / "run"
+    train.main(train_args(data8, tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", 1, "--max-steps", 3,
+                          "--no-progress"))
+    return model_dir / "checkpoints" / "latest.pt"
+
+
+def _fewer_pairs(data8: Path, root: Path, keep: int) -> Path:
+    """A pairs file listing the first `keep` of data8's images (the images themselves shared)."""
+    root.mkdir()
+    (root / "test").symlink_to(data8 / "test")
+    (root / "pairs.json").write_text(json.dumps(json.loads((data8 / "pairs.json").read_text())[:keep]))
+    return root
+
+
+def test_a_checkpoint_records_its_clip_and_data_and_a_resume_checks_them(stopped_run, data8, tiny_clip_path,
+                                                                         tiny_clip, tmp_path, capsys):
+    import warnings
+
+    from toy.tiny_clip import save_tiny_clip
+
+    state = load_checkpoint(stopped_run)
+    assert state["clip_fingerprint"] == tiny_clip.weights_fingerprint()
+    assert state["data"] == {"pairs_file": str(data8 / "pairs.json"), "pairs_sha256": _sha256_16(data8 / "pairs.json"),
+                             "images": 8}
+    assert (state["epoch"], state["samples_in_epoch"]) == (0, 6)
+
+    def resume(model_dir, data, clip, *extra):
+        return train_args(data, clip, model_dir, "--batch-size", 2, "--epochs", 1, "--no-progress",
+                          "--resume", stopped_run, *extra)
+
+    other_clip = save_tiny_clip(tmp_path / "other_clip.pt", seed=1)
+    msg = _exit_message(train.main, resume(tmp_path / "a", data8, other_clip))
+    assert "other CLIP weights" in msg and state["clip_fingerprint"] in msg and "--allow-changes" in msg
+    assert str(other_clip.resolve()) in msg and str(tiny_clip_path.resolve()) in msg  # old and new sources
+    assert not (tmp_path / "a" / "hyperparameters.json").exists()
+
+    six = _fewer_pairs(data8, tmp_path / "six", 6)
+    msg = _exit_message(train.main, resume(tmp_path / "b", six, tiny_clip_path))
+    assert "other data" in msg and "8 images" in msg and "6 images" in msg and "--allow-changes" in msg
+    assert state["data"]["pairs_sha256"] in msg and _sha256_16(six / "pairs.json") in msg
+    four = _fewer_pairs(data8, tmp_path / "four", 4)  # 6 samples done: past the end of 4
+    for extra in ((), ("--allow-changes",)):
+        msg = _exit_message(train.main, resume(tmp_path / "c", four, tiny_clip_path, *extra))
+        assert ("past the end" in msg and "4 images" in msg) if extra else "other data" in msg
+    capsys.readouterr()
+
+    # --allow-changes: one line for the CLIP; a changed hyper-parameter: one log line, no Python warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.main(resume(tmp_path / "d", data8, other_clip, "--allow-changes", "--lr", 1e-3))
+    out = capsys.readouterr().out.splitlines()
+    assert result["global_step"] == 4
+    assert len([x for x in out if "over other CLIP weights" in x]) == 1
+    assert len([x for x in out if "different hyper-parameters" in x and "lr: 4e-05 -> 0.001" in x]) == 1
+    assert not [w for w in caught if "hyper-parameters" in str(w.message) or "CLIP" in str(w.message)]
+    resumed = load_checkpoint(tmp_path / "d" / "checkpoints" / "latest.pt")
+    assert resumed["clip_fingerprint"] != state["clip_fingerprint"]
+
+
+def test_checkpoints_without_the_records_still_resume_and_evaluate(stopped_run, data8, tiny_clip_path, tiny_clip,
+                                                                  tmp_path, capsys):
+    from checkpoint import load_model
+
+    state = load_checkpoint(stopped_run)
+    del state["clip_fingerprint"], state["data"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    capsys.readouterr()
+    train.main(train_args(data8, tiny_clip_path, tmp_path / "run", "--batch-size", 2, "--epochs", 1, "--no-progress",
+                          "--resume", old))
+    out = capsys.readouterr().out.splitlines()
+    assert len([x for x in out if "not checked" in x]) == 1
+    assert any("does not record the CLIP or the data" in x for x in out)
+    net = load_model(str(old), tiny_clip)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "its CLIP is not recorded" in out[0] and "warning" not in out[0]
+    assert net.loaded_from["clip_fingerprint"] == {"checkpoint": None, "loaded": tiny_clip.weights_fingerprint()}
+
+
+def test_evaluation_warns_of_another_clip_and_records_the_checkpoint(stopped_run, tiny_clip_path, tiny_clip, tmp_path,
+                                                                      capsys):
+    import numpy as np
+
+    import evaluate
+    from helpers import KEYS, make_cirr
+    from toy.tiny_clip import save_tiny_clip
+
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(0), n_images=8, n_queries=2)
+    other_clip = save_tiny_clip(tmp_path / "other_clip.pt", seed=1)
+    state = load_checkpoint(stopped_run)
+    base = ["--dataset", "cirr", "--cirr-path", str(root), "--model-path", str(stopped_run), "--device", "cpu",
+            "--workers", "0", "--no-progress", "--no-cache", "--batch-size", "8"]
+    for clip, out_dir in ((tiny_clip_path, tmp_path / "same"), (other_clip, tmp_path / "other")):
+        capsys.readouterr()
+        metrics = evaluate.main(base + ["--clip-weights", str(clip), "--save-path", str(out_dir)])
+        lines = [x for x in capsys.readouterr().out.splitlines() if "other CLIP weights" in x]
+        assert list(json.loads((out_dir / "metrics_cirr.json").read_text())) == KEYS["cirr"] == list(metrics)
+        record = json.loads((out_dir / "metrics_cirr.checkpoint.json").read_text())
+        loaded = tiny_clip.weights_fingerprint() if clip == tiny_clip_path else None
+        assert record["metrics"] == "metrics_cirr.json" and record["model_path"] == str(stopped_run)
+        assert (record["global_step"], record["epoch"]) == (3, 0)
+        assert record["clip_fingerprint"]["checkpoint"] == state["clip_fingerprint"]
+        if loaded is not None:
+            assert record["clip_fingerprint"]["loaded"] == loaded and not lines
+        else:
+            assert record["clip_fingerprint"]["loaded"] not in (None, state["clip_fingerprint"])
+            assert len(lines) == 1 and lines[0].startswith("warning: ") and state["clip_fingerprint"] in lines[0]
+            assert record["clip_fingerprint"]["loaded"] in lines[0]
+
+
+def test_resuming_the_authors_file_says_it_holds_only_the_network(data8, tiny_clip_path, tmp_path, monkeypatch):
+    import types
+
+    i2t = types.ModuleType("i2t_model")
+
+    class IMG2TEXT(torch.nn.Module):  # what recognises their file: a pickle naming their module
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+    IMG2TEXT.__module__, IMG2TEXT.__qualname__ = "i2t_model", "IMG2TEXT"
+    i2t.IMG2TEXT = IMG2TEXT
+    monkeypatch.setitem(sys.modules, "i2t_model", i2t)
+    path = tmp_path / "authors.pt"
+    torch.save(IMG2TEXT(), path)
+    monkeypatch.delitem(sys.modules, "i2t_model")
+    loaded = []
+    monkeypatch.setattr(training, "load_clip", lambda *a, **k: loaded.append(1))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", "--resume", path))
+    assert str(path) in msg and "holds only the network" in msg and "cannot be resumed" in msg
+    assert f"--model-path {path}" in msg and "no flag" in msg and not loaded and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [(("--batch-size", 1), "global batch of 1"), (("--epochs", 0), "--epochs 0")])
+def test_a_run_that_cannot_train_is_refused_before_anything_is_written(extra, needle, data8, tiny_clip_path, tmp_path):
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", *extra))
+    assert needle in msg and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 832 vs 768: No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: "
+                 "file write failed"),
+    OSError(28, "No space left on device"),  # a write or fsync names no file
+])
+def test_a_failed_first_write_is_one_line_naming_the_file_and_the_next_run_starts(failure, data8, tiny_clip_path,
+                                                                                   tmp_path, monkeypatch):
+    model_dir = tmp_path / "run"
+    args = train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1, "--no-progress")
+    msg = _exit_message(train.main, train_args(data8, tmp_path / "no-clip.pt", model_dir, "--batch-size", 4))
+    assert "no-clip.pt" in msg  # a CLIP that does not load: nothing left that blocks the next run
+
+    def full(obj, f, *a, **k):
+        raise failure
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full)
+        msg = _exit_message(train.main, args)
+    target = model_dir / "checkpoints" / "epoch_1.pt"
+    assert msg.startswith(f"error: {target}: ") and "free disk space" in msg
+    assert ("No space left on device" in msg) == ("No space" in str(failure))
+    assert not (model_dir / "hyperparameters.json").exists() and not (model_dir / "train_log.jsonl").exists()
+    assert not list((model_dir / "checkpoints").iterdir())
+    if isinstance(failure, OSError):
+        assert train.main(args)["global_step"] == 2  # the next plain run, without --resume
+
+
+def test_a_failed_step_log_write_names_the_log(data8, tiny_clip_path, tmp_path, monkeypatch):
+    from logs import TrainLog
+
+    def full(self, record, global_step):
+        raise OSError(28, "No space left on device")  # a write to an open file names no file
+
+    monkeypatch.setattr(TrainLog, "step", full)
+    model_dir = tmp_path / "run"
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1))
+    assert msg.startswith(f"error: {model_dir / 'train_log.jsonl'}: No space left on device")
+    assert not (model_dir / "train_log.jsonl").exists()  # the failed start's files are gone
