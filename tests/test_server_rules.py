@@ -218,3 +218,90 @@ def test_find_also_query_text(tmp_path):
     concept = q["shared_concept"].strip().rstrip(".").strip()
     assert ds.query_texts(q) == (f"find a picture that also {concept}, but {q['relative_caption']}",)
     assert "find-also" in CIRCO_QUERY_TEMPLATES
+
+
+# ---------------------------------------------------------------------------------------------
+# test.py --split val, all-or-nothing writes, files too deep to read
+
+def _test_py(argv, capsys):
+    """(error line or None, printed text) of src/test.py."""
+    from helpers import load_test_script
+
+    error = None
+    try:
+        load_test_script().main(argv)
+    except SystemExit as e:
+        error = str(e.code)
+    return error, capsys.readouterr().out
+
+
+def test_val_files_have_the_test_format_and_pass_validate(fast_clip, eval_args, net_path, tmp_path, capsys):
+    from helpers import dataset_args, make_circo, make_cirr, read_json
+
+    cirr = make_cirr(tmp_path / "CIRR", np.random.default_rng(21), n_images=56, n_queries=5)
+    circo = make_circo(tmp_path / "CIRCO", np.random.default_rng(22), n_images=54, n_queries=5)
+    model = ["--model-path", str(net_path)]
+    error, _ = _test_py(dataset_args(eval_args, "cirr", cirr, *model, "--split", "val"), capsys)
+    assert error is None
+    out = tmp_path / "out"
+    val_files = [out / "cirr" / "cirr_val.json", out / "cirr" / "subset_cirr_val.json"]
+    sub, subset = read_json(val_files[0]), read_json(val_files[1])
+    caps = read_json(cirr / "cirr" / "captions" / "cap.rc2.val.json")
+    assert (sub["version"], sub["metric"], subset["metric"]) == ("rc2", "recall", "recall_subset")
+    assert set(sub) - {"version", "metric"} == {str(q["pairid"]) for q in caps}
+    assert all(len(v) == 50 for k, v in sub.items() if k not in ("version", "metric"))
+    assert all(len(v) == 3 for k, v in subset.items() if k not in ("version", "metric"))
+    assert not (out / "cirr" / "cirr.json").exists()  # the test files keep their own names
+    error, text = _test_py(["--dataset", "cirr", "--cirr-path", str(cirr), "--split", "val", "--validate",
+                            *map(str, val_files)], capsys)
+    assert error is None and text.count(": accepted") == 2 and "official split" not in text
+    # against the test annotations (the generated ones reuse the pair ids) the dev- names are unknown
+    error, text = _test_py(["--dataset", "cirr", "--cirr-path", str(cirr), "--validate", *map(str, val_files)], capsys)
+    assert "note: cirr.json pair id 1000: unknown gallery names ['dev-" in text
+    error, _ = _test_py(dataset_args(eval_args, "circo", circo, *model, "--split", "val"), capsys)
+    assert error is None
+    circo_val = out / "circo" / "circo_val.json"
+    assert set(read_json(circo_val)) == {str(e["id"]) for e in read_json(circo / "annotations" / "val.json")}
+    error, text = _test_py(["--dataset", "circo", "--circo-path", str(circo), "--split", "val", "--validate",
+                            str(circo_val)], capsys)
+    assert error is None and ": accepted" in text
+
+
+def test_a_failed_write_leaves_every_file_as_it_was(fast_clip, eval_args, net_path, tmp_path, capsys, monkeypatch):
+    from helpers import dataset_args, load_test_script, make_cirr
+
+    test_script = load_test_script()
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(23), n_images=56, n_queries=4)
+    folder = tmp_path / "out" / "cirr"
+    folder.mkdir(parents=True)
+    before = {name: f"another model's {name}".encode() for name in ("cirr.json", "subset_cirr.json")}
+    for name, data in before.items():
+        (folder / name).write_bytes(data)
+    real, calls = test_script._write_temporary, []
+
+    def second_fails(data, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(data, path)
+
+    monkeypatch.setattr(test_script, "_write_temporary", second_fails)
+    error, _ = _test_py(dataset_args(eval_args, "cirr", root, "--model-path", str(net_path)), capsys)
+    assert len(calls) == 2 and error is not None and "No space left on device" in error
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # unchanged, no temporary left behind
+    monkeypatch.setattr(test_script, "_write_temporary", real)
+    error, _ = _test_py(dataset_args(eval_args, "cirr", root, "--model-path", str(net_path)), capsys)
+    assert error is None and all((folder / name).read_bytes() != data for name, data in before.items())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+def test_json_nested_too_deep_is_one_line_naming_the_file(tmp_path, capsys):
+    from helpers import make_cirr
+
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(24), n_images=56, n_queries=3)
+    deep = tmp_path / "deep_cirr.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    error, text = _test_py(["--dataset", "cirr", "--cirr-path", str(root), "--validate", str(deep)], capsys)
+    assert error is not None and len(error.splitlines()) == 1 and "Traceback" not in error + text
+    assert "nested too deep" in error and str(deep) in error
+    assert "deep_cirr.json: JSON nested too deep" in text
