@@ -127,6 +127,8 @@ def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
         raise ConfigError(f"--model-path {model_path} does not fit the CLIP loaded ({clip.source}): {e}. "
                           f"Pass the --clip-model/--clip-weights it was trained with") from e
     extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
+    if net.cfg.ablation:  # trained without one kind of pseudo-word: it composes without it too
+        extra += f", ablation {net.cfg.ablation}"
     where = f" = {path}" if str(path) != str(model_path) else ""
     log.info(f"model: {model_path}{where} ({info['format']} format{extra})")
     return net
