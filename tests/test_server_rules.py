@@ -3,6 +3,8 @@ rejections with their source; this repository's conventions as notes; CIRCO's mA
 aspect, as the CIRCO server reports it; the field's other CIRCO query."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -305,3 +307,75 @@ def test_json_nested_too_deep_is_one_line_naming_the_file(tmp_path, capsys):
     assert error is not None and len(error.splitlines()) == 1 and "Traceback" not in error + text
     assert "nested too deep" in error and str(deep) in error
     assert "deep_cirr.json: JSON nested too deep" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the owners' metric definitions applied to the val files
+
+def _score_script():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("score_server_file", REPO / "scripts" / "score_server_file.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_equals_the_owners_metrics_of_the_val_files(fast_clip, eval_args, net_path, tmp_path, capsys):
+    """On the toy world, evaluate.py's val metrics equal what the owners' definitions give for test.py
+    --split val's files: CIRCO mAP@K and Recall@K to 1e-4, CIRR R@K and Rs@K to 1e-3."""
+    from evaluate import main as evaluate_main
+    from helpers import dataset_args
+    from toy.world import make_toy_world
+
+    world = make_toy_world(tmp_path / "world", seed=4, num_train_images=4, num_queries=12, num_distractors=30)
+    scorer = _score_script()
+    model = ["--model-path", str(net_path)]
+    out = tmp_path / "out"
+    for dataset, tol in (("circo", 1e-4), ("cirr", 1e-3)):
+        root = world / dataset.upper()
+        want = evaluate_main(dataset_args(eval_args, dataset, root, *model))
+        paths = load_test_script_main(dataset_args(eval_args, dataset, root, *model, "--split", "val"))
+        assert [p.name for p in paths] == (["circo_val.json"] if dataset == "circo" else
+                                           ["cirr_val.json", "subset_cirr_val.json"])
+        got = scorer.main(["--dataset", dataset, f"--{dataset}-path", str(root), *map(str, paths)])
+        keys = [k for k in want if not k.startswith("circo_map_at10_")]
+        assert len(keys) == (8 if dataset == "circo" else 7)
+        for k in keys:
+            assert got[k] == pytest.approx(want[k], abs=tol), (dataset, k)
+    # a file holding an id twice is refused, as the CIRCO server's code does
+    sub = json.loads((out / "circo" / "circo_val.json").read_text())
+    sub["0"][1] = sub["0"][0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(sub))
+    with pytest.raises(SystemExit, match="query 0 lists an id twice"):
+        scorer.main(["--dataset", "circo", "--circo-path", str(world / "CIRCO"), str(bad)])
+
+
+def load_test_script_main(argv):
+    from helpers import load_test_script
+
+    return load_test_script().main(argv)
+
+
+def test_scorer_on_hand_made_lists():
+    """The owners' definitions on lists small enough to check by hand."""
+    scorer = _score_script()
+    annotations = [{"id": 0, "target_img_id": 7, "gt_img_ids": [7, 9], "semantic_aspects": ["negation"]},
+                   {"id": 1, "target_img_id": 3, "gt_img_ids": [3, 4, 5, 6, 8, 10, 11], "semantic_aspects": []}]
+    predictions = {"0": ["1", "9", "7", "2", "5"], "1": [3, 1, 2, 4, 9]}
+    got = scorer.circo_scores(predictions, annotations, ranks=(1, 5))
+    ap0_5 = (1 / 2 + 2 / 3) / 2          # ground truths at positions 2 and 3, of 2
+    ap1_5 = (1 / 1 + 2 / 4) / 5          # at positions 1 and 4, of min(7, 5)
+    assert got["circo_map_at5"] == pytest.approx(100 * (ap0_5 + ap1_5) / 2)
+    assert got["circo_map_at1"] == pytest.approx(100 * (0 + 1) / 2)
+    assert got["circo_recall_at1"] == pytest.approx(50.0) and got["circo_recall_at5"] == pytest.approx(100.0)
+    assert got["circo_map_at10_negation"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    captions = [{"pairid": 5, "target_hard": "b"}, {"pairid": 6, "target_hard": "z"}]
+    files = [{"version": "rc2", "metric": "recall", "5": ["a", "b", "c"], "6": ["c", "d", "z"]},
+             {"version": "rc2", "metric": "recall_subset", "5": ["b", "a", "c"], "6": ["a", "z", "c"]}]
+    got = scorer.cirr_scores(files, captions, ranks=(1, 2, 3), subset_ranks=(1, 2))
+    assert (got["cirr_recall_at1"], got["cirr_recall_at2"], got["cirr_recall_at3"]) == (0.0, 50.0, 100.0)
+    assert (got["cirr_group_recall_at1"], got["cirr_group_recall_at2"]) == (50.0, 100.0)
