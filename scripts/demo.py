@@ -12,6 +12,10 @@
    each example split's top-5 rate over all its validation queries, and writes everything to
    <out>/summary.json.
 
+`--ablations` also trains the paper's two ablations (train.py --no-attributes: subject-only;
+--no-subject: attributes-only) with FTI4CIR's flags on the same world, evaluates them with it and prints
+one table of the three, each figure with its standard error (summary.json: "ablations").
+
 Each step runs one of the real scripts (src/train.py, src/evaluate.py, src/test.py, scripts/...) with
 flags, in this process (so the libraries are imported once), printing its command: run from the
 repository root after the README's setup, it reruns the step by hand (`.venv/bin/python ...`: the
@@ -46,6 +50,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 MARKER = ".fti4cir-demo"
 METHODS = ("fti4cir", "image-only", "text-only", "chance")
+# --ablations: the paper's two ablations (METHOD §14), each trained like FTI4CIR with one train.py flag more
+ABLATIONS = {"subject-only": "--no-attributes", "attributes-only": "--no-subject"}
 BENCHMARKS = ("fashioniq", "cirr", "circo")
 # the figures the demo is about: FTI4CIR should beat both baselines on each by more than their spreads
 HEADLINE = {"fashioniq": ("average_10",), "cirr": ("cirr_recall_at1", "cirr_group_recall_at1"),
@@ -311,6 +317,17 @@ def format_tables(metrics: dict, spread: dict, counts: dict, galleries: dict) ->
     return "\n".join(lines)
 
 
+def format_ablation_table(metrics: dict, spread: dict) -> str:
+    """FTI4CIR and its ablations side by side on every figure, each with its standard error."""
+    methods = ("fti4cir", *ABLATIONS)
+    lines = [f"  {'':<22}" + "".join(f"{m:>17}" for m in methods)]
+    for bench in BENCHMARKS:
+        for key in metrics["fti4cir"][bench]:
+            cells = [f"{metrics[m][bench][key]:7.2f} ± {spread[m][bench][key]:5.2f}" for m in methods]
+            lines.append(f"  {bench + ' ' + _label(bench, key):<22}" + "".join(f"{c:>17}" for c in cells))
+    return "\n".join(lines)
+
+
 def headline_verdicts(metrics: dict, spread: dict) -> list[dict]:
     """FTI4CIR against each baseline on the headline figures: ahead by more than the sum of both spreads?"""
     out = []
@@ -355,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=8,
                    help="queries drawn per benchmark in the example grids, evenly spaced (default %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for every step (default %(default)s)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train and evaluate the paper's two ablations on the same world, with the same flags: "
+                        "subject-only and attributes-only (train.py's two ablation flags), and print them beside "
+                        "FTI4CIR (docs/METHOD.md §14)")
     return p
 
 
@@ -400,12 +421,17 @@ def main(argv=None) -> dict:
     common = clip_flags + ["--device", args.device, "--workers", "0"]
 
     print(f"\n[3/6] FTI4CIR training -> {model_dir}")
-    step("FTI4CIR training", "src/train.py",
-         ["--imagenet-path", data / "ImageNet", "--pairs-path", data / "ImageNet" / "pairs.json",
-          "--model-dir", model_dir, "--epochs", args.epochs, "--batch-size", args.batch_size,
-          "--save-frequency", args.epochs, "--lr", args.lr, "--seed", args.seed, "--precision", "fp32",
-          "--no-progress"] + common)
+    train_flags = ["--imagenet-path", data / "ImageNet", "--pairs-path", data / "ImageNet" / "pairs.json",
+                   "--epochs", args.epochs, "--batch-size", args.batch_size, "--save-frequency", args.epochs,
+                   "--lr", args.lr, "--seed", args.seed, "--precision", "fp32", "--no-progress"] + common
+    step("FTI4CIR training", "src/train.py", ["--model-dir", model_dir] + train_flags)
     checkpoint = model_dir / "checkpoints" / f"epoch_{args.epochs}.pt"
+    ablations = {}  # label -> its checkpoint
+    for label, flag in (ABLATIONS.items() if args.ablations else ()):
+        folder = out / f"model_{label}"
+        print(f"\n[3/6] ablation {label} ({flag}) training -> {folder}")
+        step("ablation training", "src/train.py", ["--model-dir", folder, flag] + train_flags)
+        ablations[label] = folder / "checkpoints" / f"epoch_{args.epochs}.pt"
 
     roots = {"fashioniq": ("--fashioniq-path", data / "FashionIQ"), "cirr": ("--cirr-path", data / "CIRR"),
              "circo": ("--circo-path", data / "CIRCO")}
@@ -419,6 +445,10 @@ def main(argv=None) -> dict:
         for baseline in ("image-only", "text-only"):
             metrics[baseline][name] = _figures(name, step("evaluation", "src/evaluate.py",
                                                           base + ["--baseline", baseline] + eval_flags))
+        for label, path in ablations.items():
+            metrics.setdefault(label, {})[name] = _figures(name, step(
+                "ablation evaluation", "src/evaluate.py", base + ["--model-path", path, "--save-path", evals / label]
+                + eval_flags[2:]))  # eval_flags without its --save-path
     print(f"\n[5/6] test-server submissions -> {subs}")
     for name in ("cirr", "circo"):
         flag, root = roots[name]
@@ -434,13 +464,18 @@ def main(argv=None) -> dict:
     net, clip = load_models(checkpoint, clip_model, clip_weights, args.device)
     retrievals = fti4cir_retrievals(data, net, clip, cache)
     per_query = circo_per_query_values(retrievals["circo"], clip, data, cache, metrics)
-    spread = {m: spreads(metrics[m], counts, {"circo": per_query[m]} if m in per_query else None) for m in METHODS}
+    spread = {m: spreads(metrics[m], counts, {"circo": per_query[m]} if m in per_query else None)
+              for m in (*METHODS, *ablations)}
     hits, rates = example_hits(retrievals, args.examples), top_rates(retrievals)
     timings["summary"] = time.time() - t
     what = "a toy CLIP trained on the web part" if toy_clip else f"CLIP {clip_weights}"
     print(f"\nresults in percent, each ± its standard error over the queries (CIRCO: over its per-query values; chance mAP: an upper bound); "
           f"FTI4CIR and both baselines over {what}")
     print(format_tables(metrics, spread, counts, gallery_sizes(splits)))
+    if ablations:
+        print("\nFTI4CIR and its ablations, trained alike on the same world (each ± its standard error; the "
+              "ablations' CIRCO mAP: the binomial upper bound):")
+        print(format_ablation_table(metrics, spread))
     verdicts = headline_verdicts(metrics, spread)
     print("\nFTI4CIR against the baselines (ahead = difference larger than the two standard errors together):")
     for v in verdicts:
@@ -473,6 +508,9 @@ def main(argv=None) -> dict:
                             "files": [str(p) for p in pngs]},
                "toy_clip": toy_clip, "clip_weights": clip_weights, "checkpoint": str(checkpoint),
                "seed": args.seed, "timings_s": timings}
+    if ablations:  # FTI4CIR's own figures stay under "metrics"; the ablations' beside them
+        summary["ablations"] = {label: {"flag": ABLATIONS[label], "checkpoint": str(path), "metrics": metrics.pop(label),
+                                        "spread": spread.pop(label)} for label, path in ablations.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -142,6 +142,8 @@ def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
                           f"Pass the --clip-model/--clip-weights it was trained with") from e
     net.loaded_from = loaded_from(model_path, path, info, clip)
     extra = "".join(f", {k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if k in info)
+    if net.cfg.ablation:  # trained without one kind of pseudo-word: it composes without it too
+        extra += f", ablation {net.cfg.ablation}"
     if "clip_fingerprint" not in info:  # the authors' file, or one written without it
         extra += "; its CLIP is not recorded, so not checked"
     where = f" = {path}" if str(path) != str(model_path) else ""

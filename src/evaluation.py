@@ -38,6 +38,8 @@ METRIC_KEYS = {
     "circo": [f"circo_map_at{k}" for k in (5, 10, 25, 50)] + [f"circo_recall_at{k}" for k in (5, 10, 25, 50)],
 }
 TEST_SPLITS = {"cirr": "test1", "circo": "test"}  # the splits the test servers score
+# test.py --split: the annotation split behind each benchmark's server files (val: files the val annotations score)
+SERVER_SPLITS = {name: {"test": split, "val": "val"} for name, split in TEST_SPLITS.items()}
 
 log = get_logger("evaluation")
 
@@ -257,15 +259,29 @@ class FileCheck:
     warnings: list[str]
 
 
-def check_submission_files(name: str, root, paths: Sequence) -> list[FileCheck]:
+def read_server_json(path: Path, data: bytes):
+    """A server file's JSON; a SubmissionError naming the file for what cannot be read (a JSON nested
+    deeper than Python's parser recurses is one line, not a traceback)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise M.SubmissionError(f"{path.name}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise M.SubmissionError(f"{path.name}: JSON nested too deep to read; a server file is one object of "
+                                "lists") from None
+
+
+def check_submission_files(name: str, root, paths: Sequence, split: str | None = None) -> list[FileCheck]:
     """Existing server files (CIRR: cirr.json and/or subset_cirr.json, told apart by their "metric";
-    CIRCO: circo.json) checked against the test annotations under `root` and the server's limits, as
-    test.py checks the files it writes. Nothing is raised for a bad file: it is all in the result."""
+    CIRCO: circo.json) checked against the `split` annotations (default: the test server's split) under
+    `root` and the server's limits, as test.py checks the files it writes. Nothing is raised for a bad
+    file: it is all in the result."""
     if name not in TEST_SPLITS:
         raise ConfigError(f"{name} has no test server; choose one of {tuple(TEST_SPLITS)}")
-    gallery, query = open_benchmark(name, root, TEST_SPLITS[name], metadata_only, require_images=False)
+    split = split or TEST_SPLITS[name]
+    gallery, query = open_benchmark(name, root, split, metadata_only, require_images=False)
     queries, names = query.queries, gallery.names
-    note = M.query_count_note(name, len(queries))
+    note = M.query_count_note(name, len(queries)) if split == TEST_SPLITS[name] else None
     if name == "cirr":
         top = _list_length(M.CIRR_TOP, len(names) - 1, "CIRR")  # the reference never appears
     else:
@@ -278,9 +294,9 @@ def check_submission_files(name: str, root, paths: Sequence) -> list[FileCheck]:
         data = path.read_bytes()
         problems = M.size_problems(name, path.name, len(data))
         try:
-            sub = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            out.append(FileCheck(path, len(data), problems + [f"{path.name}: not valid JSON ({e})"], []))
+            sub = read_server_json(path, data)
+        except M.SubmissionError as e:
+            out.append(FileCheck(path, len(data), problems + [str(e)], []))
             continue
         if name == "cirr":
             if isinstance(sub, dict) and sub.get("metric") in ("recall", "recall_subset"):

@@ -48,6 +48,7 @@ class FTI4CIRConfig:
     mlp_ratio: float = 2.0
     mapper_dropout: float = 0.5
     clip_model: str = "ViT-L-14"
+    ablation: str | None = None  # None: FTI4CIR; a key of ABLATIONS: the paper's ablation (METHOD §14)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FTI4CIRConfig":
@@ -58,7 +59,15 @@ class FTI4CIRConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["ablation"] is None:  # the full method's checkpoints hold the same config keys with or without the field
+            del d["ablation"]
+        return d
+
+
+# the ablations of METHOD §14: what each leaves out
+ABLATIONS = {"no-attributes": "the subject pseudo-word alone (no attribute words, no attribute transformer)",
+             "no-subject": "the attribute pseudo-words alone (no subject word)"}
 
 
 class PseudoWordMapper(nn.Module):
@@ -237,10 +246,18 @@ class FTI4CIR(nn.Module):
         problem = text_width_problem(cfg.text_width, cfg.embed_dim)
         if problem:
             raise ValueError(f"CLIP {cfg.clip_model} has {problem}")
+        if cfg.ablation is not None and cfg.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {cfg.ablation!r}; choose one of {tuple(ABLATIONS)}")
         self.cfg = cfg
-        self.phi_s = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
-        self.phi_a = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
-        self.attributes = LocalAttributeExtractor(cfg.num_k, cfg.vision_width, cfg.text_width, cfg.tf_layer, cfg.tf_head, cfg.mlp_ratio)
+        # an ablation holds only the parts it trains (METHOD §14), created in the full network's order
+        self.uses_subject = cfg.ablation != "no-subject"
+        self.uses_attributes = cfg.ablation != "no-attributes"
+        self.phi_s = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout) if self.uses_subject else None
+        self.phi_a = self.attributes = None
+        if self.uses_attributes:
+            self.phi_a = PseudoWordMapper(cfg.embed_dim, cfg.text_width, cfg.mapper_dropout)
+            self.attributes = LocalAttributeExtractor(cfg.num_k, cfg.vision_width, cfg.text_width, cfg.tf_layer,
+                                                      cfg.tf_head, cfg.mlp_ratio)
 
     @classmethod
     def for_clip(cls, clip, **hparams) -> "FTI4CIR":
@@ -256,14 +273,20 @@ class FTI4CIR(nn.Module):
 
     # pieces ----------------------------------------------------------------------------------------
     def pseudo_words(self, g: torch.Tensor, P: torch.Tensor):
-        """(v_s [B, E], v_a [B, topk, E], A_sel [B, topk, E], r [B]) from CLIP's g and visual tokens P."""
+        """(v_s [B, E], v_a [B, topk, E], A_sel [B, topk, E], r [B]) from CLIP's g and visual tokens P.
+        An ablation's missing part is None: --no-subject has no v_s; --no-attributes no v_a and A_sel,
+        and r = 0 attribute slots in every row."""
+        v_s = self.phi_s(g) if self.uses_subject else None
+        if not self.uses_attributes:
+            return v_s, None, None, torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
         A = self.attributes(P)
         A_sel, r = select_attributes(A, g, self.cfg.topk, self.cfg.epsilon)
-        return self.phi_s(g), self.phi_a(A_sel), A_sel, r
+        return v_s, self.phi_a(A_sel), A_sel, r
 
     def _full_sentence_inputs(self, clip, v_s, v_a, r, tail=None, tail_len=None):
         pb = clip.prompts
-        ids, eot, start = pb.pseudo_word_sentence(r, tail, tail_len, r_max=self.cfg.topk)
+        r_max = self.cfg.topk if self.uses_attributes else 0
+        ids, eot, start = pb.pseudo_word_sentence(r, tail, tail_len, r_max=r_max)
         x = substitute(clip.token_embedding(ids), eot, pb.subject_pos, v_s, start, r, v_a)
         return x, eot
 
@@ -290,7 +313,9 @@ class FTI4CIR(nn.Module):
         T = tail.shape[0] // B
         v_s, v_a, _, r = self.pseudo_words(g, P)
         if T > 1:
-            v_s, v_a, r = v_s.repeat(T, 1), v_a.repeat(T, 1, 1), r.repeat(T)
+            r = r.repeat(T)
+            v_s = None if v_s is None else v_s.repeat(T, 1)
+            v_a = None if v_a is None else v_a.repeat(T, 1, 1)
         x, eot = self._full_sentence_inputs(clip, v_s, v_a, r, tail, tail_len)
         f = clip.encode_token_embeddings(x, eot, trim=False)  # already as short as the shapes allow
         return f.view(T, B, -1).transpose(0, 1)
@@ -306,20 +331,23 @@ class FTI4CIR(nn.Module):
         v_s, v_a, A_sel, r = self.pseudo_words(g, P)
         # the three sentences that need gradients, encoded in one batched text pass:
         # full "a photo of [S] with [A..]", subject-only "a photo of [S] with <attr>",
-        # attributes-only "a photo of <subj> with [A..]"
+        # attributes-only "a photo of <subj> with [A..]"; an ablation leaves out the partial sentence
+        # that holds none of its pseudo-words (METHOD §14).
         # Sequence lengths come from tensor shapes (texts are trimmed in the data workers, the r slots
         # are bounded by topk), so no step here waits for the device to report a length.
-        x_full, eot_full = self._full_sentence_inputs(clip, v_s, v_a, r)
-        sid = texts["subject_ids"]
-        eot_s = sid.argmax(dim=-1)
-        x_subj = substitute(clip.token_embedding(sid), eot_s, pb.subject_pos, v_s)
-        aid, eot_a, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r, r_max=self.cfg.topk)
-        start_a, r_a = attribute_slots(aid, pb.star, r)
-        x_attr = substitute(clip.token_embedding(aid), eot_a, None, None, start_a, r_a, v_a)
-        length = max(x_full.shape[1], x_subj.shape[1], x_attr.shape[1])
-        x = torch.cat([_pad_to(x_full, length), _pad_to(x_subj, length), _pad_to(x_attr, length)])
-        feats = clip.encode_token_embeddings(x, torch.cat([eot_full, eot_s, eot_a]), trim=False)
-        f, f_subj, f_attr = feats.chunk(3)
+        parts = [self._full_sentence_inputs(clip, v_s, v_a, r)]
+        if self.uses_subject:
+            sid = texts["subject_ids"]
+            eot_s = sid.argmax(dim=-1)
+            parts.append((substitute(clip.token_embedding(sid), eot_s, pb.subject_pos, v_s), eot_s))
+        if self.uses_attributes:
+            aid, eot_a, _ = pb.assemble(texts["attr_head"], texts["attr_head_len"], r, r_max=self.cfg.topk)
+            start_a, r_a = attribute_slots(aid, pb.star, r)
+            parts.append((substitute(clip.token_embedding(aid), eot_a, None, None, start_a, r_a, v_a), eot_a))
+        length = max(x.shape[1] for x, _ in parts)
+        x = torch.cat([_pad_to(x, length) for x, _ in parts])
+        feats = clip.encode_token_embeddings(x, torch.cat([eot for _, eot in parts]), trim=False)
+        f, *partial = feats.chunk(len(parts))
         with torch.no_grad():
             c = clip.encode_text(texts["target_ids"], trim=False)
 
@@ -327,8 +355,11 @@ class FTI4CIR(nn.Module):
         if gather is not None:
             u, w = gather(u), gather(w)
         l_con = contrastive_loss(u, w, self.cfg.temperature)
-        l_ortho = orthogonality_loss(A_sel)
-        l_reg = cosine_loss(f_subj, c) + cosine_loss(f_attr, c) + cosine_loss(f, c)
+        l_ortho = orthogonality_loss(A_sel) if A_sel is not None else torch.zeros((), device=g.device)
+        l_reg = cosine_loss(partial[0], c)
+        for x_part in partial[1:]:  # summed in the same order as the full method's three terms
+            l_reg = l_reg + cosine_loss(x_part, c)
+        l_reg = l_reg + cosine_loss(f, c)
         total = l_con + l_ortho + self.cfg.reg_weight * l_reg
         return {"total": total, "contrastive": l_con.detach(), "ortho": l_ortho.detach(), "reg": l_reg.detach(),
                 "num_attributes": r.float().mean().detach()}

@@ -80,6 +80,13 @@ def build_parser() -> FlagParser:
     m.add_argument("--tf-layer", type=int, default=D.tf_layer, help="layers of the local-attribute transformer")
     m.add_argument("--tf-head", type=int, default=D.tf_head, help="attention heads of the local-attribute transformer")
     m.add_argument("--mapper-dropout", type=float, default=D.mapper_dropout, help="dropout inside the pseudo-word mappers")
+    ablation = m.add_mutually_exclusive_group()  # the two together would leave no pseudo-word to train
+    ablation.add_argument("--no-attributes", dest="ablation", action="store_const", const="no-attributes", default=None,
+                          help="the paper's ablation: train and compose with the subject pseudo-word alone, a one-token "
+                               "inversion (METHOD §14); recorded in the checkpoint")
+    ablation.add_argument("--no-subject", dest="ablation", action="store_const", const="no-subject",
+                          help="the paper's ablation: train and compose with the attribute pseudo-words alone "
+                               "(METHOD §14); recorded in the checkpoint")
     add_clip_args(p)
 
     s = p.add_argument_group("checkpoints and logs")

@@ -22,6 +22,7 @@ from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
 from distributed import DistInfo, main_only
 from errors import ConfigError
 from logs import get_logger
+from models import ABLATIONS
 from run_folder import RunLock, check_start, remove_leftovers
 from transforms import build_transform
 from utils import check_output_folder
@@ -66,6 +67,7 @@ class TrainConfig:
     tf_layer: int = 3
     tf_head: int = 1
     mapper_dropout: float = 0.5
+    ablation: str | None = None  # --no-attributes / --no-subject: models.ABLATIONS (METHOD §14)
     # CLIP (clip_loader.load_clip's arguments)
     clip_model: str = "ViT-L/14"
     clip_weights: str | None = None
@@ -116,6 +118,8 @@ def check_values(config: TrainConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} {getattr(config, name)} must be a finite number")
     if config.lr <= 0 or config.lr_div <= 0:
         problems.append(f"--lr {config.lr} / --lr-div {config.lr_div} must be positive")
+    if config.ablation not in (None, *ABLATIONS):
+        problems.append(f"ablation {config.ablation!r}: choose one of {tuple(ABLATIONS)} (flags --no-attributes, --no-subject)")
     if not 0 <= config.mapper_dropout < 1:
         problems.append(f"--mapper-dropout {config.mapper_dropout} must be in [0, 1)")
     if problems:

@@ -216,7 +216,8 @@ def setup(config: TrainConfig, info: DistInfo, device: torch.device, checked: Pr
     seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = FTI4CIR.for_clip(clip, num_k=config.num_k, topk=config.topk, epsilon=config.epsilon,
                            temperature=config.temperature, reg_weight=config.reg_weight, tf_layer=config.tf_layer,
-                           tf_head=config.tf_head, mapper_dropout=config.mapper_dropout).to(device)
+                           tf_head=config.tf_head, mapper_dropout=config.mapper_dropout,
+                           ablation=config.ablation).to(device)
     if config.cache_image_features:
         cache = open_feature_cache(config.feature_cache_dir, clip, dataset, precision, info, config.cache_hash_images)
         features = CachedTowerFeatures(clip, device, precision, cache)

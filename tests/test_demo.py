@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import demo
@@ -179,8 +180,17 @@ def test_short_demo_end_to_end(tmp_path):
 
 def test_short_demo_over_a_given_clip_file(tmp_path, tiny_clip_path):
     out = tmp_path / "demo"
-    summary = demo.main(["--out", str(out), "--clip-weights", str(tiny_clip_path)] + SHORT)
+    summary = demo.main(["--out", str(out), "--clip-weights", str(tiny_clip_path), "--ablations"] + SHORT)
     assert not (out / "clip").exists() and summary["toy_clip"] is None  # no toy CLIP trained
+    # --ablations: both trained with their flag, recorded in their checkpoints, evaluated on every benchmark
+    assert set(summary["ablations"]) == {"subject-only", "attributes-only"} and set(summary["metrics"]) == set(demo.METHODS)
+    for label, flag in (("subject-only", "no-attributes"), ("attributes-only", "no-subject")):
+        entry = summary["ablations"][label]
+        assert torch.load(entry["checkpoint"], weights_only=True)["config"]["ablation"] == flag
+        for name, keys in METRIC_KEYS.items():
+            assert list(entry["metrics"][name]) == keys and set(entry["spread"][name]) == set(keys)
+            written = json.loads((out / "eval" / label / f"metrics_{name}.json").read_text())
+            assert {k: written[k] for k in keys} == entry["metrics"][name]
     assert summary["clip_weights"] == str(tiny_clip_path.resolve())
     _check_summary(summary, out)
     log = (out / "demo.log").read_text()

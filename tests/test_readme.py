@@ -23,7 +23,7 @@ SCRIPT_DOCS = {
     "scripts/bench_toy_clip.py": ("docs/DEMO.md",),
     "scripts/bench.py": ("docs/PERFORMANCE.md",), "scripts/bench_flops.py": ("docs/PERFORMANCE.md",), "scripts/bench_eval.py": ("docs/PERFORMANCE.md",),
     "scripts/bench_feature_cache.py": ("docs/PERFORMANCE.md",), "scripts/bench_metrics.py": ("docs/PERFORMANCE.md",),
-    "scripts/gpu_check.py": ("docs/PERFORMANCE.md",),
+    "scripts/gpu_check.py": ("docs/PERFORMANCE.md",), "scripts/score_server_file.py": USER_DOCS,
 }
 # the user scripts' aliases (underscore and the authors' spellings) may be left out of the documents
 ALIASES_OPTIONAL = {p for p, docs in SCRIPT_DOCS.items() if docs in (USER_DOCS, DEMO_DOCS)}
@@ -31,6 +31,8 @@ DOCUMENTS = ("README.md", "docs/FLAGS.md", "docs/DEMO.md", "docs/PERFORMANCE.md"
 # flags of other programs that the documents show in commands
 OTHER_PROGRAMS = {"--nproc-per-node", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",
                   "--index-url", "--no-deps", "--only-binary", "--python-version",
+                  # the CIRCO owners' src/evaluation.py
+                  "--data_path", "--predictions_file_path",
                   # sbatch / srun
                   "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--kill-on-bad-exit"}
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][A-Za-z0-9_-]*")

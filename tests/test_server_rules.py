@@ -3,6 +3,8 @@ rejections with their source; this repository's conventions as notes; CIRCO's mA
 aspect, as the CIRCO server reports it; the field's other CIRCO query."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +220,162 @@ def test_find_also_query_text(tmp_path):
     concept = q["shared_concept"].strip().rstrip(".").strip()
     assert ds.query_texts(q) == (f"find a picture that also {concept}, but {q['relative_caption']}",)
     assert "find-also" in CIRCO_QUERY_TEMPLATES
+
+
+# ---------------------------------------------------------------------------------------------
+# test.py --split val, all-or-nothing writes, files too deep to read
+
+def _test_py(argv, capsys):
+    """(error line or None, printed text) of src/test.py."""
+    from helpers import load_test_script
+
+    error = None
+    try:
+        load_test_script().main(argv)
+    except SystemExit as e:
+        error = str(e.code)
+    return error, capsys.readouterr().out
+
+
+def test_val_files_have_the_test_format_and_pass_validate(fast_clip, eval_args, net_path, tmp_path, capsys):
+    from helpers import dataset_args, make_circo, make_cirr, read_json
+
+    cirr = make_cirr(tmp_path / "CIRR", np.random.default_rng(21), n_images=56, n_queries=5)
+    circo = make_circo(tmp_path / "CIRCO", np.random.default_rng(22), n_images=54, n_queries=5)
+    model = ["--model-path", str(net_path)]
+    error, _ = _test_py(dataset_args(eval_args, "cirr", cirr, *model, "--split", "val"), capsys)
+    assert error is None
+    out = tmp_path / "out"
+    val_files = [out / "cirr" / "cirr_val.json", out / "cirr" / "subset_cirr_val.json"]
+    sub, subset = read_json(val_files[0]), read_json(val_files[1])
+    caps = read_json(cirr / "cirr" / "captions" / "cap.rc2.val.json")
+    assert (sub["version"], sub["metric"], subset["metric"]) == ("rc2", "recall", "recall_subset")
+    assert set(sub) - {"version", "metric"} == {str(q["pairid"]) for q in caps}
+    assert all(len(v) == 50 for k, v in sub.items() if k not in ("version", "metric"))
+    assert all(len(v) == 3 for k, v in subset.items() if k not in ("version", "metric"))
+    assert not (out / "cirr" / "cirr.json").exists()  # the test files keep their own names
+    error, text = _test_py(["--dataset", "cirr", "--cirr-path", str(cirr), "--split", "val", "--validate",
+                            *map(str, val_files)], capsys)
+    assert error is None and text.count(": accepted") == 2 and "official split" not in text
+    # against the test annotations (the generated ones reuse the pair ids) the dev- names are unknown
+    error, text = _test_py(["--dataset", "cirr", "--cirr-path", str(cirr), "--validate", *map(str, val_files)], capsys)
+    assert "note: cirr.json pair id 1000: unknown gallery names ['dev-" in text
+    error, _ = _test_py(dataset_args(eval_args, "circo", circo, *model, "--split", "val"), capsys)
+    assert error is None
+    circo_val = out / "circo" / "circo_val.json"
+    assert set(read_json(circo_val)) == {str(e["id"]) for e in read_json(circo / "annotations" / "val.json")}
+    error, text = _test_py(["--dataset", "circo", "--circo-path", str(circo), "--split", "val", "--validate",
+                            str(circo_val)], capsys)
+    assert error is None and ": accepted" in text
+
+
+def test_a_failed_write_leaves_every_file_as_it_was(fast_clip, eval_args, net_path, tmp_path, capsys, monkeypatch):
+    from helpers import dataset_args, load_test_script, make_cirr
+
+    test_script = load_test_script()
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(23), n_images=56, n_queries=4)
+    folder = tmp_path / "out" / "cirr"
+    folder.mkdir(parents=True)
+    before = {name: f"another model's {name}".encode() for name in ("cirr.json", "subset_cirr.json")}
+    for name, data in before.items():
+        (folder / name).write_bytes(data)
+    real, calls = test_script._write_temporary, []
+
+    def second_fails(data, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(data, path)
+
+    monkeypatch.setattr(test_script, "_write_temporary", second_fails)
+    error, _ = _test_py(dataset_args(eval_args, "cirr", root, "--model-path", str(net_path)), capsys)
+    assert len(calls) == 2 and error is not None and "No space left on device" in error
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # unchanged, no temporary left behind
+    monkeypatch.setattr(test_script, "_write_temporary", real)
+    error, _ = _test_py(dataset_args(eval_args, "cirr", root, "--model-path", str(net_path)), capsys)
+    assert error is None and all((folder / name).read_bytes() != data for name, data in before.items())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+def test_json_nested_too_deep_is_one_line_naming_the_file(tmp_path, capsys):
+    from helpers import make_cirr
+
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(24), n_images=56, n_queries=3)
+    deep = tmp_path / "deep_cirr.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    error, text = _test_py(["--dataset", "cirr", "--cirr-path", str(root), "--validate", str(deep)], capsys)
+    assert error is not None and len(error.splitlines()) == 1 and "Traceback" not in error + text
+    assert "nested too deep" in error and str(deep) in error
+    assert "deep_cirr.json: JSON nested too deep" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the owners' metric definitions applied to the val files
+
+def _score_script():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("score_server_file", REPO / "scripts" / "score_server_file.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_equals_the_owners_metrics_of_the_val_files(fast_clip, eval_args, net_path, tmp_path, capsys):
+    """On the toy world, evaluate.py's val metrics equal what the owners' definitions give for test.py
+    --split val's files: CIRCO mAP@K and Recall@K to 1e-4, CIRR R@K and Rs@K to 1e-3."""
+    from evaluate import main as evaluate_main
+    from helpers import dataset_args
+    from toy.world import make_toy_world
+
+    world = make_toy_world(tmp_path / "world", seed=4, num_train_images=4, num_queries=12, num_distractors=30)
+    scorer = _score_script()
+    model = ["--model-path", str(net_path)]
+    out = tmp_path / "out"
+    for dataset, tol in (("circo", 1e-4), ("cirr", 1e-3)):
+        root = world / dataset.upper()
+        want = evaluate_main(dataset_args(eval_args, dataset, root, *model))
+        paths = load_test_script_main(dataset_args(eval_args, dataset, root, *model, "--split", "val"))
+        assert [p.name for p in paths] == (["circo_val.json"] if dataset == "circo" else
+                                           ["cirr_val.json", "subset_cirr_val.json"])
+        got = scorer.main(["--dataset", dataset, f"--{dataset}-path", str(root), *map(str, paths)])
+        keys = [k for k in want if not k.startswith("circo_map_at10_")]
+        assert len(keys) == (8 if dataset == "circo" else 7)
+        for k in keys:
+            assert got[k] == pytest.approx(want[k], abs=tol), (dataset, k)
+    # a file holding an id twice is refused, as the CIRCO server's code does
+    sub = json.loads((out / "circo" / "circo_val.json").read_text())
+    sub["0"][1] = sub["0"][0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(sub))
+    with pytest.raises(SystemExit, match="query 0 lists an id twice"):
+        scorer.main(["--dataset", "circo", "--circo-path", str(world / "CIRCO"), str(bad)])
+
+
+def load_test_script_main(argv):
+    from helpers import load_test_script
+
+    return load_test_script().main(argv)
+
+
+def test_scorer_on_hand_made_lists():
+    """The owners' definitions on lists small enough to check by hand."""
+    scorer = _score_script()
+    annotations = [{"id": 0, "target_img_id": 7, "gt_img_ids": [7, 9], "semantic_aspects": ["negation"]},
+                   {"id": 1, "target_img_id": 3, "gt_img_ids": [3, 4, 5, 6, 8, 10, 11], "semantic_aspects": []}]
+    predictions = {"0": ["1", "9", "7", "2", "5"], "1": [3, 1, 2, 4, 9]}
+    got = scorer.circo_scores(predictions, annotations, ranks=(1, 5))
+    ap0_5 = (1 / 2 + 2 / 3) / 2          # ground truths at positions 2 and 3, of 2
+    ap1_5 = (1 / 1 + 2 / 4) / 5          # at positions 1 and 4, of min(7, 5)
+    assert got["circo_map_at5"] == pytest.approx(100 * (ap0_5 + ap1_5) / 2)
+    assert got["circo_map_at1"] == pytest.approx(100 * (0 + 1) / 2)
+    assert got["circo_recall_at1"] == pytest.approx(50.0) and got["circo_recall_at5"] == pytest.approx(100.0)
+    assert got["circo_map_at10_negation"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    captions = [{"pairid": 5, "target_hard": "b"}, {"pairid": 6, "target_hard": "z"}]
+    files = [{"version": "rc2", "metric": "recall", "5": ["a", "b", "c"], "6": ["c", "d", "z"]},
+             {"version": "rc2", "metric": "recall_subset", "5": ["b", "a", "c"], "6": ["a", "z", "c"]}]
+    got = scorer.cirr_scores(files, captions, ranks=(1, 2, 3), subset_ranks=(1, 2))
+    assert (got["cirr_recall_at1"], got["cirr_recall_at2"], got["cirr_recall_at3"]) == (0.0, 50.0, 100.0)
+    assert (got["cirr_group_recall_at1"], got["cirr_group_recall_at2"]) == (50.0, 100.0)
