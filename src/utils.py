@@ -117,8 +117,8 @@ def walk_files(folder) -> list[str]:
 
     Links to folders are followed, but each real folder (device and inode) is listed once: every folder
     reached without a link is listed first, under its own path; a link to a folder already listed (a
-    parent, `.`, a second link to the same place) adds nothing, so no walk repeats or loops. Folders that
-    cannot be read are passed over, as os.walk does."""
+    parent, `.`, a second link to the same place) adds nothing, so no walk repeats or loops. A folder that
+    cannot be listed is passed over with a warning naming it."""
     seen: set[tuple[int, int]] = set()
     out: list[str] = []
     real, linked = [""], []  # folders still to list: those reached without a link first
@@ -131,7 +131,8 @@ def walk_files(folder) -> list[str]:
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(os.path.join(folder, rel)) as it:
                 entries = list(it)
-        except OSError:
+        except OSError as e:
+            log.warning(f"{os.path.join(folder, rel)}: cannot be listed ({e.strerror or e}); its files are left out")
             continue
         for e in entries:
             if e.name.startswith("."):

@@ -604,7 +604,7 @@ def test_fashioniq_names_outside_the_dataset_are_refused_and_links_inside_are_al
     assert len(FashionIQDataset(root, "val", ["shirt"], "gallery", build_transform("clip", 32)).names) == 4
 
 
-def test_folder_walks_list_each_real_folder_once(tmp_path):
+def test_folder_walks_list_each_real_folder_once(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     from datasets import list_images
@@ -625,6 +625,17 @@ def test_folder_walks_list_each_real_folder_once(tmp_path):
     got = list_images(g)
     assert sorted(got) == got and len(got) == 4
     assert {"a/b/z.webp", "a/y.png", "x.jpg"} < set(got) and len(set(got) & {"a/more/w.jpg", "more2/w.jpg"}) == 1
+    # a folder that cannot be listed is named, not passed over in silence
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "b":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert list_images(g) == sorted(set(got) - {"a/b/z.webp"})
+    assert f"warning: {g / 'a' / 'b'}: cannot be listed (Permission denied); its files are left out" in capsys.readouterr().out
 
 
 def test_odd_queries_are_counted_in_one_warning_line_per_split(tmp_path, capsys):
