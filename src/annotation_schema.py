@@ -103,12 +103,18 @@ def check_inside(rel_paths, folder: Path, path: Path) -> None:
                                         "stay inside them (fix or re-download the file)")
 
 
+_reported: set[str] = set()  # a split read again (training's validation each epoch) is reported once
+
+
 def report_queries(label: str, files, queries) -> None:
     """One warning line for a split whose queries include an empty relative caption or a target that is
-    the reference image itself (both kept: the benchmarks' files are scored as published), with the counts."""
+    the reference image itself (both kept: the benchmarks' files are scored as published), with the counts;
+    once per process for the same split and counts."""
     empty = sum(any(not t.strip() for t in q.get("relative_captions") or (q["relative_caption"],)) for q in queries)
     same = sum(q.get("target_name") == q["reference_name"] for q in queries)
     found = ([f"{empty} with an empty relative caption"] if empty else []) + \
         ([f"{same} whose target is the reference image"] if same else [])
-    if found:
-        log.warning(f"{label}: {' and '.join(found)}, of {len(queries)} queries ({', '.join(map(str, files))})")
+    line = f"{label}: {' and '.join(found)}, of {len(queries)} queries ({', '.join(map(str, files))})"
+    if found and line not in _reported:
+        _reported.add(line)
+        log.warning(line)
