@@ -33,7 +33,7 @@ from errors import ConfigError, UserError
 from logs import get_logger
 from precision import DTYPES, weights_dtype
 from transforms import build_transform
-from utils import atomic_write_json, check_output_folder, resolve_device
+from utils import atomic_write_json, check_output_folder, open_append, open_regular, resolve_device
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # HF port of BLIP ViT-B, CapFilt-L
 PROMPT = "a picture of "  # BLIP's captioning prompt; stripped from every caption
@@ -115,13 +115,13 @@ def open_progress_for_append(path: Path):
     """Open this shard's progress file for appending, cutting an interrupted last line first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        with open(path, "r+b") as f:
+        with os.fdopen(open_regular(path, os.O_RDWR, "progress file"), "r+b") as f:
             if f.seek(0, os.SEEK_END) > 0:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # killed mid-write: drop the half line
                     f.seek(0)
                     f.truncate(f.read().rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
+    return open_append(path, "progress file")
 
 
 # ----------------------------------------------------------------------------- images

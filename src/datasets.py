@@ -18,6 +18,7 @@ construction (`DatasetLayoutError`, with the expected layout); individual image 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from annotation_schema import NONEMPTY, AnnotationFormatError, check_entries
+from annotation_schema import NONEMPTY, AnnotationFormatError, check_entries, check_inside, report_queries
 from errors import UserError
+from utils import walk_files
 
 MODES = ("gallery", "query")
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -109,16 +111,38 @@ def combine_text_features(f: torch.Tensor) -> torch.Tensor:
     return F.normalize(total / n.shape[1], dim=-1)
 
 
+# PIL refuses an image of over twice Image.MAX_IMAGE_PIXELS pixels as a possible decompression bomb; this
+# environment variable sets that limit (pixels; 0: none) for the scripts and their DataLoader workers
+PIXEL_LIMIT_ENV = "FTI4CIR_MAX_IMAGE_PIXELS"
+
+
+@functools.lru_cache(maxsize=None)
+def _pixel_limit(value: str) -> int | None:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ImageLoadError(f"{PIXEL_LIMIT_ENV}={value!r} is not a number of pixels; set it to an integer "
+                             "(0: no limit) or unset it") from None
+    return limit if limit > 0 else None
+
+
 def load_image(path) -> Image.Image:
     """Open and fully decode an image (mode as stored); ImageLoadError naming the file otherwise."""
     path = Path(path)
+    limit = os.environ.get(PIXEL_LIMIT_ENV)
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = _pixel_limit(limit)
     try:
         image = Image.open(path)
         image.load()  # decode now, so a truncated/corrupt file fails here and not inside a transform
     except FileNotFoundError as e:
         raise ImageLoadError(f"{path}: image file not found; check that the dataset's images are "
                              "downloaded and laid out as the README shows") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({e}); if you trust the file, "
+                             f"raise the limit with the environment variable {PIXEL_LIMIT_ENV}=<pixels> "
+                             "(0: no limit), or shrink the image") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); the file is "
                              "corrupt or truncated, re-download it") from e
     return image
@@ -241,12 +265,14 @@ class FashionIQDataset(_Base):
         _require(root, FASHIONIQ_LAYOUT, root, "FashionIQ root folder", is_dir=True)
         self.names, self.categories_of_names, self._gallery_paths = [], [], []
         self._queries, self._query_paths = [], []
+        cap_paths = []
         for cat in self.categories:
             image_dir = _require(root / cat, FASHIONIQ_LAYOUT, root, f"FashionIQ {cat} image folder", is_dir=True)
             split_path = root / "image_splits" / f"split.{cat}.{split}.json"
             names = _read_json(split_path, FASHIONIQ_LAYOUT, root, "FashionIQ image split")
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise AnnotationFormatError(f"{split_path}: expected a JSON list of image names")
+            check_inside(((i, f"{n}.jpg") for i, n in enumerate(names)), image_dir, split_path)
             self.names += names
             self.categories_of_names += [cat] * len(names)
             self._gallery_paths += [image_dir / f"{n}.jpg" for n in names]
@@ -255,6 +281,8 @@ class FashionIQDataset(_Base):
                 entries = _read_json(cap_path, FASHIONIQ_LAYOUT, root, "FashionIQ captions")
                 check_entries(entries, {"candidate": str, "captions": [str]}
                                | ({"target": str} if split != "test" else {}), cap_path)
+                check_inside(((i, f"{e['candidate']}.jpg") for i, e in enumerate(entries)), image_dir, cap_path)
+                cap_paths.append(cap_path)
                 for i, e in enumerate(entries):
                     if not (isinstance(e["captions"], list) and len(e["captions"]) == 2):
                         raise AnnotationFormatError(f"{cap_path}: entry {i} must have exactly 2 captions: {e}")
@@ -265,6 +293,8 @@ class FashionIQDataset(_Base):
                         q["target_name"] = e["target"]
                     self._queries.append(q)
                     self._query_paths.append(image_dir / f"{e['candidate']}.jpg")
+        if mode == "query":
+            report_queries(self.label, cap_paths, self._queries)
 
     def query_texts(self, query: dict) -> tuple[str, str]:
         """The two sentences made from the query's two captions; their features are combined (METHOD §10)."""
@@ -297,6 +327,11 @@ class CIRRDataset(_Base):
         name_to_rel = _read_json(split_path, CIRR_LAYOUT, root, "CIRR image split")
         if not isinstance(name_to_rel, dict):
             raise AnnotationFormatError(f"{split_path}: expected a JSON object name -> relative path")
+        bad = next((n for n, rel in name_to_rel.items() if not isinstance(rel, str)), None)
+        if bad is not None:
+            raise AnnotationFormatError(f"{split_path}: entry {bad!r} maps to {name_to_rel[bad]!r}, not a relative "
+                                        "path (a string)")
+        check_inside(((repr(n), rel) for n, rel in name_to_rel.items()), root, split_path)
         self.names = list(name_to_rel)
         self._gallery_paths = [root / rel for rel in name_to_rel.values()]
         self._queries, self._query_paths = [], []
@@ -321,6 +356,7 @@ class CIRRDataset(_Base):
                 raise AnnotationFormatError(f"{cap_path}: {len(unknown)} image names are not in {split_path}, "
                                             f"e.g. {unknown[:5]}")
             self._query_paths = [root / name_to_rel[q["reference_name"]] for q in self._queries]
+            report_queries(self.label, [cap_path], self._queries)
 
 
 class FileList(Sequence[Path]):
@@ -368,14 +404,16 @@ class FileList(Sequence[Path]):
         return [n if isabs(n) else prefix + n for n in self.file_names]
 
 
-def _circo_gallery(info_path: Path, root: Path) -> tuple[list[str], list[str]]:
-    """(names, file names) of CIRCO's gallery annotation, checked."""
+def _circo_gallery(info_path: Path, root: Path, image_dir: Path) -> tuple[list[str], list[str]]:
+    """(names, file names) of CIRCO's gallery annotation, checked (each file inside `image_dir`)."""
     info = _read_json(info_path, CIRCO_LAYOUT, root, "CIRCO gallery annotation",
                       hint="the COCO 2017 unlabeled image info, from the COCO 2017 'Unlabeled image info' download")
     if not isinstance(info, dict) or "images" not in info:
         raise AnnotationFormatError(f"{info_path}: expected a JSON object with an 'images' list")
     check_entries(info["images"], {"id": (int, str), "file_name": str}, info_path, unique="id")
-    return [str(im["id"]) for im in info["images"]], [im["file_name"] for im in info["images"]]
+    file_names = [im["file_name"] for im in info["images"]]
+    check_inside(enumerate(file_names), image_dir, info_path)
+    return [str(im["id"]) for im in info["images"]], file_names
 
 
 class CIRCODataset(_Base):
@@ -410,7 +448,7 @@ class CIRCODataset(_Base):
         if gallery is not None and Path(gallery.root) == root:
             self.names, self._gallery_paths = list(gallery.names), gallery.gallery_paths
         else:
-            self.names, file_names = _circo_gallery(info_path, root)
+            self.names, file_names = _circo_gallery(info_path, root, image_dir)
             self._gallery_paths = FileList(image_dir, file_names)
         self._queries, self._query_paths = [], []
         if mode == "query":
@@ -438,6 +476,7 @@ class CIRCODataset(_Base):
                 raise AnnotationFormatError(f"{ann_path}: {len(unknown)} image ids are not in {info_path}, "
                                             f"e.g. {unknown[:5]}")
             self._query_paths = [self._gallery_paths[index[q["reference_name"]]] for q in self._queries]
+            report_queries(self.label, [ann_path], self._queries)
 
     def query_texts(self, query: dict) -> tuple[str]:
         """The modification text of one of `.queries`: CIRCO_QUERY_TEMPLATES[self.query_text] filled with its
@@ -494,16 +533,9 @@ IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".we
 
 
 def list_images(folder) -> list[str]:
-    """Every image file under `folder` (recursive; suffixes IMAGE_SUFFIXES in any case; hidden files and
-    folders skipped), as sorted '/'-separated paths relative to it."""
-    folder = Path(folder)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(folder).as_posix()
-        prefix = "" if rel == "." else rel + "/"
-        out += [prefix + f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(out)
+    """Every image file under `folder` (recursive, `utils.walk_files`: hidden files and folders skipped,
+    each real folder once; suffixes IMAGE_SUFFIXES in any case), as sorted '/'-separated paths relative to it."""
+    return [f for f in walk_files(folder) if f.lower().endswith(IMAGE_SUFFIXES)]
 
 
 class ImageFolderDataset(_Base):

@@ -36,9 +36,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +48,14 @@ from tqdm import tqdm
 
 from errors import UserError
 from logs import get_logger
-from utils import sha256_text
+from utils import remove_dead_temporaries as _remove_dead_temporaries, remove_path, sha256_text, temp_path
 
 DEFAULT_CACHE_DIR = Path(".cache") / "features"
 FORMAT = "fti4cir-feature-store"
-VERSION = 1  # bump when what a row holds changes: every store made before becomes stale
+VERSION = 2  # bump when what a row holds changes: every store made before becomes stale
 # what gives a store its own folder; any other key difference makes the folder stale, replaced in place
 SLOT_FIELDS = ("format", "version", "rows", "label", "root", "transform", "precision", "dtype", "images_keyed_by")
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
-_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
 # Linux's sync_file_range(2), which os does not offer: starts writing a file's dirty pages back without
 # waiting, so that the flush that follows (fdatasync) finds little left to write
@@ -215,45 +211,9 @@ def _size(n: float) -> str:
     return next(f"{n / 2**k:.{d}f} {unit}" for k, d, unit in units if n >= 2**k or k == 0)
 
 
-def _temp_path(folder: Path) -> Path:
-    """A temporary beside `folder`, named with this host and process so that a later run can tell
-    whether its maker is still running."""
-    return folder.with_name(f".{folder.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or folder without following any link (rmtree does not follow them)."""
-    if stat.S_ISDIR(os.lstat(path).st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
 def remove_dead_temporaries(root) -> None:
     """Remove the temporaries in `root` made on this host by processes no longer running."""
-    try:
-        entries = os.listdir(root)
-    except OSError:
-        return
-    for entry in entries:
-        m = _TEMP.match(entry)
-        if m is None or m["host"] != _HOST or _running(int(m["pid"])):
-            continue
-        try:
-            _remove(Path(root) / entry)
-        except OSError:  # removed by another process meanwhile
-            continue
-        log.info(f"feature cache: removed {Path(root) / entry}, left by process {m['pid']}, which is not running")
+    _remove_dead_temporaries(root, "feature cache")
 
 
 def _header(shape: tuple, dtype: np.dtype) -> bytes:
@@ -356,13 +316,13 @@ def _swap_in(tmp: Path, folder: Path) -> None:
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             raise
-    old = _temp_path(folder)
+    old = temp_path(folder)
     os.rename(folder, old)  # a link is renamed as a link, never followed
     try:
         os.rename(tmp, folder)
     except OSError:  # another process made one meanwhile: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
-    _remove(old)
+    remove_path(old)
 
 
 def _shortage(folder: Path, need: int, key: dict) -> FeatureCacheError:
@@ -385,7 +345,7 @@ def create_store(folder, key: dict, arrays: dict[str, tuple], data: dict[str, np
     need = sum(sizes.values())
     if need > shutil.disk_usage(folder.parent).free:
         raise _shortage(folder, need, key)
-    tmp = _temp_path(folder)
+    tmp = temp_path(folder)
     os.mkdir(tmp)
     try:
         for name, (shape, dt) in specs.items():
@@ -432,7 +392,7 @@ def prepare_store(root, key: dict, arrays: dict[str, tuple], suffix: str = "") -
         if why is None:
             return folder
         log.info(f"feature cache: {folder} not used ({why}); making a fresh one")
-        _remove(folder)  # first, so that its disk space counts as free for the new one
+        remove_path(folder)  # first, so that its disk space counts as free for the new one
     else:
         others = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for other in others[:10]:

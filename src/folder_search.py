@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,12 +17,17 @@ from typing import Sequence
 import torch
 
 import metrics as M
-from datasets import ImageFolderDataset, list_images
+from datasets import DatasetLayoutError, ImageFolderDataset, ImageLoadError, list_images, load_image
 from errors import ConfigError
 from evaluation import EvalConfig, Retrieval, draw_rankings
-from feature_store import EvalCache
+from feature_store import EvalCache, folder_name, why_not_used
 from features import Gallery, gallery_features, query_features
+from logs import get_logger
 from transforms import build_transform
+
+log = get_logger("folder_search")
+# how many unreadable images the warning of `skip_bad_images` names
+NAMED = 5
 
 
 def read_queries(path) -> list[tuple[str, str]]:
@@ -105,12 +111,49 @@ def _check_top(top: int) -> None:
         raise ConfigError(f"--top must be >= 1, got {top}")
 
 
-def index_folder(clip, folder, config: EvalConfig) -> FolderIndex:
+def _problem(path) -> str | None:
+    """Why the image file cannot be read (None when it can)."""
+    try:
+        load_image(path).close()
+    except ImageLoadError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def without_unreadable(dataset: ImageFolderDataset) -> ImageFolderDataset:
+    """The gallery without the images that cannot be read (each decoded once, by a pool of threads: PIL's
+    decoders release the GIL), counted in one warning line that names the first few."""
+    with ThreadPoolExecutor(min(16, 2 * (os.cpu_count() or 1))) as pool:
+        problems = list(pool.map(_problem, dataset.gallery_paths))
+    bad = [(name, why) for name, why in zip(dataset.names, problems) if why is not None]
+    if not bad:
+        return dataset
+    if len(bad) == len(dataset.names):
+        raise DatasetLayoutError(f"none of the {len(bad)} images under {dataset.root} can be read (the first: {bad[0][1]})")
+    names = ", ".join(name for name, _ in bad[:NAMED]) + (", ..." if len(bad) > NAMED else "")
+    log.warning(f"left out {len(bad)} of the {len(dataset.names)} images under {dataset.root} that cannot be read: "
+                f"{names} (the first: {bad[0][1]})")
+    return dataset.without({name for name, _ in bad}, set())
+
+
+def _cached(clip, dataset, config: EvalConfig, cache: EvalCache | None) -> bool:
+    """Whether the gallery cache holds every image of `dataset` (images unchanged since: all readable)."""
+    if cache is None:
+        return False
+    key = cache.key(clip, dataset, config.encoding.precision)
+    return why_not_used(cache.root / folder_name(key), key, {"features": None}, complete=True) is None
+
+
+def index_folder(clip, folder, config: EvalConfig, skip_bad_images: bool = False) -> FolderIndex:
     """Every image under `folder` as a gallery: CLIP embeddings from `config.cache_dir` (the gallery cache
-    evaluate.py uses) when it holds them, else encoded and written there."""
+    evaluate.py uses) when it holds them, else encoded and written there. `skip_bad_images`: images that
+    cannot be read are left out (`without_unreadable`; the images are then read once more before they are
+    encoded, unless the cache holds the whole folder); else the first one stops the encoding."""
     preprocess = build_transform(config.preprocess_type, clip.image_size)
     dataset = ImageFolderDataset(folder, "gallery", preprocess)
     cache = EvalCache(config.cache_dir, config.cache_hash_images) if config.cache_dir is not None else None
+    if skip_bad_images and not _cached(clip, dataset, config, cache):
+        dataset = without_unreadable(dataset)
     return FolderIndex(dataset, gallery_features(clip, dataset, config.encoding, cache))
 
 

@@ -149,17 +149,18 @@ class FTI4CIRModel:
                           cache_hash_images=self.cache_hash_images, baseline=baseline)
 
     # retrieval ----------------------------------------------------------------------------------
-    def index(self, folder, progress: bool | None = None) -> FolderIndex:
+    def index(self, folder, progress: bool | None = None, skip_bad_images: bool = False) -> FolderIndex:
         """Every image under `folder` (recursive; hidden files and folders skipped) as a gallery: CLIP's
         embeddings, from the gallery cache evaluate.py uses when it holds them, else encoded (a progress
-        bar unless `progress=False`) and written there."""
+        bar unless `progress=False`) and written there. `skip_bad_images`: images that cannot be read are
+        left out, counted in one warning (else the first one is an error)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"gallery folder {folder}: no such folder")
         if not list_images(folder):
             raise InputError(f"gallery folder {folder}: holds no images ({' '.join(IMAGE_SUFFIXES)}, searched "
                              "recursively); pass a folder of images")
-        return index_folder(self.clip, folder, self._config(progress=progress))
+        return index_folder(self.clip, folder, self._config(progress=progress), skip_bad_images)
 
     def rank(self, index: FolderIndex, queries: Sequence[tuple[str, str]], top: int = 10,
              baseline: str | None = None, exclude_reference: bool = False) -> FolderResults:

@@ -4,7 +4,8 @@
   this once so that INFO lines reach standard output as plain text and warnings as `warning: <text>`
   (the level is the formatter's to print: a message never starts with it). Processes other than rank 0
   of a distributed run only show warnings and errors.
-- `TrainLog`: rank 0's per-step JSON lines (`train_log.jsonl`) and TensorBoard scalars.
+- `TrainLog`: rank 0's per-step JSON lines (`train_log.jsonl`, appended, never through a symbolic link)
+  and TensorBoard scalars.
 """
 from __future__ import annotations
 
@@ -64,11 +65,15 @@ class TrainLog:
     def __init__(self, model_dir: Path, enabled: bool, purge_step: int | None = None):
         self.tb = self.jsonl = None
         if enabled:
-            # deferred: tensorboard takes seconds to import and only rank 0 of a training run writes to it
+            # deferred: tensorboard takes seconds to import and only rank 0 of a training run writes to it;
+            # utils imports this module
             from torch.utils.tensorboard import SummaryWriter
 
+            from utils import open_append
+
+            # first: a train_log.jsonl that is a link or not a file stops the run before anything is written
+            self.jsonl = open_append(Path(model_dir) / "train_log.jsonl", "training log")
             self.tb = SummaryWriter(str(Path(model_dir) / "tensorboard"), purge_step=purge_step)
-            self.jsonl = open(Path(model_dir) / "train_log.jsonl", "a", encoding="utf-8")
 
     def step(self, record: dict, global_step: int) -> None:
         """One training step: every number but the counters as a scalar, the whole record as a line."""

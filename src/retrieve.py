@@ -40,6 +40,9 @@ def build_parser() -> FlagParser:
     parser.add_argument("--top", type=int, default=10, metavar="K", help="results per query")
     parser.add_argument("--exclude-reference", action="store_true",
                         help="leave a reference that is itself in the gallery out of its own ranking (as CIRR does)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out gallery images that cannot be read, counted in one warning line that names the "
+                             "first few (without it, the first one stops the run naming the file)")
     add_model_args(parser, default_save_path="./results/retrieve")
     return parser
 
@@ -60,7 +63,8 @@ def main(argv=None) -> dict:
                          cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
                          progress=encoding.progress)
     t = time.perf_counter()
-    results = model.rank(model.index(args.gallery), queries, args.top, args.baseline, args.exclude_reference)
+    index = model.index(args.gallery, skip_bad_images=args.skip_bad_images)
+    results = model.rank(index, queries, args.top, args.baseline, args.exclude_reference)
     log.info(f"{len(results.retrieval.names)} gallery images, {len(queries)} queries ranked in "
              f"{1000 * (time.perf_counter() - t):.0f} ms")
     out = results.to_dict()

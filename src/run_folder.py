@@ -2,7 +2,8 @@
 
 - `RunLock`: an exclusive lock on `<model-dir>/.train.lock` for the whole run. The lock is an OS file
   lock (`flock`), so it dies with its process, however the process ends; the file also records the
-  owner (host, pid, start time) for the message a second run gets. A lock file whose lock is free was
+  owner (host, pid, start time) for the message a second run gets; a lock file that is a symbolic link or
+  not a regular file is refused. A lock file whose lock is free was
   left by a process that is gone: it is taken over, and the log says so.
 - `check_start`: a folder that already holds a run is only trained in again with `--resume`.
 - `remove_leftovers`: temporary files of atomic writes that a killed process left behind.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from errors import ConfigError, UserError
 from logs import get_logger
+from utils import open_regular
 
 LOCK_NAME = ".train.lock"
 # what flock raises where the file system has no locks
@@ -48,7 +50,9 @@ class RunLock:
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
+        # O_NOFOLLOW, regular files only: the lock's owner record is written into it, never into a file a
+        # link points to
+        f = os.fdopen(open_regular(self.path, os.O_RDWR | os.O_CREAT, "the run folder's lock"), "r+", encoding="utf-8")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,7 +109,8 @@ def check_start(folder, resume: str | None) -> None:
 
 def remove_leftovers(folder) -> list[Path]:
     """Deletes the temporary files interrupted atomic writes left in `folder` and its checkpoints/
-    (`.<name>.<pid>...tmp`; about 620 MiB each for ViT-L/14). Only while holding the folder's lock."""
+    (`.<name>.<host>.<pid>.<hex>.tmp` and the like; about 620 MiB each for ViT-L/14). Only while holding
+    the folder's lock."""
     folder = Path(folder)
     removed = []
     for where in (folder, folder / "checkpoints"):

@@ -690,3 +690,262 @@ def test_a_failed_step_log_write_names_the_log(data8, tiny_clip_path, tmp_path, 
     msg = _exit_message(train.main, train_args(data8, tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 1))
     assert msg.startswith(f"error: {model_dir / 'train_log.jsonl'}: No space left on device")
     assert not (model_dir / "train_log.jsonl").exists()  # the failed start's files are gone
+
+
+# ---------------------------------------------------------------------------------------------
+# files, folders and pictures
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (no process of this host has it now)."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_a_lock_file_that_is_a_link_or_not_a_file_is_refused(data8, tiny_clip_path, tmp_path):
+    from errors import UserError
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the run's")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).symlink_to(outside)
+    with pytest.raises(UserError) as e:
+        RunLock(run).acquire()
+    assert f"{run / LOCK_NAME} is a symbolic link" in str(e.value) and "\n" not in str(e.value)
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, run, "--batch-size", 4))
+    assert f"{run / LOCK_NAME} is a symbolic link" in msg
+    assert outside.read_text() == "not the run's" and (run / LOCK_NAME).is_symlink()
+    (run / LOCK_NAME).unlink()
+    os.mkfifo(run / LOCK_NAME)
+    with pytest.raises(UserError, match="is not a regular file"):
+        RunLock(run).acquire()
+
+
+def test_a_training_log_that_is_a_link_is_refused(tmp_path):
+    from logs import TrainLog
+    from utils import UnsafeFileError
+
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("theirs\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").symlink_to(outside)
+    with pytest.raises(UnsafeFileError, match=f"{run / 'train_log.jsonl'} is a symbolic link"):
+        TrainLog(run, enabled=True)
+    assert outside.read_text() == "theirs\n" and sorted(os.listdir(run)) == ["train_log.jsonl"]
+    # a run's own log: appended to, as before
+    (run / "train_log.jsonl").unlink()
+    (run / "train_log.jsonl").write_text('{"step": 0}\n')
+    log = TrainLog(run, enabled=True)
+    log.step({"step": 1, "loss": 0.5}, 1)
+    log.close()
+    assert (run / "train_log.jsonl").read_text() == '{"step": 0}\n{"step": 1, "loss": 0.5}\n'
+
+
+def test_an_atomic_write_replaces_a_link_and_never_writes_through_it(tmp_path):
+    from utils import atomic_write_json
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("theirs")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").symlink_to(outside)
+    atomic_write_json({"a": 1}, tmp_path / "out" / "results.json")
+    assert outside.read_text() == "theirs" and not (tmp_path / "out" / "results.json").is_symlink()
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"a": 1}
+    assert os.listdir(tmp_path / "out") == ["results.json"]
+
+
+def test_output_folders_lose_the_temporaries_of_dead_processes_only(tmp_path, capsys):
+    from utils import HOST, check_output_folder
+
+    out = tmp_path / "save"
+    out.mkdir()
+    dead = _dead_pid()
+    gone = [f".results.json.{HOST}.{dead}.0badc0de.tmp", f".results.png.{HOST}.{dead}.12345678.tmp"]
+    kept = [f".results.json.{HOST}.{os.getpid()}.deadbeef.tmp",  # a running process's
+            f".results.json.other-host.{dead}.0badc0de.tmp",  # another machine's: its pid cannot be told
+            "notes.tmp", "results.json"]
+    for name in gone + kept:
+        (out / name).write_text("x")
+    check_output_folder(out, "--save-path")
+    assert sorted(os.listdir(out)) == sorted(kept)
+    printed = capsys.readouterr().out
+    assert all(f"--save-path: removed {out / name}, left by process {dead}" in printed for name in gone)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "./dev/../../outside.png"])
+def test_annotation_paths_outside_the_dataset_are_refused(bad, tmp_path):
+    root = _cirr(tmp_path, [_entry(1)])
+    split = root / "cirr" / "image_splits" / "split.rc2.val.json"
+    names = json.loads(split.read_text())
+    names["dev-3-0-img0"] = bad
+    split.write_text(json.dumps(names))
+    with pytest.raises(AnnotationFormatError) as e:
+        CIRRDataset(root, "val", "gallery", build_transform("clip", 32))
+    msg = str(e.value)
+    assert msg.startswith(f"{split}: entry 'dev-3-0-img0' names the image {bad!r}, which lies outside {root}")
+    assert "\n" not in msg
+    # CIRCO's gallery file names: relative to its image folder
+    circo = small_circo(tmp_path / "CIRCO", [1, 2, 3], with_images=False)
+    info = circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+    images = json.loads(info.read_text())
+    images["images"][2]["file_name"] = bad
+    info.write_text(json.dumps(images))
+    from datasets import CIRCODataset
+
+    with pytest.raises(AnnotationFormatError, match=f"entry 2 names the image {bad!r}"):
+        CIRCODataset(circo, "val", "gallery", build_transform("clip", 32), require_images=False)
+
+
+def test_fashioniq_names_outside_the_dataset_are_refused_and_links_inside_are_allowed(tmp_path):
+    import numpy as np
+
+    from datasets import FashionIQDataset
+    from helpers import make_fashioniq
+
+    root = make_fashioniq(tmp_path / "FIQ", np.random.default_rng(0), n_images=4, n_queries=2)
+    caps = root / "captions" / "cap.dress.val.json"
+    entries = json.loads(caps.read_text())
+    entries[1]["candidate"] = "../../../home/x"
+    caps.write_text(json.dumps(entries))
+    with pytest.raises(AnnotationFormatError, match=r"cap.dress.val.json: entry 1 names the image '../../../home/x.jpg'"):
+        FashionIQDataset(root, "val", ["dress"], "query", build_transform("clip", 32))
+    # a link inside the root that points elsewhere is the user's layout
+    elsewhere = tmp_path / "disk2"
+    (root / "shirt").rename(elsewhere)
+    (root / "shirt").symlink_to(elsewhere, target_is_directory=True)
+    assert len(FashionIQDataset(root, "val", ["shirt"], "gallery", build_transform("clip", 32)).names) == 4
+
+
+def test_folder_walks_list_each_real_folder_once(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from datasets import list_images
+
+    g = tmp_path / "g"
+    (g / "a" / "b").mkdir(parents=True)
+    for rel in ("x.jpg", "a/y.png", "a/b/z.webp"):
+        Image.new("RGB", (8, 8)).save(g / rel)
+    (g / "a" / "b" / "up").symlink_to("..", target_is_directory=True)  # a link to a parent
+    (g / "here1").symlink_to(".", target_is_directory=True)  # two links to the folder itself
+    (g / "here2").symlink_to(".", target_is_directory=True)
+    (g / "also_a").symlink_to("a", target_is_directory=True)
+    outside = tmp_path / "more"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "w.jpg")
+    (g / "a" / "more").symlink_to(outside, target_is_directory=True)  # a folder reached only through a link
+    (g / "more2").symlink_to(outside, target_is_directory=True)
+    got = list_images(g)
+    assert sorted(got) == got and len(got) == 4
+    assert {"a/b/z.webp", "a/y.png", "x.jpg"} < set(got) and len(set(got) & {"a/more/w.jpg", "more2/w.jpg"}) == 1
+    # a folder that cannot be listed is named, not passed over in silence
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "b":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert list_images(g) == sorted(set(got) - {"a/b/z.webp"})
+    assert f"warning: {g / 'a' / 'b'}: cannot be listed (Permission denied); its files are left out" in capsys.readouterr().out
+
+
+def test_odd_queries_are_counted_in_one_warning_line_per_split(tmp_path, capsys):
+    root = _cirr(tmp_path, [_entry(1), _entry(2, caption=" "), _entry(3, caption=""),
+                            _entry(4, target_hard="dev-0-0-img0")])
+    CIRRDataset(root, "val", "query", build_transform("clip", 32))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert lines == [f"warning: cirr-val: 2 with an empty relative caption and 1 whose target is the reference image, "
+                     f"of 4 queries ({root / 'cirr' / 'captions' / 'cap.rc2.val.json'})"]
+    CIRRDataset(root, "val", "query", build_transform("clip", 32))  # the same split read again: said once
+    assert "warning" not in capsys.readouterr().out
+    (root / "cirr" / "captions" / "cap.rc2.val.json").write_text(json.dumps([_entry(1), _entry(2)]))
+    CIRRDataset(root, "val", "query", build_transform("clip", 32))
+    assert "warning" not in capsys.readouterr().out
+
+
+def _authors_transform(image, kind: str, size: int):
+    """The authors' preprocessing written out step by step (METHOD §9): the pad, bicubic resize, centre
+    crop, RGB conversion, tensor, CLIP normalisation; what RGB, RGBA and L images must still get."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from transforms import CLIP_MEAN, CLIP_STD
+
+    w, h = image.size
+    if kind == "targetpad" and max(w, h) / min(w, h) >= 1.25:
+        m = max(w, h) / 1.25
+        image = TF.pad(image, [max(int((m - w) / 2), 0), max(int((m - h) / 2), 0)] * 2, fill=0, padding_mode="constant")
+    image = TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), size)
+    return TF.normalize(TF.to_tensor(image.convert("RGB")), CLIP_MEAN, CLIP_STD)
+
+
+def test_pictures_of_every_mode_enter_the_pipeline_in_eight_bits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from datasets import load_image
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (30, 52), dtype=np.uint8)
+    grey[0, 0], grey[0, 1] = 0, 255  # the full range, for the float image's own range
+    colour = rng.integers(0, 256, (52, 30, 3), dtype=np.uint8)
+    for kind in ("targetpad", "clip"):
+        t = build_transform(kind, 32)
+        # RGB, RGBA and L: exactly the authors' tensors
+        for image in (Image.fromarray(colour), Image.fromarray(grey), Image.fromarray(colour).convert("RGBA"),
+                      Image.fromarray(colour[:40, :36])):
+            assert torch.equal(t(image), _authors_transform(image, kind, 32)), (kind, image.mode, image.size)
+        want = t(Image.fromarray(grey))
+        # 16-bit grey, read back from a 16-bit PNG: scaled by 65535 / 255 = 257, the same picture as the L one
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+        sixteen = load_image(tmp_path / "g16.png")
+        assert sixteen.mode in ("I;16", "I") and torch.equal(t(sixteen), want)
+        assert torch.equal(t(Image.fromarray(grey.astype(np.int32) * 257, "I")), want)
+        # float grey: scaled from its own range (here 1.0 .. 4.0)
+        assert torch.equal(t(Image.fromarray(grey.astype(np.float32) / 255 * 3 + 1, "F")), want)
+        # CMYK and palette: PIL's conversion to RGB, before the pad
+        for image in (Image.fromarray(colour).convert("CMYK"), Image.fromarray(colour).convert("P")):
+            assert torch.equal(t(image), _authors_transform(image.convert("RGB"), kind, 32)), (kind, image.mode)
+
+
+def test_a_decompression_bomb_is_named_with_how_to_raise_the_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from datasets import PIXEL_LIMIT_ENV, ImageLoadError, load_image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit
+    with pytest.raises(ImageLoadError) as e:
+        load_image(tmp_path / "big.png")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'big.png'}: refused as a possible decompression bomb") and "\n" not in msg
+    assert f"{PIXEL_LIMIT_ENV}=<pixels>" in msg and "corrupt" not in msg and "truncated" not in msg
+    monkeypatch.setenv(PIXEL_LIMIT_ENV, "5000")
+    assert load_image(tmp_path / "big.png").size == (64, 64)
+
+
+def test_retrieve_skips_unreadable_gallery_images_only_when_asked(fast_clip, eval_args, net_path, tmp_path, capsys):
+    from PIL import Image
+
+    from retrieve import main as retrieve_main
+
+    g = tmp_path / "g"
+    g.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 16), (60 * i, 30, 200 - 40 * i)).save(g / f"ok{i}.png")
+    (g / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a picture")
+    (g / "empty.png").write_bytes(b"")
+    (g / "loop").symlink_to(".", target_is_directory=True)  # listed once, not again through the link
+    argv = eval_args + ["--model-path", str(net_path), "--gallery", str(g), "--reference", str(g / "ok0.png"),
+                        "--text", "is red", "--top", "10"]
+    msg = _exit_message(retrieve_main, argv)
+    assert str(g / "broken.jpg") in msg and "cannot decode" in msg
+    capsys.readouterr()
+    out = retrieve_main(argv + ["--skip-bad-images"])
+    assert out["gallery_images"] == 4 and sorted(r["file"] for r in out["queries"][0]["results"]) == \
+        [f"ok{i}.png" for i in range(4)]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: left out 2 of the 6 images under {g} that cannot be read: broken.jpg, empty.png (the first: {g / 'broken.jpg'}")
