@@ -31,7 +31,7 @@ from errors import ConfigError, UserError, naming_written_file, torch_load_probl
 from hub import local_file
 from logs import get_logger
 from models import FTI4CIR, FTI4CIRConfig
-from utils import atomic_torch_save
+from utils import atomic_torch_save, temp_path
 
 FORMAT = "fti4cir"
 FORMAT_VERSION = 1
@@ -148,13 +148,18 @@ def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
         extra += "; its CLIP is not recorded, so not checked"
     where = f" = {path}" if str(path) != str(model_path) else ""
     log.info(f"model: {model_path}{where} ({info['format']} format{extra})")
-    recorded, current = info.get("clip_fingerprint"), net.loaded_from["clip_fingerprint"]["loaded"]
-    if recorded is not None and recorded != current:
-        log.warning(f"--model-path {model_path} was trained over other CLIP weights (fingerprint {recorded}, "
-                    f"{info.get('clip_source', 'source not recorded')}) than the ones loaded (fingerprint {current}, "
-                    f"{clip.source}): its results are not those of the trained model; pass the --clip-weights / "
-                    "--clip-model it was trained with")
+    warn_if_other_clip(f"--model-path {model_path}", info, clip, "--clip-weights / --clip-model")
     return net
+
+
+def warn_if_other_clip(what: str, info: dict, clip, fix: str) -> None:
+    """One warning line when the checkpoint records a CLIP (`clip_fingerprint`) other than `clip`: the shapes
+    fit, the results are not the trained network's."""
+    recorded, current = info.get("clip_fingerprint"), clip.weights_fingerprint()
+    if recorded is not None and recorded != current:
+        log.warning(f"{what} was trained over other CLIP weights (fingerprint {recorded}, "
+                    f"{info.get('clip_source', 'source not recorded')}) than the ones loaded (fingerprint {current}, "
+                    f"{clip.source}): its results are not those of the trained model; pass the {fix} it was trained with")
 
 
 def loaded_from(model_path, path: Path, info: dict, clip) -> dict:
@@ -211,8 +216,7 @@ def checkpoint_summaries(folder) -> list[dict]:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """dst becomes the same file as src, atomically (a hard link, else a copy), without a second torch.save."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(dst)  # a fresh name: nothing there to follow
     try:
         os.link(src, tmp)
     except OSError:

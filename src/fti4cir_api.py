@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import load_network
+from checkpoint import load_network, warn_if_other_clip
 from clip_loader import load_clip
 from datasets import IMAGE_SUFFIXES, ImageLoadError, list_images, load_image
 from errors import ConfigError, UserError
@@ -64,12 +64,13 @@ def load(checkpoint=None, clip_weights=None, *, clip_model: str = "ViT-L/14", cl
     clip = load_clip(clip_model, clip_weights, device=device, clip_format=clip_format, pretrained=clip_pretrained)
     net = None
     if checkpoint is not None:
-        net = load_network(local_file(checkpoint, "checkpoint"), device)[0]
+        net, info = load_network(local_file(checkpoint, "checkpoint"), device)
         try:
             net.check_clip(clip)
         except ValueError as e:
             raise ConfigError(f"checkpoint={str(checkpoint)!r} does not fit the CLIP loaded ({clip.source}): {e}; "
                               "pass the clip_weights it was trained with") from None
+        warn_if_other_clip(f"checkpoint={str(checkpoint)!r}", info, clip, "clip_weights")
     return FTI4CIRModel(net, clip, **options)
 
 
@@ -199,6 +200,8 @@ class FTI4CIRModel:
         try:
             return load_image(path)
         except ImageLoadError as e:
+            if isinstance(e.__cause__, Image.DecompressionBombError):
+                raise  # its own message says how to raise the pixel limit
             why = str(e.__cause__ or e).splitlines()[0]
             raise InputError(f"reference image {path}: cannot be read as an image ({why}); pass a jpg, png or "
                              "webp file") from None
