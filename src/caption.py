@@ -33,7 +33,7 @@ from errors import ConfigError, UserError
 from logs import get_logger
 from precision import DTYPES, weights_dtype
 from transforms import build_transform
-from utils import atomic_write_json, check_output_folder, resolve_device
+from utils import atomic_write_json, check_output_folder, resolve_device, show_progress
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # HF port of BLIP ViT-B, CapFilt-L
 PROMPT = "a picture of "  # BLIP's captioning prompt; stripped from every caption
@@ -366,7 +366,8 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
                         collate_fn=collate_images, pin_memory=device.type == "cuda")
     count, start = 0, time.perf_counter()
     with open_progress_for_append(own_file) as f, tqdm(total=len(todo), unit="img", dynamic_ncols=True,
-                                                        desc=own_file.name, position=shard) as bar:
+                                                        desc=own_file.name, position=shard,
+                                                        disable=not show_progress()) as bar:
         for batch_ids, pixels, bad in loader:
             lines = [json.dumps({"img_id": b.img_id, "error": b.reason}) for b in bad]
             if batch_ids:

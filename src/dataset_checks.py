@@ -25,6 +25,7 @@ from tqdm import tqdm
 from datasets import (FASHIONIQ_CATEGORIES, AnnotationFormatError, CIRCODataset, CIRRDataset, DatasetLayoutError,
                       FashionIQDataset, ImageLoadError, imagenet_file_name)
 from errors import UserError
+from utils import show_progress
 
 CHECKABLE = ("imagenet", "fashioniq", "cirr", "circo")
 # the official releases (queries, gallery images) of the splits evaluate.py and test.py read
@@ -137,7 +138,7 @@ def image_problems(paths: Sequence[str], decode: bool = False, workers: int = 8,
 
     out: dict[int, str] = {}
     modes: dict[int, str] = {}
-    with tqdm(total=len(paths), desc=desc, unit="file", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="file", disable=not show_progress(progress), leave=False) as bar:
         if workers <= 1:
             for rows in chunks:
                 bad, odd = run(rows)
