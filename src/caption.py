@@ -30,6 +30,7 @@ from cli import FlagParser, script_main
 from datasets import IMAGENET_FILE_RE, DatasetLayoutError, ImageLoadError, imagenet_file_name, load_image
 from distributed import layout_from_env, pick_device
 from errors import ConfigError, UserError
+from hub import cached_hub_file, fail_if_offline, not_cached_message
 from logs import get_logger
 from precision import DTYPES, weights_dtype
 from transforms import build_transform
@@ -167,14 +168,34 @@ def collate_images(batch):
 
 # ----------------------------------------------------------------------------- BLIP
 
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # OWNER/NAME or NAME; anything else is a folder's path
+
+
+def blip_source(name: str) -> str:
+    """Where to load --blip-model from: a folder as it is; a hub id from its snapshot in the Hugging Face
+    cache when that holds it (no network touched), else from the hub, which must answer: without it the
+    run stops at once with what to do, instead of transformers retrying for half a minute."""
+    if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name):
+        return name
+    cached = cached_hub_file(name, ["config.json"])
+    if cached is not None:
+        return str(cached.parent)
+    fail_if_offline(lambda: not_cached_message(
+        f"--blip-model {name}", name, None,
+        "or pass --blip-model a folder written by save_pretrained (model and tokenizer), copied from a machine "
+        "that has the weights"), ConfigError)
+    return name
+
+
 def load_blip(name: str, device: torch.device, dtype: torch.dtype):
-    """BlipForConditionalGeneration + its tokenizer from a hub id or a save_pretrained folder."""
+    """BlipForConditionalGeneration + its tokenizer from a hub id (`blip_source`) or a save_pretrained folder."""
+    source = blip_source(name)  # offline and not cached: stops here, before transformers is even imported
     # deferred: transformers takes seconds to import and only the captioning pass needs it (--split-only does not)
     from transformers import AutoTokenizer, BlipForConditionalGeneration
 
     try:
-        model = BlipForConditionalGeneration.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = BlipForConditionalGeneration.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"cannot load BLIP from {name!r} ({err}). Pass --blip-model a folder written by "
