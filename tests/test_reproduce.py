@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,7 +98,8 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture
 def run_args(tiny_clip_path, net_path, tmp_path) -> list[str]:
     return ["--model-path", str(net_path), "--clip-weights", str(tiny_clip_path), "--device", "cpu",
-            "--batch-size", "16", "--workers", "0", "--no-progress", "--no-cache", "--out", str(tmp_path / "out")]
+            "--batch-size", "16", "--workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out")]
 
 
 def test_reproduce_on_the_toy_world(world, run_args, tiny_clip, net, net_path, tmp_path, capsys, monkeypatch):
@@ -112,7 +114,9 @@ def test_reproduce_on_the_toy_world(world, run_args, tiny_clip, net, net_path, t
     assert re.search(r"benchmark +split +metric +this run ± s\.e\. +paper +difference", out)
 
     # the values are evaluate's; the difference is the value minus the paper's figure
-    config = EvalConfig(encoding=Encoding(batch_size=16, workers=0, device=torch.device("cpu"), progress=False))
+    # evaluate.py's computation, from the galleries the run cached (the queries encoded again)
+    config = EvalConfig(encoding=Encoding(batch_size=16, workers=0, device=torch.device("cpu"), progress=False),
+                        cache_dir=tmp_path / "cache")
     want = {"fashioniq": evaluate(net, tiny_clip, "fashioniq", world / "FashionIQ", config),
             "cirr": evaluate(net, tiny_clip, "cirr", world / "CIRR", config)}
     rows = {(r["benchmark"], r["split"], r["key"]): r for r in report["rows"]}
@@ -142,6 +146,41 @@ def test_reproduce_on_the_toy_world(world, run_args, tiny_clip, net, net_path, t
     assert saved["checkpoint"]["sha256"] in out
     md = (tmp_path / "out" / "reproduce.md").read_text()
     assert "| FashionIQ | val | average R@10 |" in md and "| 29.39 |" in md and "CIRCO: no folder" in md
+
+
+def test_reproduce_circo_alone(world, run_args, tiny_clip, net, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(reproduce, "load_clip", lambda **kwargs: tiny_clip)
+    report = reproduce.main(run_args + ["--fashioniq-path", str(tmp_path / "a"), "--cirr-path", str(tmp_path / "b"),
+                                        "--circo-path", str(world / "CIRCO"), "--resamples", "50"])
+    assert capsys.readouterr().out.count("left out:") == 2 and len(report["left_out"]) == 2
+    # evaluate.py's computation, from the galleries the run cached (the queries encoded again)
+    config = EvalConfig(encoding=Encoding(batch_size=16, workers=0, device=torch.device("cpu"), progress=False),
+                        cache_dir=tmp_path / "cache")
+    want = evaluate(net, tiny_clip, "circo", world / "CIRCO", config)
+    rows = {(r["split"], r["key"]): r for r in report["rows"]}
+    assert {k: rows[("val", k)]["value"] for k in want} == want
+    circo_json = tmp_path / "out" / "circo" / "circo.json"
+    assert rows[("test", "circo_map_at10")] == {"benchmark": "circo", "split": "test", "key": "circo_map_at10",
+                                                "metric": "mAP@10", "value": None, "se": None, "paper": 16.32,
+                                                "difference": None, "server_file": str(circo_json)}
+    assert [c.problems for c in check_submission_files("circo", world / "CIRCO", [circo_json])] == [[]]
+
+
+def test_circo_aspects_get_standard_errors_over_their_queries():
+    rng = np.random.default_rng(1)
+    g = _feats(30, seed=5)
+    names = [str(100 + i) for i in range(30)]
+    aspects = [["addition"], ["negation", "addition"], ["viewpoint"], ["negation"]] * 3
+    queries = [{"gt_img_ids": [names[j] for j in rng.choice(30, size=3, replace=False)], "semantic_aspects": a}
+               for a in aspects]
+    q = F.normalize(g[[names.index(x["gt_img_ids"][0]) for x in queries]] + 0.5 * _feats(12, seed=6) * 4, dim=-1)
+    r = SimpleNamespace(queries=queries, names=names, query_features=q, gallery=SimpleNamespace(features=g))
+    rows = {x["key"]: x for x in reproduce.val_rows("circo", reproduce.circo_val(r), resamples=200, seed=0)}
+    ap10 = M.circo_per_query(q, g, names, [x["gt_img_ids"] for x in queries])["circo_map_at10"]
+    negation = [i for i, a in enumerate(aspects) if "negation" in a]
+    assert rows["circo_map_at10_negation"]["value"] == pytest.approx(float(ap10[negation].mean()) * 100, abs=1e-9)
+    assert rows["circo_map_at10_negation"]["metric"] == "mAP@10 negation"
+    assert rows["circo_map_at10_negation"]["se"] > 0 and rows["circo_map_at10"]["se"] > 0
 
 
 def test_no_benchmark_data_is_one_error_line(run_args, tmp_path, capsys):
