@@ -156,7 +156,7 @@ def val_rows(name: str, result: ValResult, resamples: int, seed: int) -> list[di
     return rows
 
 
-def test_rows(name: str, split: str, files: list[Path]) -> list[dict]:
+def server_rows(name: str, split: str, files: list[Path]) -> list[dict]:
     """The paper's test-split figures, each "server only" with the file that the server scores."""
     by_metric = {"cirr_group_recall_at": "subset_cirr.json"}
     rows = []
@@ -296,7 +296,7 @@ def main(argv=None) -> dict:
                       (cirr_val if name == "cirr" else circo_val)(retrieve(net, clip, name, roots[name], config)))
             rows += val_rows(name, result, args.resamples, args.seed)
         else:
-            rows += test_rows(name, split, write_server_files(net, clip, name, roots[name], config, out))
+            rows += server_rows(name, split, write_server_files(net, clip, name, roots[name], config, out))
 
     report = {"checkpoint": {"path": str(args.model_path), "file": str(path), "sha256": digest},
               "clip": {"model": args.clip_model, "weights": args.clip_weights, "pretrained": args.clip_pretrained},
