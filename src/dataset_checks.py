@@ -261,15 +261,15 @@ def _layout_problem(report: BenchmarkReport, error: Exception) -> None:
     """The error's first line as the problem; the expected layout and where the data comes from follow the
     benchmark's first layout problem only, so the same tree is not printed once per split."""
     head, _, layout = str(error).partition("\n")
-    earlier = [p["message"] for p in report.problems if p["kind"] == "layout"]
-    if any(m.partition("\n")[0] == head for m in earlier):
+    layout_found = [p["message"] for p in report.problems if p["kind"] == "layout"]
+    if any(m.partition("\n")[0] == head for m in layout_found):
         return
-    if earlier:
+    if layout_found:
         report.problem("layout", head)
         return
     s = SOURCES[report.benchmark]
-    report.problem("layout", f"{head}\n{layout}\n(annotations: {s['annotations']}; images: {s['images']})".replace(
-        "\n\n", "\n"))
+    source = f"(annotations: {s['annotations']}; images: {s['images']})"
+    report.problem("layout", "\n".join([head] + ([layout] if layout else []) + [source]))
 
 
 def _split_sections(report, what, expected, gallery, query) -> list[Section]:
