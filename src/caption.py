@@ -30,10 +30,11 @@ from cli import FlagParser, script_main
 from datasets import IMAGENET_FILE_RE, DatasetLayoutError, ImageLoadError, imagenet_file_name, load_image
 from distributed import layout_from_env, pick_device
 from errors import ConfigError, UserError
+from hub import cached_hub_file, fail_if_offline, not_cached_message
 from logs import get_logger
 from precision import DTYPES, weights_dtype
 from transforms import build_transform
-from utils import atomic_write_json, check_output_folder, open_append, open_regular, resolve_device
+from utils import atomic_write_json, check_output_folder, open_append, open_regular, resolve_device, show_progress
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # HF port of BLIP ViT-B, CapFilt-L
 PROMPT = "a picture of "  # BLIP's captioning prompt; stripped from every caption
@@ -167,14 +168,34 @@ def collate_images(batch):
 
 # ----------------------------------------------------------------------------- BLIP
 
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # OWNER/NAME or NAME; anything else is a folder's path
+
+
+def blip_source(name: str) -> str:
+    """Where to load --blip-model from: a folder as it is; a hub id from its snapshot in the Hugging Face
+    cache when that holds it (no network touched), else from the hub, which must answer: without it the
+    run stops at once with what to do, instead of transformers retrying for half a minute."""
+    if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name):
+        return name
+    cached = cached_hub_file(name, ["config.json"])
+    if cached is not None:
+        return str(cached.parent)
+    fail_if_offline(lambda: not_cached_message(
+        f"--blip-model {name}", name, None,
+        "or pass --blip-model a folder written by save_pretrained (model and tokenizer), copied from a machine "
+        "that has the weights"), ConfigError)
+    return name
+
+
 def load_blip(name: str, device: torch.device, dtype: torch.dtype):
-    """BlipForConditionalGeneration + its tokenizer from a hub id or a save_pretrained folder."""
+    """BlipForConditionalGeneration + its tokenizer from a hub id (`blip_source`) or a save_pretrained folder."""
+    source = blip_source(name)  # offline and not cached: stops here, before transformers is even imported
     # deferred: transformers takes seconds to import and only the captioning pass needs it (--split-only does not)
     from transformers import AutoTokenizer, BlipForConditionalGeneration
 
     try:
-        model = BlipForConditionalGeneration.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = BlipForConditionalGeneration.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"cannot load BLIP from {name!r} ({err}). Pass --blip-model a folder written by "
@@ -366,7 +387,8 @@ def caption_ids(args, todo: list[str], own_file: Path, shard: int = 0) -> dict:
                         collate_fn=collate_images, pin_memory=device.type == "cuda")
     count, start = 0, time.perf_counter()
     with open_progress_for_append(own_file) as f, tqdm(total=len(todo), unit="img", dynamic_ncols=True,
-                                                        desc=own_file.name, position=shard) as bar:
+                                                        desc=own_file.name, position=shard,
+                                                        disable=not show_progress()) as bar:
         for batch_ids, pixels, bad in loader:
             lines = [json.dumps({"img_id": b.img_id, "error": b.reason}) for b in bad]
             if batch_ids:

@@ -113,7 +113,7 @@ def load_spacy(model: str = DEFAULT_SPACY_MODEL):
     except ImportError as err:
         raise SpacyUnavailable(
             "spaCy is not installed; the caption split needs it (docs/METHOD.md §8). Install it with "
-            f"`pip install spacy` and its English model with `python -m spacy download {model}` "
+            f"`pip install -r requirements-caption.txt` and its English model with `python -m spacy download {model}` "
             "(the model is not on PyPI; the download needs network access)."
         ) from err
     try:

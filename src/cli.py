@@ -113,6 +113,53 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the authors' train.py flags that change nothing here
+
+def add_authors_train_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the authors' train.py that had no effect there or none that differs here: accepted, so
+    their commands run unchanged, each answered by one notice (`authors_train_notices`)."""
+    g = parser.add_argument_group("the authors' flags that change nothing here (each prints a notice)")
+    g.add_argument("--optimizer", default=None, metavar="NAME",
+                   help="accepted for the authors' commands: their train.py never read it and always used AdamW, "
+                        "as train.py does")
+    g.add_argument("--pre-dataset", default=None, metavar="NAME",
+                   help="accepted for the authors' commands: ImageNetDataset, the one training set their code took "
+                        "(ImageNet test images with BLIP captions), which train.py reads")
+    g.add_argument("--save-training", default=None, metavar="BOOL",
+                   help="accepted for the authors' commands: their code wrote checkpoints when it was true; here "
+                        "--save-frequency decides (0: no epoch checkpoints)")
+    g.add_argument("--eps", type=float, default=None,
+                   help="accepted for the authors' commands: their code never passed it to AdamW, which used its "
+                        "default eps (1e-8), as train.py does")
+
+
+def authors_train_notices(args) -> list[str]:
+    """Removes add_authors_train_args' flags from the parsed `args` (they are no TrainConfig fields) and
+    returns one notice per flag given: what it did in the authors' train.py and why it changes nothing here.
+    A --pre-dataset other than theirs stops, as it stopped their script."""
+    given = {k: vars(args).pop(k) for k in ("optimizer", "pre_dataset", "save_training", "eps")}
+    out = []
+    if given["optimizer"] is not None:
+        out.append(f"--optimizer {given['optimizer']}: the authors' train.py never read it and always built AdamW; "
+                   "so does this one (docs/METHOD.md §7)")
+    if given["pre_dataset"] is not None:
+        if given["pre_dataset"] != "ImageNetDataset":
+            raise ConfigError(f"--pre-dataset {given['pre_dataset']}: the only training set is ImageNetDataset (ImageNet "
+                              "test images with BLIP captions, --imagenet-path and --pairs-path), as in the authors' "
+                              "code; pass --pre-dataset ImageNetDataset or leave it out")
+        out.append("--pre-dataset ImageNetDataset: the one training set the authors' code took, and the one train.py "
+                   "reads (--imagenet-path, --pairs-path)")
+    if given["save_training"] is not None:
+        out.append(f"--save-training {given['save_training']}: the authors' code wrote checkpoints when it was true "
+                   "(and read any non-empty value, 'False' too, as true); here --save-frequency decides (0: no epoch "
+                   "checkpoints)")
+    if given["eps"] is not None:
+        out.append(f"--eps {given['eps']:g}: the authors' train.py never passed it to AdamW, which used its default "
+                   "eps 1e-8; so does this one (docs/METHOD.md §7)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # dataset roots
 
 ROOT_FLAGS = {"imagenet": ("--imagenet-path", "--ImageNetPath"), "fashioniq": ("--fashioniq-path", "--Fashion_IQ_path"),

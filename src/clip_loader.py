@@ -34,6 +34,7 @@ from models import text_width_problem
 from prompts import PromptBuilder
 
 log = get_logger("clip_loader")
+_NOTICES_GIVEN: set[str] = set()  # a process that loads CLIP several times (the demo, validation) says each once
 
 # OpenAI spelling -> open_clip spelling. Anything else is taken as an open_clip name.
 _OPENAI_NAMES = {
@@ -539,8 +540,10 @@ def load_clip(
         model, desc = _load_pretrained(model_name, tag or "openai", weights)
     if desc.startswith("openai:"):  # an OpenAI-format file: its architecture was read from the weights
         name = openai_architecture(model)
-        if _OPENAI_NAMES.get(model_name, model_name) != name:
-            log.info(f"--clip-weights {weights or desc}: the weights are a {name}; --clip-model {model_name} is not used")
+        notice = f"--clip-weights {weights or desc}: the weights are a {name}; --clip-model {model_name} is not used"
+        if _OPENAI_NAMES.get(model_name, model_name) != name and notice not in _NOTICES_GIVEN:
+            _NOTICES_GIVEN.add(notice)
+            log.info(notice)
     else:
         try:
             name = canonical_model_name(model_name)

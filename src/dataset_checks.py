@@ -25,6 +25,7 @@ from tqdm import tqdm
 from datasets import (FASHIONIQ_CATEGORIES, AnnotationFormatError, CIRCODataset, CIRRDataset, DatasetLayoutError,
                       FashionIQDataset, ImageLoadError, imagenet_file_name)
 from errors import UserError
+from utils import show_progress
 
 CHECKABLE = ("imagenet", "fashioniq", "cirr", "circo")
 # the official releases (queries, gallery images) of the splits evaluate.py and test.py read
@@ -92,48 +93,68 @@ def _jpeg_complete(f) -> bool:
     return f.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
 
 
-def image_problem(path: str, decode: bool = False) -> str | None:
-    """Why an image file does not open, or None when it does. Header check (`decode=False`): PIL opens
-    it and verifies it without decoding (a PNG's chunks and checksums; a JPEG's markers and its end
-    marker, so a truncated file is caught); `decode=True`: every pixel is decoded."""
+# the image modes the preprocessing takes as they are; any other (CMYK, P, I;16, ...) is converted to RGB on load
+USUAL_MODES = ("RGB", "RGBA", "L")
+
+
+def image_check(path: str, decode: bool = False) -> tuple[str | None, str | None]:
+    """(why an image file does not open, or None when it does; its PIL mode, or None when it does not
+    open). Header check (`decode=False`): PIL opens it and verifies it without decoding (a PNG's chunks and
+    checksums; a JPEG's markers and its end marker, so a truncated file is caught); `decode=True`: every
+    pixel is decoded."""
     try:
         with open(path, "rb") as f:
             with Image.open(f) as im:
-                fmt = im.format
+                fmt, mode = im.format, im.mode
                 if decode:
                     im.load()
                 else:
                     im.verify()
             if not decode and fmt == "JPEG" and not _jpeg_complete(f):
-                return "truncated (no JPEG end marker)"
+                return "truncated (no JPEG end marker)", None
     except FileNotFoundError:
-        return "missing"
+        return "missing", None
     except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file cannot be used
-        return f"{type(e).__name__}: {e}"
-    return None
+        return f"{type(e).__name__}: {e}", None
+    return None, mode
+
+
+def image_problem(path: str, decode: bool = False) -> str | None:
+    """Why an image file does not open (`image_check`), or None when it does."""
+    return image_check(path, decode)[0]
 
 
 def image_problems(paths: Sequence[str], decode: bool = False, workers: int = 8, progress: bool = True,
-                   desc: str = "images") -> dict[int, str]:
-    """{index: reason} of the files in `paths` that do not open (`image_problem`), checked by a thread
-    pool (the files' reads overlap; PIL decodes with the GIL released) under a progress bar."""
+                   desc: str = "images", odd_modes: dict[int, str] | None = None) -> dict[int, str]:
+    """{index: reason} of the files in `paths` that do not open (`image_check`), checked by a thread
+    pool (the files' reads overlap; PIL decodes with the GIL released) under a progress bar. `odd_modes`,
+    when given, receives {index: mode} of the files that open in a mode outside USUAL_MODES."""
     chunks = [range(s, min(s + CHUNK, len(paths))) for s in range(0, len(paths), CHUNK)]
 
     def run(rows):
-        return [(i, r) for i in rows if (r := image_problem(paths[i], decode)) is not None]
+        checked = [(i, *image_check(paths[i], decode)) for i in rows]
+        return ([(i, r) for i, r, _ in checked if r is not None],
+                [(i, m) for i, r, m in checked if r is None and m not in USUAL_MODES])
 
     out: dict[int, str] = {}
-    with tqdm(total=len(paths), desc=desc, unit="file", disable=not progress, leave=False) as bar:
+    modes: dict[int, str] = {}
+    with tqdm(total=len(paths), desc=desc, unit="file", disable=not show_progress(progress), leave=False) as bar:
         if workers <= 1:
             for rows in chunks:
-                out.update(run(rows))
+                bad, odd = run(rows)
+                out.update(bad)
+                modes.update(odd)
                 bar.update(len(rows))
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futures = {pool.submit(run, rows): len(rows) for rows in chunks}
                 for done in as_completed(futures):
-                    out.update(done.result())
+                    bad, odd = done.result()
+                    out.update(bad)
+                    modes.update(odd)
                     bar.update(futures[done])
+    if odd_modes is not None:
+        odd_modes.update(sorted(modes.items()))
     return dict(sorted(out.items()))
 
 
@@ -219,9 +240,13 @@ class BenchmarkReport:
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # every missing file, relative to the root
     unreadable: dict[str, str] = field(default_factory=dict)  # file relative to the root -> reason
+    other_modes: dict[str, str] = field(default_factory=dict)  # file -> mode outside USUAL_MODES (a note)
 
     def problem(self, kind: str, message: str) -> None:
-        self.problems.append({"kind": kind, "message": message})
+        """Records a problem once: the same one found again (another split of the same folder) is not repeated."""
+        entry = {"kind": kind, "message": message}
+        if entry not in self.problems:
+            self.problems.append(entry)
 
     def failed(self, ignore_counts: bool = False) -> list[dict]:
         return [p for p in self.problems if not (ignore_counts and p["kind"] == "count")]
@@ -233,8 +258,18 @@ class BenchmarkReport:
 
 
 def _layout_problem(report: BenchmarkReport, error: Exception) -> None:
+    """The error's first line as the problem; the expected layout and where the data comes from follow the
+    benchmark's first layout problem only, so the same tree is not printed once per split."""
+    head, _, layout = str(error).partition("\n")
+    layout_found = [p["message"] for p in report.problems if p["kind"] == "layout"]
+    if any(m.partition("\n")[0] == head for m in layout_found):
+        return
+    if layout_found:
+        report.problem("layout", head)
+        return
     s = SOURCES[report.benchmark]
-    report.problem("layout", f"{error}\n(annotations: {s['annotations']}; images: {s['images']})")
+    source = f"(annotations: {s['annotations']}; images: {s['images']})"
+    report.problem("layout", "\n".join([head] + ([layout] if layout else []) + [source]))
 
 
 def _split_sections(report, what, expected, gallery, query) -> list[Section]:
@@ -315,20 +350,19 @@ def _imagenet_sections(report: BenchmarkReport, root: Path) -> list[Section]:
     other = sorted(set(os.listdir(folder)) - set(expected))
     if other:
         report.notes.append(f"test/ holds {len(other)} other files, e.g. {other[:_SHOWN]}")
-    out = [Section("test images (ids 1-100,000)", n, images=[os.path.join(folder, f) for f in expected])]
     pairs = root / "pairs.json"
     if pairs.is_file():
+        # training reads the images the pairs name, so those are checked, not all 100,000 (a subset passes)
         try:
             entries = json.loads(pairs.read_text(encoding="utf-8"))
             ids = [str(e["img_id"]) for e in entries]
         except (ValueError, TypeError, KeyError) as e:
             report.problem("annotation", f"{pairs}: not a pairs file ({type(e).__name__}: {e}); rerun src/caption.py")
-        else:
-            out.append(Section("pairs.json entries", None, queries=[[os.path.join(folder, imagenet_file_name(i))]
-                                                                     for i in ids]))
-    else:
-        report.notes.append(f"no {pairs} yet (src/caption.py writes it; train.py needs it)")
-    return out
+            return []
+        report.notes.append(f"pairs.json names {len(set(ids)):,} of the {n:,} test images; those are checked")
+        return [Section("pairs.json entries", None, queries=[[os.path.join(folder, imagenet_file_name(i))] for i in ids])]
+    report.notes.append(f"no {pairs} yet (src/caption.py writes it from the test images; train.py needs it)")
+    return [Section("test images (ids 1-100,000)", n, images=[os.path.join(folder, f) for f in expected])]
 
 
 _SECTIONS = {"fashioniq": _fashioniq_sections, "cirr": _cirr_sections, "circo": _circo_sections,
@@ -370,7 +404,17 @@ def check_benchmark_root(benchmark: str, root, decode: bool = False, workers: in
     files = sorted({f for s in sections for f in (s.images or [f for q in s.queries for f in q])})
     present = dict(zip(files, files_present(files)))
     there = [f for f in files if present[f]]
-    bad = {there[i]: r for i, r in image_problems(there, decode, workers, progress, f"{benchmark} images").items()}
+    odd: dict[int, str] = {}
+    bad = {there[i]: r for i, r in image_problems(there, decode, workers, progress, f"{benchmark} images", odd).items()}
+    report.other_modes = {_relative(root, there[i]): m for i, m in odd.items()}
+    if odd:
+        by_mode = {}
+        for m in odd.values():
+            by_mode[m] = by_mode.get(m, 0) + 1
+        shown = ", ".join(f"{Path(there[i]).name} ({m})" for i, m in list(odd.items())[:_SHOWN])
+        report.notes.append(f"{_images(len(odd))} not RGB, RGBA or L "
+                            f"({', '.join(f'{m}: {c:,}' for m, c in sorted(by_mode.items()))}), converted to RGB on "
+                            f"load: e.g. {shown}")
     for s in sections:
         if s.images is not None:
             report.rows.append(Row(s.what, s.expected, len(s.images), sum(not present[f] for f in s.images),

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from errors import UserError
 from logs import get_logger
-from utils import remove_dead_temporaries as _remove_dead_temporaries, remove_path, sha256_text, temp_path
+from utils import remove_dead_temporaries as _remove_dead_temporaries, remove_path, sha256_text, show_progress, temp_path
 
 DEFAULT_CACHE_DIR = Path(".cache") / "features"
 FORMAT = "fti4cir-feature-store"
@@ -145,7 +145,7 @@ def files_content_fingerprint(files: Sequence[str], progress: bool = False, thre
     h = hashlib.sha256()
     with ThreadPoolExecutor(threads) as pool:
         digests = pool.map(_file_digest, files, chunksize=64)
-        for d in tqdm(digests, total=len(files), desc="hashing images", unit="file", disable=not progress, leave=False):
+        for d in tqdm(digests, total=len(files), desc="hashing images", unit="file", disable=not show_progress(progress), leave=False):
             h.update(d)
     return h.hexdigest()
 

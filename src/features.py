@@ -22,6 +22,7 @@ from datasets import AnnotationFormatError, collate, combine_text_features
 from errors import ConfigError
 from feature_store import EvalCache, ReferenceOutputs
 from precision import PRECISIONS, check_precision, inference
+from utils import show_progress
 
 BASELINES = ("image-only", "text-only")
 
@@ -89,7 +90,7 @@ def batches(loader: DataLoader, desc: str, progress: bool):
     5 s for each of them."""
     it = iter(loader)
     try:
-        yield from tqdm(it, total=len(loader), desc=desc, unit="batch", disable=not progress, leave=False)
+        yield from tqdm(it, total=len(loader), desc=desc, unit="batch", disable=not show_progress(progress), leave=False)
     finally:
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
@@ -212,7 +213,7 @@ def _text_only(clip, dataset, encoding: Encoding, device) -> torch.Tensor:
     queries = dataset.queries
     out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
     starts = range(0, len(queries), encoding.batch_size)
-    for s in tqdm(starts, desc="queries (text-only)", unit="batch", disable=not encoding.progress, leave=False):
+    for s in tqdm(starts, desc="queries (text-only)", unit="batch", disable=not show_progress(encoding.progress), leave=False):
         texts = [dataset.query_texts(q) for q in queries[s:s + encoding.batch_size]]
         T = len(texts[0])
         with inference(encoding.precision, device):

@@ -78,12 +78,13 @@ def cached_hub_file(repo_id: str, filenames: Sequence[str]) -> Path | None:
     return None
 
 
-def not_cached_message(what: str, repo_id: str, filename: str, alternative: str) -> str:
-    """What to do when `filename` of `repo_id` is neither cached nor downloadable."""
+def not_cached_message(what: str, repo_id: str, filename: str | None, alternative: str) -> str:
+    """What to do when `filename` of `repo_id` (None: the whole repository) is neither cached nor downloadable."""
     cache = hub_cache_dir()
     folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+    fetch = f"hf download {repo_id}" + (f" {filename}" if filename else "")
     return (f"{what}: not in the Hugging Face cache ({cache}), and the hub cannot be reached (offline: "
-            f"HF_HUB_OFFLINE=1, or no network). On a machine with internet run `hf download {repo_id} {filename}`, "
+            f"HF_HUB_OFFLINE=1, or no network). On a machine with internet run `{fetch}`, "
             f"then copy the folder {folder} from its hub cache (~/.cache/huggingface/hub) into {cache} here, or point "
             f"HF_HUB_CACHE at a copy; {alternative}")
 

@@ -538,3 +538,43 @@ def query_count_note(benchmark: str, n_queries: int) -> str | None:
         return (f"the {benchmark.upper()} test annotations here hold {n_queries:,} queries, the official split "
                 f"{want:,}: files are checked against these annotations, and the server expects the official queries")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# per-query hits (for standard errors over queries): their means are the recalls above
+
+def fashioniq_hits(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_names: Sequence[str],
+                   target_names: Sequence[str], ks: Iterable[int] = (10, 50),
+                   chunk: int = DEFAULT_CHUNK) -> dict[int, torch.Tensor]:
+    """Per query, whether its target is in the top K (bool [Q]) for one FashionIQ category, reference kept:
+    `fashioniq_recall` is 100 x the mean of each."""
+    ks = tuple(ks)
+    _check_rows(query_feats.shape[0], target_names=target_names)
+    if len(gallery_names) != gallery_feats.shape[0]:
+        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
+    target = _index_of(target_names, _lookup(gallery_names), "target names")
+    hit = topk_indices(query_feats, gallery_feats, max(ks), chunk=chunk) == target[:, None]
+    return {k: hit[:, :k].any(dim=1) for k in ks}
+
+
+def cirr_hits(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_names: Sequence[str],
+              reference_names: Sequence[str], target_names: Sequence[str],
+              group_members: Sequence[Sequence[str]], ks: Iterable[int] = (1, 5, 10, 50),
+              subset_ks: Iterable[int] = (1, 2, 3), chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
+    """Per query, whether its target is in the top K of the gallery and of its set (bool [Q]), reference
+    removed, keyed as `cirr_recall`, which is 100 x the mean of each."""
+    ks, subset_ks = tuple(ks), tuple(subset_ks)
+    _check_rows(query_feats.shape[0], reference_names=reference_names, target_names=target_names,
+                group_members=group_members)
+    if len(gallery_names) != gallery_feats.shape[0]:
+        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
+    lookup = _lookup(gallery_names)
+    ref = _index_of(reference_names, lookup, "reference names")
+    target = _index_of(target_names, lookup, "target names")
+    members = _member_index(group_members, lookup)
+    q, g = _prepare(query_feats, gallery_feats)
+    top, sub = _cirr_rankings(q, g, ref, members, max(ks), max(subset_ks), chunk)
+    hit, sub_hit = top == target[:, None], sub == target[:, None]
+    out = {f"cirr_recall_at{k}": hit[:, :k].any(dim=1) for k in ks}
+    out.update({f"cirr_group_recall_at{k}": sub_hit[:, :k].any(dim=1) for k in subset_ks})
+    return out

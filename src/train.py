@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 from dataclasses import fields
 
-from cli import FlagParser, add_clip_args, add_device_arg, script_main
+from cli import FlagParser, add_authors_train_args, add_clip_args, add_device_arg, authors_train_notices, script_main
 from datasets import BENCHMARKS
 from distributed import cleanup_distributed, init_distributed
 from logs import get_logger, setup_logging
@@ -133,6 +133,7 @@ def build_parser() -> FlagParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch summary lines stay)")
     p.add_argument("--dist-timeout-minutes", type=float, default=D.dist_timeout_minutes,
                    help="process-group timeout (the other ranks wait this long while rank 0 validates)")
+    add_authors_train_args(p)
     return p
 
 
@@ -148,11 +149,15 @@ def config_from_args(args) -> TrainConfig:
 def main(argv=None) -> dict:
     """Trains; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early", "stopped_by"} (on
     every rank). Stopped by SIGTERM or SIGINT, it exits with status 128 + the signal's number instead."""
-    config = config_from_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    notices = authors_train_notices(args)
+    config = config_from_args(args)
     if config.deterministic:
         use_deterministic_algorithms()  # before any GPU work: cuBLAS reads its workspace setting when it starts
     info, device = init_distributed(config.device, config.dist_timeout_minutes)
     setup_logging(info.is_main)
+    for line in notices:
+        log.info(line)
     ok = False
     try:
         result = train(config, info, device)

@@ -50,7 +50,7 @@ from train_config import (Preflight, TrainConfig, check_resume_clip, forget_fail
                           resolved_hparams, run_files_present)
 from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
-from utils import atomic_write_json, seed_everything
+from utils import atomic_write_json, seed_everything, show_progress
 
 LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")  # the network's loss terms (FTI4CIR.forward)
 # each term's name in train_log.jsonl and in TensorBoard, step and epoch alike
@@ -417,9 +417,9 @@ def _write_log(run: Run, write) -> None:
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
+    if not show_progress(enabled):
         return None
-    # in a log file (no terminal) refresh rarely: each refresh is a line there
+    # forced into a log file (no terminal) refresh rarely: each refresh is a line there
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
 

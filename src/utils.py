@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,18 @@ def _atomic_replace(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+PROGRESS_ENV = "FTI4CIR_PROGRESS"  # 1: progress bars even without a terminal; 0: none anywhere
+
+
+def show_progress(requested: bool = True) -> bool:
+    """Whether to draw progress bars: when asked for (no --no-progress) and stderr is a terminal, since in a
+    log file or a pipe a bar is a stream of redraws; FTI4CIR_PROGRESS=1 forces them, 0 turns them off."""
+    forced = os.environ.get(PROGRESS_ENV, "").strip()
+    if forced in ("0", "1"):
+        return requested and forced == "1"
+    return requested and sys.stderr.isatty()
 
 
 def atomic_torch_save(obj: Any, path) -> None:

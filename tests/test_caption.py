@@ -108,7 +108,7 @@ def test_rule4_and_counts_in_build_pairs():
 
 def test_missing_spacy_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy -> ImportError
-    with pytest.raises(caption_pairs.SpacyUnavailable, match=r"pip install spacy.*python -m spacy download en_core_web_sm"):
+    with pytest.raises(caption_pairs.SpacyUnavailable, match=r"pip install -r requirements-caption\.txt.*python -m spacy download en_core_web_sm"):
         caption_pairs.SpacyTagger()
     # the script checks before captioning, and says how to go on without spaCy
     with pytest.raises(SystemExit, match=r"python -m spacy download en_core_web_sm.*--caption-only"):
@@ -387,3 +387,34 @@ def test_merged_pairs_load_in_the_training_dataset(tmp_path, tiny_blip):
     sample = dataset[2]
     assert (sample["img_id"], sample["subject"], sample["attribute"]) == (ids[3], "a small dog", "with a ball")
     assert tuple(sample["image"].shape) == (3, 32, 32)
+
+
+def test_offline_without_a_blip_folder_stops_at_once_in_one_line(tmp_path, hub_cache, monkeypatch):
+    import hub
+
+    make_imagenet(tmp_path, 2)
+    argv = ["--imagenet-path", str(tmp_path), "--workers", "0", "--device", "cpu", "--caption-only"]
+    tried = []
+    monkeypatch.setattr(caption, "fail_if_offline", lambda message, error: tried.append(1) or hub.fail_if_offline(message, error))
+    for offline in (True, False):
+        if not offline:  # no offline setting, but the hub does not answer
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+            monkeypatch.setattr(hub, "hub_reachable", lambda timeout=1.5: False)
+        with pytest.raises(SystemExit) as e:
+            caption.main(argv)
+        message = str(e.value)
+        assert message.startswith(f"error: --blip-model {caption.DEFAULT_BLIP}: not in the Hugging Face cache")
+        assert "\n" not in message and f"`hf download {caption.DEFAULT_BLIP}`" in message and "save_pretrained" in message
+    assert len(tried) == 2 and not (tmp_path / "pairs.json.partial.jsonl").exists()
+
+
+def test_a_cached_blip_hub_id_loads_from_its_snapshot(tmp_path, hub_cache, tiny_blip):
+    from test_hub import put_in_hub_cache
+
+    put_in_hub_cache(hub_cache, "someone/tiny-blip", {f.name: f for f in tiny_blip.iterdir() if f.is_file()})
+    source = Path(caption.blip_source("someone/tiny-blip"))
+    assert source.parent.name == "snapshots" and (source / "config.json").is_file()
+    assert caption.blip_source(str(tiny_blip)) == str(tiny_blip)  # a folder is taken as it is
+    make_imagenet(tmp_path, 2)
+    assert run(tmp_path, "someone/tiny-blip", "--caption-only")["captioned"] == 2

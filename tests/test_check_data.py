@@ -8,11 +8,13 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 
 import dataset_checks as D
 from check_data import main as check_main
 from helpers import dump_json, make_circo, make_cirr, read_json
 from toy.placeholders import make_placeholder_images, write_circo_image_info
+from toy.world import make_toy_world
 
 CAPS = ("cirr", "captions")
 
@@ -106,15 +108,72 @@ def test_imagenet_ids_and_pairs(tmp_path, capsys):
     root = tmp_path / "ImageNet"
     make_placeholder_images(root, "imagenet", [1, 2, 100000])
     (root / "test" / "notes.txt").write_text("x")
+    # no pairs file: all 100,000 test images are checked
+    report, out, error = _run(["--imagenet-path", str(root), "--report", str(tmp_path / "r0.json")], capsys)
+    rows = {row["what"]: row for row in report["benchmarks"]["imagenet"]["rows"]}
+    assert rows == {"test images (ids 1-100,000)": {"what": "test images (ids 1-100,000)", "expected": 100000,
+                                                    "found": 100000, "missing": 100000 - 3, "unreadable": 0}}
+    assert error is not None and "image-net.org" in out
+    # a pairs file: the images it names, and only those
     dump_json([{"img_id": f"{i:08d}", "subject": "a dog", "attribute": "on grass"} for i in (1, 2, 3)], root / "pairs.json")
     report, out, error = _run(["--imagenet-path", str(root), "--report", str(tmp_path / "r.json")], capsys)
     r = report["benchmarks"]["imagenet"]
-    rows = {row["what"]: row for row in r["rows"]}
-    assert rows["test images (ids 1-100,000)"]["missing"] == 100000 - 3
-    assert rows["pairs.json entries"] == {"what": "pairs.json entries", "expected": None, "found": 3, "missing": 1,
-                                          "unreadable": 0}
-    assert "test/ILSVRC2012_test_00000003.JPEG" in r["missing"] and "notes.txt" in " ".join(r["notes"])
+    assert r["rows"] == [{"what": "pairs.json entries", "expected": None, "found": 3, "missing": 1, "unreadable": 0}]
+    assert r["missing"] == ["test/ILSVRC2012_test_00000003.JPEG"] and "notes.txt" in " ".join(r["notes"])
     assert error is not None and "image-net.org" in out
+    dump_json([{"img_id": f"{i:08d}", "subject": "a dog", "attribute": "on grass"} for i in (1, 100000)],
+              root / "pairs.json")
+    report, out, error = _run(["--imagenet-path", str(root), "--report", str(tmp_path / "r2.json")], capsys)
+    assert error is None and report["ok"] and "pairs.json names 2 of the 100,000 test images" in out
+
+
+def test_the_demo_world_and_a_subset_pass_with_ignored_counts(tmp_path, capsys):
+    world = make_toy_world(tmp_path / "world", seed=2, num_train_images=6, num_queries=4, num_distractors=2)
+    argv = [x for b, flag in (("ImageNet", "--imagenet-path"), ("FashionIQ", "--fashioniq-path"), ("CIRR", "--cirr-path"),
+                              ("CIRCO", "--circo-path")) for x in (flag, str(world / b))]
+    report, out, error = _run(argv + ["--report", str(tmp_path / "r.json")], capsys)
+    assert error is not None and {p["kind"] for r in report["benchmarks"].values() for p in r["problems"]} == {"count"}
+    report, out, error = _run(argv + ["--ignore-counts", "--report", str(tmp_path / "r.json")], capsys)
+    assert error is None and report["ok"], out
+    # a subset: half the pairs, one CIRR val query, its images only
+    pairs = read_json(world / "ImageNet" / "pairs.json")
+    dump_json(pairs[::2], world / "ImageNet" / "pairs.json")
+    caps = world.joinpath("CIRR", *CAPS, "cap.rc2.val.json")
+    dump_json(read_json(caps)[:1], caps)
+    report, out, error = _run(argv + ["--ignore-counts", "--report", str(tmp_path / "r2.json")], capsys)
+    assert error is None and report["ok"], out
+    rows = {row["what"]: row for row in report["benchmarks"]["cirr"]["rows"]}
+    assert rows["val queries"]["found"] == 1 and report["benchmarks"]["imagenet"]["rows"][0]["found"] == len(pairs[::2])
+
+
+def test_annotations_only_fashioniq_reports_each_problem_once(tmp_path, capsys):
+    root = tmp_path / "FashionIQ"
+    for sub in ("captions", "image_splits"):
+        (root / sub).mkdir(parents=True)
+    for cat in ("dress", "shirt", "toptee"):
+        for split in ("train", "val", "test"):
+            dump_json(["a", "b"], root / "image_splits" / f"split.{cat}.{split}.json")
+            dump_json([{"candidate": "a", "target": "b", "captions": ["x", "y"]}], root / "captions" / f"cap.{cat}.{split}.json")
+    report, out, error = _run(["--fashioniq-path", str(root), "--report", str(tmp_path / "r.json")], capsys)
+    messages = [p["message"] for p in report["benchmarks"]["fashioniq"]["problems"]]
+    assert len(messages) == 3 and len({m.splitlines()[0] for m in messages}) == 3  # one per missing folder
+    assert all(f"{root / cat}" in m for cat, m in zip(("dress", "shirt", "toptee"), messages))
+    assert out.count("Expected layout") == 1 and error is not None
+
+
+def test_images_in_other_modes_are_a_note_with_a_count_and_names(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    cirr = make_cirr(tmp_path / "CIRR", rng)
+    split = read_json(cirr / "cirr" / "image_splits" / "split.rc2.val.json")
+    names = sorted(split)[:3]
+    Image.new("RGB", (20, 16), (200, 10, 10)).convert("P").save(cirr / split[names[0]])
+    Image.new("RGB", (20, 16), (10, 200, 10)).convert("P").save(cirr / split[names[1]])
+    Image.new("L", (20, 16), 7).save(cirr / split[names[2]])  # L is taken as it is: not counted
+    report, out, error = _run(["--cirr-path", str(cirr), "--ignore-counts", "--report", str(tmp_path / "r.json")], capsys)
+    r = report["benchmarks"]["cirr"]
+    assert error is None and r["other_modes"] == {f"dev/{names[0]}.png": "P", f"dev/{names[1]}.png": "P"}
+    note = next(n for n in r["notes"] if "converted to RGB" in n)
+    assert "2 images not RGB, RGBA or L (P: 2)" in note and f"{names[0]}.png (P)" in note
 
 
 def test_official_counts_match_the_real_annotations(real_annotations, tmp_path, capsys):

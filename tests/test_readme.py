@@ -19,6 +19,7 @@ DEMO_DOCS = USER_DOCS + ("docs/DEMO.md",)
 SCRIPT_DOCS = {
     "src/train.py": USER_DOCS, "src/evaluate.py": USER_DOCS, "src/test.py": USER_DOCS, "src/caption.py": USER_DOCS,
     "src/check_data.py": USER_DOCS, "src/retrieve.py": USER_DOCS, "src/app.py": USER_DOCS,
+    "src/reproduce.py": USER_DOCS,
     "scripts/demo.py": DEMO_DOCS, "scripts/make_toy_data.py": DEMO_DOCS, "scripts/make_toy_clip.py": DEMO_DOCS,
     "scripts/bench_toy_clip.py": ("docs/DEMO.md",),
     "scripts/bench.py": ("docs/PERFORMANCE.md",), "scripts/bench_flops.py": ("docs/PERFORMANCE.md",), "scripts/bench_eval.py": ("docs/PERFORMANCE.md",),

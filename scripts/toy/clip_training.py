@@ -28,6 +28,7 @@ from toy.tiny_clip import build_tiny_clip
 from toy.web import web_pages
 from toy.world import MANIFEST_NAME, world_image_keys
 from transforms import build_transform
+from utils import show_progress
 
 RECALL_KS = (1, 5)
 
@@ -229,7 +230,7 @@ def train_toy_clip(config: ToyClipConfig) -> tuple[dict, dict]:
     clip, optimizers = make_trainable(config)
     loss_fn, tokenize = ClipLoss(), WordCachedTokenizer(clip)
     per_epoch = max(1, len(train_recs) // config.batch_size)
-    bar = tqdm(range(config.steps), desc="toy CLIP", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(range(config.steps), desc="toy CLIP", disable=not show_progress(config.progress), dynamic_ncols=True)
     for step in bar:
         epoch, i = divmod(step, per_epoch)
         if i == 0:
