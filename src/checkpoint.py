@@ -77,11 +77,15 @@ def build_network(config: dict, state_dict: dict, source) -> FTI4CIR:
     return net
 
 
+def _not_a_file(path: Path) -> str:
+    return "is a folder, not a checkpoint file" if path.is_dir() else "no such file"
+
+
 def load_checkpoint(path) -> dict:
     """The raw dict of a checkpoint in this repo's format (training state included), checked."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: no such file")
+        raise CheckpointError(f"--model-path {path}: {_not_a_file(path)}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -101,7 +105,7 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: no such file. Pass a checkpoint written by src/train.py "
+        raise CheckpointError(f"--model-path {path}: {_not_a_file(path)}. Pass a checkpoint written by src/train.py "
                               "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file.")
     if is_authors_checkpoint(path):
         config, state_dict = read_authors_checkpoint(path)

@@ -250,8 +250,12 @@ def model_device(args) -> torch.device:
     """The device add_model_args' flags ask for, with their precision and sizes checked (before anything slow)."""
     device = resolve_device(args.device)
     check_precision(args.precision, device)
-    if args.batch_size < 1 or args.workers < 0:
-        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    bad = [f"{flag} {value} (must be >= {least})" for flag, value, least in
+           (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+            ("--save-examples", getattr(args, "save_examples", 0), 0), ("--top", getattr(args, "top", 1), 1))
+           if value < least]
+    if bad:
+        raise ConfigError("invalid value: " + "; ".join(bad))
     return device
 
 

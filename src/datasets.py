@@ -138,6 +138,9 @@ def load_image(path) -> Image.Image:
     except FileNotFoundError as e:
         raise ImageLoadError(f"{path}: image file not found; check that the dataset's images are "
                              "downloaded and laid out as the README shows") from e
+    except IsADirectoryError as e:
+        raise ImageLoadError(f"{path}: is a folder, not an image file; move it out of the dataset's image "
+                             "folder or put the image there") from e
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({e}); if you trust the file, "
                              f"raise the limit with the environment variable {PIXEL_LIMIT_ENV}=<pixels> "
@@ -163,6 +166,9 @@ def _read_json(path: Path, layout: str, root: Path, what: str, hint: str = "") -
             return json.load(f)
     except json.JSONDecodeError as e:
         raise AnnotationFormatError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationFormatError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                                    "save it as UTF-8 JSON") from e
 
 
 def _check_mode(mode: str) -> None:

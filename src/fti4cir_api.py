@@ -215,6 +215,9 @@ class FTI4CIRModel:
         `words` nearest vocabulary tokens by cosine similarity in CLIP's token-embedding space."""
         if self.net is None:
             raise InputError("explain needs the FTI4CIR network: pass checkpoint=... to load")
+        if self.net.cfg.ablation is not None:  # it lays out both kinds of pseudo-word; an ablation has one
+            raise InputError(f"explain shows the subject and the attribute words; this checkpoint is the ablation "
+                             f"{self.net.cfg.ablation!r} (docs/METHOD.md §14): search with it, explain a full model")
         paths = [reference] if isinstance(reference, (str, os.PathLike)) else list(reference)
         images = torch.stack([self.preprocess(self._check_reference(p)) for p in paths])
         out = []

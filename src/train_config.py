@@ -109,10 +109,11 @@ class TrainConfig:
 def check_values(config: TrainConfig) -> None:
     """Every value out of range, in one ConfigError."""
     problems = []
-    for name in ("batch_size", "epochs", "workers", "save_frequency", "save_every_steps", "max_steps", "val_frequency"):
-        value = getattr(config, name)
-        if value < (1 if name in ("batch_size", "epochs", "val_frequency") else 0):
-            problems.append(f"--{name.replace('_', '-')} {value}")
+    at_least_one = ("batch_size", "epochs", "val_frequency", "val_batch_size")
+    for name in (*at_least_one, "workers", "save_frequency", "save_every_steps", "max_steps"):
+        value, least = getattr(config, name), 1 if name in at_least_one else 0
+        if value < least:
+            problems.append(f"--{name.replace('_', '-')} {value} (must be >= {least})")
     for name in ("lr", "lr_div", "wd", "epsilon", "temperature", "reg_weight", "mapper_dropout", "dist_timeout_minutes"):
         if not math.isfinite(getattr(config, name)):
             problems.append(f"--{name.replace('_', '-')} {getattr(config, name)} must be a finite number")

@@ -189,3 +189,10 @@ def test_hubconf_refuses_a_clashing_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "metrics", other)
     with pytest.raises(ImportError, match=r"metrics \(/elsewhere/metrics.py\)"):
         hubconf.fti4cir(checkpoint="x.pt")
+
+
+def test_explain_refuses_an_ablation_in_one_line(tiny_clip, gallery):
+    model = FTI4CIRModel(FTI4CIR.for_clip(tiny_clip, ablation="no-attributes"), tiny_clip, cache_dir=None, workers=0,
+                         progress=False)
+    with pytest.raises(InputError, match="ablation 'no-attributes'"):
+        model.explain(sorted(gallery.iterdir())[0])

@@ -949,3 +949,53 @@ def test_retrieve_skips_unreadable_gallery_images_only_when_asked(fast_clip, eva
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith(
         f"warning: left out 2 of the 6 images under {g} that cannot be read: broken.jpg, empty.png (the first: {g / 'broken.jpg'}")
+
+
+# --- more bad input: text encodings, folders where files belong, values out of range
+
+def test_annotation_file_not_utf8_is_one_line(tmp_path):
+    import numpy as np
+
+    from helpers import make_cirr
+
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(0))
+    captions = root / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = json.loads(captions.read_text())
+    entries[0]["caption"] = "is caf\u00e9 coloured"
+    captions.write_bytes(json.dumps(entries, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(AnnotationFormatError, match=r"cap\.rc2\.val\.json: not UTF-8 text .*save it as UTF-8"):
+        CIRRDataset(root, "val", "query", build_transform("clip", 32), require_images=False)
+
+
+def test_image_path_that_is_a_folder_says_so(tmp_path):
+    from datasets import ImageLoadError, load_image
+
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(ImageLoadError, match=r"x\.png: is a folder, not an image file"):
+        load_image(tmp_path / "x.png")
+
+
+def test_model_path_that_is_a_folder_says_so(tmp_path):
+    from errors import UserError
+
+    with pytest.raises(UserError, match="is a folder, not a checkpoint file"):
+        load_network(tmp_path)
+
+
+@pytest.mark.parametrize("script, flags, needle", [
+    ("evaluate", ["--dataset", "cirr", "--save-examples", "-1"], "--save-examples -1 (must be >= 0)"),
+    ("evaluate", ["--dataset", "cirr", "--workers", "-1"], "--workers -1 (must be >= 0)"),
+    ("retrieve", ["--gallery", ".", "--reference", "a.png", "--text", "x", "--top", "0"], "--top 0 (must be >= 1)"),
+])
+def test_values_out_of_range_are_refused_before_clip_loads(script, flags, needle, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "load_clip", lambda *a, **k: pytest.fail("CLIP loaded before the flags were checked"))
+    msg = _exit_message(module.main, [*flags, "--device", "cpu", "--save-path", str(tmp_path / "out")])
+    assert needle in msg and "--batch-size" not in msg
+
+
+def test_val_batch_size_zero_refused_before_anything_is_written(data8, tiny_clip_path, tmp_path):
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", "--val-batch-size", 0))
+    assert "--val-batch-size 0 (must be >= 1)" in msg and not (tmp_path / "run").exists()
