@@ -5,6 +5,7 @@ values and config objects. Each script holds its own parser, set-up and body."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import sys
@@ -79,8 +80,11 @@ def script_main(main):
             if found is None:
                 raise
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-            raise SystemExit(f"error: {where}{found.strerror or found}; free disk space or fix the permissions, "
-                             "then rerun (written files are replaced atomically, so none is half-written)") from None
+            fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (a quota is full)",
+                   errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
+                   errno.EROFS: "pass a folder on a writable file system"}.get(found.errno, "free disk space or fix the permissions")
+            raise SystemExit(f"error: {where}{found.strerror or found}; {fix}, then rerun (files are written whole "
+                             "or not at all, so none is half-written)") from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None

@@ -190,3 +190,35 @@ def test_no_benchmark_data_is_one_error_line(run_args, tmp_path, capsys):
         reproduce.main(argv)
     assert str(e.value).startswith("error: no benchmark data found") and "\n" not in str(e.value)
     assert capsys.readouterr().out.count("left out:") == 3
+
+
+def test_readme_quick_start_runs_as_written(world, tiny_clip_path, net_path, tmp_path):
+    """The README's quick-start command, character for character, in a folder laid out as the README says:
+    the setup's `.venv/bin/python`, the data under ./data/ (here the toy world), the released model's file
+    name, and CLIP where the `clip` package caches it (here the tiny CLIP in a fresh HOME)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    quick = readme[readme.index("## Quick start"):readme.index("## Expected numbers")]
+    [line] = [x.strip() for x in quick.splitlines() if x.strip().startswith(".venv/bin/python src/reproduce.py")]
+    clone = tmp_path / "clone"
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    shim = clone / ".venv" / "bin" / "python"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    shim.chmod(0o755)
+    (clone / "src").symlink_to(REPO / "src")
+    (clone / "data").symlink_to(world)
+    shutil.copy(net_path, clone / "FTI4CIR_released.pt")
+    home = tmp_path / "home"
+    (home / ".cache" / "clip").mkdir(parents=True)
+    shutil.copy(tiny_clip_path, home / ".cache" / "clip" / "ViT-L-14.pt")
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    md = (clone / "reproduce" / "reproduce.md").read_text()
+    for figure in ("29.39", "25.90", "15.05"):  # FashionIQ val, CIRR test1, CIRCO test rows
+        assert figure in proc.stdout and figure in md
+    assert (clone / "reproduce" / "cirr" / "cirr.json").is_file() and (clone / "reproduce" / "circo" / "circo.json").is_file()
