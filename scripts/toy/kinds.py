@@ -50,11 +50,9 @@ def kind_rows(changes: Sequence[Sequence[str]]) -> dict[str, list[int]]:
             rows.setdefault(a, []).append(i)
     counts: dict[str, list[int]] = {}
     for i, ch in enumerate(changes):
-        n = len(ch)
-        label = "no change" if n == 0 else f"{n} change" if n == 1 else f"{min(n, MANY)}{'+' if n >= MANY else ''} changes"
-        counts.setdefault(label, []).append(i)
-    order = ["no change", "1 change"] + [f"{n} changes" for n in range(2, MANY)] + [f"{MANY}+ changes"]
-    rows.update({label: counts[label] for label in order if label in counts})
+        counts.setdefault(min(len(ch), MANY), []).append(i)
+    labels = {0: "no change", 1: "1 change", **{n: f"{n} changes" for n in range(2, MANY)}, MANY: f"{MANY}+ changes"}
+    rows.update({labels[n]: counts[n] for n in sorted(counts)})
     rows["all"] = list(range(len(changes)))
     return rows
 
@@ -70,7 +68,8 @@ def recall_by_kind(ranked: Sequence[Sequence[str]], targets: Sequence[str], chan
     for label, rows in kind_rows(changes).items():
         entry = {"queries": len(rows)}
         for k in ks:
-            entry[f"recall_at{k}"] = 100.0 * sum(position[i] is not None and position[i] < k for i in rows) / len(rows)
+            hits = sum(position[i] is not None and position[i] < k for i in rows)
+            entry[f"recall_at{k}"] = 100.0 * hits / len(rows)
         out[label] = entry
     return out
 
