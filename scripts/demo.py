@@ -9,8 +9,8 @@
    CIRR / CIRCO test submissions and draws retrieval examples (reference, text, top 5, target framed);
 5. prints one table per benchmark: FTI4CIR, image-only, text-only and chance, each figure with its
    standard error over the queries, how many drawn example queries have a target in their top 5 and
-   each example split's top-5 rate over all its validation queries, and writes everything to
-   <out>/summary.json.
+   each example split's top-5 rate over all its validation queries, then CIRR's and FashionIQ's
+   Recall@1/5/10 per kind of change (toy/kinds.py), and writes everything to <out>/summary.json.
 
 `--ablations` also trains the paper's two ablations (train.py --no-attributes: subject-only;
 --no-subject: attributes-only) with FTI4CIR's flags on the same world, evaluates them with it and prints
@@ -56,6 +56,9 @@ BENCHMARKS = ("fashioniq", "cirr", "circo")
 # the figures the demo is about: FTI4CIR should beat both baselines on each by more than their spreads
 HEADLINE = {"fashioniq": ("average_10",), "cirr": ("cirr_recall_at1", "cirr_group_recall_at1"),
             "circo": ("circo_map_at5",)}
+KIND_KS = (1, 5, 10)  # the recalls of the tables per kind of change (toy/kinds.py)
+KIND_GROUPING = ("one row per attribute, counting every query that changes it (rows overlap); one row per "
+                 "number of attributes changed; all")
 EXAMPLE_TOP = 5  # results per query in the example grids (evaluate.py draws the top 5)
 EVAL_BATCH = 32  # --batch-size of every evaluation, and of the summary's own retrievals
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -291,6 +294,63 @@ def circo_per_query_values(fti4cir, clip, data: Path, cache: Path, metrics: dict
     return out
 
 
+def _ranked_names(r, top: int = max(KIND_KS)) -> list[list[str]]:
+    """Each query's first `top` gallery names (fewer in a smaller gallery), best first; CIRR: the reference
+    left out, as its recall leaves it out."""
+    import torch
+
+    import metrics as M
+    from datasets import CIRRDataset
+
+    exclude = None
+    if isinstance(r.query_dataset, CIRRDataset):
+        index = {n: i for i, n in enumerate(r.names)}
+        exclude = torch.tensor([index[q["reference_name"]] for q in r.queries], dtype=torch.long)
+    top = min(top, len(r.names) - (exclude is not None))
+    return [[r.names[j] for j in row] for row in M.topk_indices(r.query_features, r.gallery.features, top, exclude).tolist()]
+
+
+def recall_by_kind(fti4cir: dict, clip, data: Path, cache: Path, metrics: dict) -> dict:
+    """benchmark (cirr, fashioniq) -> method -> kind of change -> {"queries", "recall_at1/5/10"}
+    (toy/kinds.py), from FTI4CIR's retrievals (`fti4cir`, keyed as `val_splits`) and both baselines'
+    (the galleries come from the evaluations' cache) and toy_manifest.json's records. FashionIQ pools its
+    three categories, each query ranked in its own category's gallery. The "all" rows must agree with
+    evaluate.py's figures (`metrics`): CIRR R@1/5/10 and FashionIQ's R@10, a mean weighted by queries."""
+    from evaluation import retrieve
+    from toy import kinds
+    from toy.world import MANIFEST_NAME
+
+    manifest = json.loads((data / MANIFEST_NAME).read_text())
+    splits = [("cirr", None, "cirr"), *(("fashioniq", c, f"fashioniq_{c}") for c in FASHIONIQ_CATEGORIES)]
+    roots = {"cirr": data / "CIRR", "fashioniq": data / "FashionIQ"}
+    out = {}
+    for bench in ("cirr", "fashioniq"):
+        out[bench] = {}
+        for method in ("fti4cir", "image-only", "text-only"):
+            ranked, targets, changes = [], [], []
+            for name, cat, label in (s for s in splits if s[0] == bench):
+                r = fti4cir[label] if method == "fti4cir" else retrieve(None, clip, name, roots[name],
+                                                                        _summary_config(cache, method), cat)
+                ranked += _ranked_names(r)
+                targets += [q["target_name"] for q in r.queries]
+                changes += kinds.query_changes(r.queries, kinds.records(manifest, name, cat))
+            table = kinds.recall_by_kind(ranked, targets, changes, KIND_KS)
+            figures = metrics[method][bench]
+            expected = ({f"recall_at{k}": figures[f"cirr_recall_at{k}"] for k in KIND_KS} if bench == "cirr" else
+                        {"recall_at10": sum(figures[f"{c}_10"] * n for c, n in _fiq_counts(fti4cir).items())
+                         / sum(_fiq_counts(fti4cir).values())})
+            for key, v in expected.items():
+                if abs(table["all"][key] - v) > 1e-3:
+                    raise RuntimeError(f"the summary's {bench} {key} of {method} over all queries "
+                                       f"({table['all'][key]:.4f}) differs from evaluate.py's ({v:.4f})")
+            out[bench][method] = table
+    return out
+
+
+def _fiq_counts(retrievals: dict) -> dict[str, int]:
+    return {c: len(retrievals[f"fashioniq_{c}"].queries) for c in FASHIONIQ_CATEGORIES}
+
+
 # the printed summary ---------------------------------------------------------------------------
 
 def _label(bench: str, key: str) -> str:
@@ -326,6 +386,17 @@ def format_ablation_table(metrics: dict, spread: dict) -> str:
             cells = [f"{metrics[m][bench][key]:7.2f} ± {spread[m][bench][key]:5.2f}" for m in methods]
             lines.append(f"  {bench + ' ' + _label(bench, key):<22}" + "".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
+
+
+def format_kind_tables(by_kind: dict, counts: dict) -> str:
+    """The tables of recall per kind of change, CIRR's then FashionIQ's."""
+    from toy.kinds import format_kind_table
+
+    titles = {"cirr": f"CIRR val by kind of change ({counts['cirr']} queries; reference removed)",
+              "fashioniq": f"FashionIQ val by kind of change ({sum(counts['fashioniq'].values())} queries of the "
+                           "three categories, each ranked in its category's gallery)"}
+    return "\n".join(["", f"Recall@{'/'.join(map(str, KIND_KS))} per kind of change ({KIND_GROUPING})"]
+                     + ["\n" + format_kind_table(titles[b], by_kind[b], KIND_KS) for b in ("cirr", "fashioniq")])
 
 
 def headline_verdicts(metrics: dict, spread: dict) -> list[dict]:
@@ -467,6 +538,7 @@ def main(argv=None) -> dict:
     spread = {m: spreads(metrics[m], counts, {"circo": per_query[m]} if m in per_query else None)
               for m in (*METHODS, *ablations)}
     hits, rates = example_hits(retrievals, args.examples), top_rates(retrievals)
+    by_kind = recall_by_kind(retrievals, clip, data, cache, metrics)
     timings["summary"] = time.time() - t
     what = "a toy CLIP trained on the web part" if toy_clip else f"CLIP {clip_weights}"
     print(f"\nresults in percent, each ± its standard error over the queries (CIRCO: over its per-query values; chance mAP: an upper bound); "
@@ -487,6 +559,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{k} {sum(h)}/{len(h)}" for k, h in hits.items()) + ")")
     print("  over all the validation queries of those splits: " + ", ".join(f"{k} {v:.1f}%" for k, v in rates.items())
           + f"; mean {statistics.fmean(rates.values()):.1f}%")
+    print(format_kind_tables(by_kind, counts))
     pngs = sorted(evals.glob("**/*.png"))
     print("\nwhere everything went:")
     print(f"  toy data          {data}")
@@ -507,7 +580,8 @@ def main(argv=None) -> dict:
                "examples": {"top": EXAMPLE_TOP, "target_in_top": hits, "top_rate_percent": rates,
                             "files": [str(p) for p in pngs]},
                "toy_clip": toy_clip, "clip_weights": clip_weights, "checkpoint": str(checkpoint),
-               "seed": args.seed, "timings_s": timings}
+               "seed": args.seed, "timings_s": timings,
+               "recall_by_kind": {"grouping": KIND_GROUPING, **by_kind}}
     if ablations:  # FTI4CIR's own figures stay under "metrics"; the ablations' beside them
         summary["ablations"] = {label: {"flag": ABLATIONS[label], "checkpoint": str(path), "metrics": metrics.pop(label),
                                         "spread": spread.pop(label)} for label, path in ablations.items()}

@@ -25,6 +25,14 @@ def toy(tmp_path_factory):
                           num_distractors=4)
 
 
+def test_toy_world_folder_gets_the_umask_permissions(toy):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert toy.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+
+
 def _check(ds, n_expected, image_key):
     assert len(ds) == n_expected > 0
     batch = collate([ds[0], ds[len(ds) - 1]])
@@ -97,7 +105,32 @@ def _check_summary(summary, out):
     assert list(hits) == ["fashioniq_dress", "fashioniq_shirt", "fashioniq_toptee", "cirr", "circo"]
     assert all(len(h) == 2 for h in hits.values())
     assert list(summary["examples"]["top_rate_percent"]) == list(hits)
+    _check_kinds(summary, out)
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def _check_kinds(summary, out):
+    """Recall per kind of change: every method on CIRR and FashionIQ; the CIRR rows hold the queries that the
+    annotations and the manifest's records say, counted here from the files; "all" is evaluate.py's figure."""
+    by_kind = summary["recall_by_kind"]
+    assert list(by_kind) == ["grouping", "cirr", "fashioniq"] and isinstance(by_kind["grouping"], str)
+    manifest = json.loads((out / "data" / "toy_manifest.json").read_text())
+    recs = manifest["images"]["CIRR"]
+    expected = {}
+    for cap in json.loads((out / "data" / "CIRR" / "cirr" / "captions" / "cap.rc2.val.json").read_text()):
+        ref, tgt = recs[cap["reference"]], recs[cap["target_hard"]]
+        for a in ("colour", "shape", "size", "pattern", "background"):
+            expected[a] = expected.get(a, 0) + (ref[a] != tgt[a])
+    for bench, n in (("cirr", 6), ("fashioniq", 12)):
+        assert list(by_kind[bench]) == ["fti4cir", "image-only", "text-only"]
+        for method, table in by_kind[bench].items():
+            assert table["all"]["queries"] == n
+            assert sum(e["queries"] for label, e in table.items() if label.endswith(("change", "changes"))) == n
+            assert all(0.0 <= e[f"recall_at{k}"] <= 100.0 for e in table.values() for k in (1, 5, 10))
+            if bench == "cirr":
+                assert {a: e["queries"] for a, e in table.items() if a in expected} == {a: c for a, c in expected.items() if c}
+                for k in (1, 5, 10):
+                    assert table["all"][f"recall_at{k}"] == pytest.approx(summary["metrics"][method]["cirr"][f"cirr_recall_at{k}"])
 
 
 def test_spreads_of_a_method():

@@ -110,6 +110,10 @@ def make_toy_world(out, seed: int = 0, *, num_train_images: int = DEFAULT_SIZES[
             "hidden_targets": hidden,
         }
         write_json(manifest, tmp / MANIFEST_NAME)
+        # mkdtemp makes the folder private (0700); the world gets the permissions a plain mkdir would give it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         _check_replaceable(out)  # again: something may have appeared there meanwhile
         old = None
         if out.exists():
