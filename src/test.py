@@ -55,7 +55,7 @@ def file_name(name: str, split: str) -> str:
     return name if split == "test" else name.replace(".json", f"_{split}.json")
 
 
-def _write_temporary(data: bytes, path: Path) -> Path:
+def write_temporary(data: bytes, path: Path) -> Path:
     """`data` in a new file beside `path`, flushed to disk; its path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "xb") as f:
@@ -72,7 +72,7 @@ def write_all(files: dict[Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            written.append(_write_temporary(data, path))
+            written.append(write_temporary(data, path))
     except BaseException:
         for tmp in written:
             tmp.unlink(missing_ok=True)

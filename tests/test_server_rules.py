@@ -279,7 +279,7 @@ def test_a_failed_write_leaves_every_file_as_it_was(fast_clip, eval_args, net_pa
     before = {name: f"another model's {name}".encode() for name in ("cirr.json", "subset_cirr.json")}
     for name, data in before.items():
         (folder / name).write_bytes(data)
-    real, calls = test_script._write_temporary, []
+    real, calls = test_script.write_temporary, []
 
     def second_fails(data, path):
         calls.append(path)
@@ -287,11 +287,11 @@ def test_a_failed_write_leaves_every_file_as_it_was(fast_clip, eval_args, net_pa
             raise OSError(28, "No space left on device", str(path))
         return real(data, path)
 
-    monkeypatch.setattr(test_script, "_write_temporary", second_fails)
+    monkeypatch.setattr(test_script, "write_temporary", second_fails)
     error, _ = _test_py(dataset_args(eval_args, "cirr", root, "--model-path", str(net_path)), capsys)
     assert len(calls) == 2 and error is not None and "No space left on device" in error
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # unchanged, no temporary left behind
-    monkeypatch.setattr(test_script, "_write_temporary", real)
+    monkeypatch.setattr(test_script, "write_temporary", real)
     error, _ = _test_py(dataset_args(eval_args, "cirr", root, "--model-path", str(net_path)), capsys)
     assert error is None and all((folder / name).read_bytes() != data for name, data in before.items())
     assert sorted(p.name for p in folder.iterdir()) == sorted(before)
