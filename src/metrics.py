@@ -116,14 +116,8 @@ def fashioniq_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gal
                      target_names: Sequence[str], ks: Iterable[int] = (10, 50),
                      chunk: int = DEFAULT_CHUNK) -> dict[int, float]:
     """Recall@K in percent for one FashionIQ category; the reference is NOT removed (METHOD §11)."""
-    ks = tuple(ks)
-    _check_rows(query_feats.shape[0], target_names=target_names)
-    if len(gallery_names) != gallery_feats.shape[0]:
-        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
-    target = _index_of(target_names, _lookup(gallery_names), "target names")
-    top = topk_indices(query_feats, gallery_feats, max(ks), chunk=chunk)
-    hit = top == target[:, None]
-    return {k: _percent(hit[:, :k].any(dim=1)) for k in ks}
+    hits = fashioniq_hits(query_feats, gallery_feats, gallery_names, target_names, ks, chunk)
+    return {k: _percent(hit) for k, hit in hits.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,22 +171,9 @@ def cirr_recall(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_
 
     Keys `cirr_recall_at{K}` and `cirr_group_recall_at{K}`, values in percent.
     """
-    ks, subset_ks = tuple(ks), tuple(subset_ks)
-    n_q = query_feats.shape[0]
-    _check_rows(n_q, reference_names=reference_names, target_names=target_names, group_members=group_members)
-    if len(gallery_names) != gallery_feats.shape[0]:
-        raise MetricsError(f"{len(gallery_names)} gallery names for {gallery_feats.shape[0]} gallery features")
-    lookup = _lookup(gallery_names)
-    ref = _index_of(reference_names, lookup, "reference names")
-    target = _index_of(target_names, lookup, "target names")
-    members = _member_index(group_members, lookup)
-    q, g = _prepare(query_feats, gallery_feats)
-    top, sub = _cirr_rankings(q, g, ref, members, max(ks), max(subset_ks), chunk)
-    hit = top == target[:, None]
-    sub_hit = sub == target[:, None]
-    out = {f"cirr_recall_at{k}": _percent(hit[:, :k].any(dim=1)) for k in ks}
-    out.update({f"cirr_group_recall_at{k}": _percent(sub_hit[:, :k].any(dim=1)) for k in subset_ks})
-    return out
+    hits = cirr_hits(query_feats, gallery_feats, gallery_names, reference_names, target_names, group_members, ks,
+                     subset_ks, chunk)
+    return {key: _percent(hit) for key, hit in hits.items()}
 
 
 def cirr_submission(query_feats: torch.Tensor, gallery_feats: torch.Tensor, gallery_names: Sequence[str],
