@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from pathlib import Path
 
 from cli import FlagParser, add_eval_args, dataset_root, eval_config_from_args, script_main
@@ -29,6 +28,7 @@ from evaluate import setup, write_validation_metrics
 from evaluation import SERVER_SPLITS, TEST_SPLITS, check_submission_files, retrieve, submission_bytes, submission_files
 from logs import get_logger
 from metrics import SERVER_MAX_BYTES, SubmissionError, query_count_note
+from utils import new_temporary
 
 log = get_logger("test")
 
@@ -56,13 +56,8 @@ def file_name(name: str, split: str) -> str:
 
 
 def write_temporary(data: bytes, path: Path) -> Path:
-    """`data` in a new file beside `path`, flushed to disk; its path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
+    """`data` in a new temporary file beside `path` (utils.new_temporary), flushed to disk; its path."""
+    return new_temporary(path, lambda f: f.write(data))
 
 
 def write_all(files: dict[Path, bytes]) -> None:

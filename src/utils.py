@@ -150,10 +150,9 @@ def walk_files(folder) -> list[str]:
     return sorted(out)
 
 
-def _atomic_replace(path: Path, write) -> None:
-    """`write(file)` into a new file beside `path`, flushed to disk, then renamed over `path`: readers see
-    the old file or the new one, never half of one. The temporary file is made new (O_EXCL, O_NOFOLLOW)
-    with the mode the umask gives, as a plain `open()` would; a link at `path` is replaced, not followed."""
+def new_temporary(path, write) -> Path:
+    """`write(file)` into a fresh temporary file beside `path` (`temp_path`), flushed to disk; its path.
+    The file is made new (O_EXCL, O_NOFOLLOW) with the mode the umask gives, as a plain `open()` would."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -162,6 +161,17 @@ def _atomic_replace(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _atomic_replace(path: Path, write) -> None:
+    """`write(file)` into a new temporary beside `path`, then renamed over `path`: readers see the old
+    file or the new one, never half of one; a link at `path` is replaced, not followed."""
+    tmp = new_temporary(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
