@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from datasets import AnnotationFormatError, collate, combine_text_features
 from errors import ConfigError
 from feature_store import EvalCache, ReferenceOutputs
 from precision import PRECISIONS, check_precision, inference
+from stop_signals import ignore_stop_signals
 from utils import show_progress
 
 BASELINES = ("image-only", "text-only")
@@ -38,9 +39,14 @@ class Counters:
     token_cache_hits: int = 0
 
 
+class EncodingStopped(Exception):
+    """`Encoding.stop` asked for the encoding to end (a stop signal during training's validation)."""
+
+
 @dataclass
 class Encoding:
-    """How images and texts are encoded. `device=None`: CLIP's device."""
+    """How images and texts are encoded. `device=None`: CLIP's device. `stop`, when given, is asked
+    before each batch; once it answers True the encoding ends with `EncodingStopped`."""
 
     batch_size: int = 32
     workers: int = 8
@@ -48,6 +54,11 @@ class Encoding:
     precision: str = "fp32"
     progress: bool = True
     counters: Counters = field(default_factory=Counters)
+    stop: Callable[[], bool] | None = None
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop():
+            raise EncodingStopped()
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -78,19 +89,25 @@ class Gallery:
 
 def make_loader(dataset, encoding: Encoding, device: torch.device) -> DataLoader:
     """In-order loader: `workers` processes (none for a single batch, which would only wait for them to
-    start: a query or two of retrieve.py), pinned memory when the features go to a GPU."""
+    start: a query or two of retrieve.py), pinned memory when the features go to a GPU. The workers
+    ignore SIGTERM and SIGINT: the main process decides what a stop means (Ctrl-C reaches the whole
+    process group), so a worker's traceback never hides the main process's own message."""
     workers = encoding.workers if len(dataset) > encoding.batch_size else 0
     return DataLoader(dataset, batch_size=encoding.batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", collate_fn=collate, persistent_workers=False)
+                      pin_memory=device.type == "cuda", collate_fn=collate, persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers else None)
 
 
-def batches(loader: DataLoader, desc: str, progress: bool):
-    """The loader's batches under a progress bar. When the loop ends early (an image that cannot be
-    read), worker processes are shut down at once rather than by the garbage collector, which waits
-    5 s for each of them."""
+def batches(loader: DataLoader, desc: str, encoding: Encoding):
+    """The loader's batches under a progress bar, `encoding.stop` asked before each. When the loop ends
+    early (an image that cannot be read, a stop), worker processes are shut down at once rather than by
+    the garbage collector, which waits 5 s for each of them."""
     it = iter(loader)
     try:
-        yield from tqdm(it, total=len(loader), desc=desc, unit="batch", disable=not show_progress(progress), leave=False)
+        for batch in tqdm(it, total=len(loader), desc=desc, unit="batch", leave=False,
+                          disable=not show_progress(encoding.progress)):
+            encoding.check_stop()
+            yield batch
     finally:
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
@@ -127,7 +144,7 @@ def encode_gallery(clip, dataset, encoding: Encoding, keep: Sequence[str] | None
         ref_g = torch.empty((len(keep), clip.embed_dim), dtype=torch.float32)
         ref_P = None
     i = 0
-    for batch in batches(make_loader(dataset, encoding, device), f"gallery {dataset.label}", encoding.progress):
+    for batch in batches(make_loader(dataset, encoding, device), f"gallery {dataset.label}", encoding):
         images = batch["image"].to(device, non_blocking=True)
         with inference(encoding.precision, device):
             g, P = clip.encode_visual(images)  # encode_image is this pass's g
@@ -214,6 +231,7 @@ def _text_only(clip, dataset, encoding: Encoding, device) -> torch.Tensor:
     out = torch.empty((len(queries), clip.embed_dim), dtype=torch.float32, device=device)
     starts = range(0, len(queries), encoding.batch_size)
     for s in tqdm(starts, desc="queries (text-only)", unit="batch", disable=not show_progress(encoding.progress), leave=False):
+        encoding.check_stop()
         texts = [dataset.query_texts(q) for q in queries[s:s + encoding.batch_size]]
         T = len(texts[0])
         with inference(encoding.precision, device):
@@ -258,6 +276,7 @@ def query_features(net, clip, dataset, encoding: Encoding, baseline: str | None 
         rows = by_ref[bounds[u0]:bounds[u1]]  # the queries of these references
         local = (ref_of_query[rows] - u0).to(device)
         for c in range(0, len(rows), encoding.batch_size):  # compose at most batch_size queries at a time
+            encoding.check_stop()
             sel, idx = rows[c:c + encoding.batch_size], local[c:c + encoding.batch_size]
             with inference(encoding.precision, device):
                 g, P = g_all[idx], P_all[idx]
@@ -284,7 +303,7 @@ def reference_outputs(clip, dataset, representative: list[int], references: Refe
             yield g_all[r], P_all[r]
         return
     loader = make_loader(Subset(dataset, representative), encoding, device)
-    for batch in batches(loader, f"queries {dataset.label}", encoding.progress):
+    for batch in batches(loader, f"queries {dataset.label}", encoding):
         images = batch["reference_image"].to(device, non_blocking=True)
         with inference(encoding.precision, device):
             g, P = clip.encode_visual(images)  # one visual pass gives both

@@ -1,7 +1,8 @@
 """A clean stop on SIGTERM and SIGINT (cluster pre-emption, Ctrl-C).
 
 Inside `StopOnSignal()`, the first SIGTERM or SIGINT only records that a stop was asked for: training
-finishes the step in progress, writes `latest.pt` and exits with one line saying how to resume. A
+finishes the step in progress, writes `latest.pt` and exits with one line saying how to resume; during
+a validation (which starts after `latest.pt` is written) it ends the validation at its next batch. A
 second signal ends the process at once (the signal's default action). DataLoader workers ignore both
 signals (`ignore_stop_signals`, their `worker_init_fn`): Ctrl-C reaches the whole process group, and a
 worker dying of it would fail the step the main process is finishing.
@@ -23,6 +24,7 @@ class StopOnSignal:
 
     def __init__(self):
         self.requested: signal.Signals | None = None
+        self.validating = False  # set by training while it validates: a stop then ends the validation
         self._previous = {}
 
     def _handle(self, signum, frame):
@@ -31,8 +33,9 @@ class StopOnSignal:
             signal.raise_signal(signum)
             return
         self.requested = signal.Signals(signum)
-        log.warning(f"{self.requested.name} received: finishing this step, then writing latest.pt "
-                    "(send it again to stop at once)")
+        doing = ("ending the validation (latest.pt is already written)" if self.validating
+                 else "finishing this step, then writing latest.pt")
+        log.warning(f"{self.requested.name} received: {doing} (send it again to stop at once)")
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

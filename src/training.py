@@ -6,7 +6,7 @@ Five steps, in the order a run takes them:
 - `setup`: the frozen CLIP, the network, the image-feature source, loader, optimizer and scaler;
 - `restore`: a checkpoint's weights, optimizer, scaler, position and random streams;
 - `train_one_epoch`: the steps of one epoch (`training_step` is one of them);
-- `end_of_epoch`: save, log the epoch's means, validate.
+- `end_of_epoch`: save, log the epoch's means, validate (validation.py).
 
 `train(config, info, device)` runs them for a `TrainConfig`, holding the folder's lock (run_folder.py)
 and stopping cleanly on SIGTERM / SIGINT
@@ -41,8 +41,6 @@ from datasets import ImageNetPairsDataset
 from distributed import (DistInfo, RankFailed, ResumableDistributedSampler, all_gather_object, all_reduce_mean,
                          gather_with_grad, main_only)
 from errors import ConfigError, UserError, naming_written_file, write_error
-from evaluation import EvalConfig, evaluate
-from features import Encoding
 from logs import TrainLog, get_logger
 from models import FTI4CIR
 from stop_signals import StopOnSignal, ignore_stop_signals
@@ -51,6 +49,7 @@ from train_config import (Preflight, TrainConfig, check_resume_clip, forget_fail
 from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything, show_progress
+from validation import validate
 
 LOSS_KEYS = ("total", "contrastive", "ortho", "reg", "num_attributes")  # the network's loss terms (FTI4CIR.forward)
 # each term's name in train_log.jsonl and in TensorBoard, step and epoch alike
@@ -271,8 +270,10 @@ def restore(run: Run, path: Path, state: dict) -> dict | None:
         raise ConfigError(f"--resume {path}: its network does not fit the current flags "
                           f"(saved config {state['config']}): {str(e)[:300]}") from e
     run.optimizer.load_state_dict(state["optimizer"])
-    for group in run.optimizer.param_groups:  # load_state_dict brings the saved wd back; the flags apply
+    for group in run.optimizer.param_groups:  # load_state_dict brings the saved groups back; the flags apply
         group["weight_decay"] = run.config.wd
+        for key in ("fused", "foreach", "capturable"):  # how AdamW runs (--fused-adamw), which the scaler follows
+            group[key] = run.optimizer.defaults[key]
     if state.get("scaler") and state.get("hparams", {}).get("precision_used") == run.precision:
         run.scaler.load_state_dict(state["scaler"])  # another precision's scale means nothing here
         run.grad_scale = run.scaler.get_scale()
@@ -479,26 +480,6 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
 # ---------------------------------------------------------------------------------------------
 # the end of an epoch
 
-def validation_config(config: TrainConfig, device: torch.device) -> EvalConfig:
-    """evaluate.py's validation as training runs it: fp32 inference as the authors', --val-batch-size,
-    the gallery features (frozen CLIP) cached in --val-cache-dir, so only the first validation encodes the
-    gallery."""
-    encoding = Encoding(batch_size=config.val_batch_size, workers=config.workers, device=device, precision="fp32",
-                        progress=False)
-    return EvalConfig(split="val", preprocess_type=config.preprocess_type, encoding=encoding,
-                      cache_dir=config.val_cache_dir or None, cache_hash_images=config.cache_hash_images)
-
-
-def validate(run: Run) -> dict[str, float]:
-    """evaluate.py's validation metrics (percent) of the current network on --val-dataset's val split."""
-    dataset = run.config.val_dataset
-    try:
-        with run.clip.float32_weights():  # fp32 inference, as the authors' validation, whatever --clip-half holds
-            return evaluate(run.net, run.clip, dataset, run.val_root, validation_config(run.config, run.device))
-    except UserError as e:
-        raise ConfigError(f"validation on {dataset}: {e}") from e
-
-
 def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
     """After 0-based `epoch` completed: checkpoint (epoch_<n>.pt and latest.pt, n = completed epochs),
     the epoch's summary line and scalars, and validation every --val-frequency epochs."""
@@ -522,10 +503,10 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
     _write_log(run, lambda: run.train_log.scalars("epoch", {LOG_NAMES[k]: v for k, v in means.items()}, pos.global_step))
     if config.val_dataset and done % config.val_frequency == 0:
         def validate_and_log():
-            metrics = validate(run)
-            log.info(f"validation {config.val_dataset} after epoch {done}: "
-                     + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-            run.train_log.scalars(f"val_{config.val_dataset}", metrics, pos.global_step)
+            metrics = validate(run.net, run.clip, config, run.val_root, run.device, epoch=done,
+                               checkpoint=pos.last_checkpoint, stop=run.stop)
+            if metrics is not None:
+                run.train_log.scalars(f"val_{config.val_dataset}", metrics, pos.global_step)
 
         main_only(run.info, validate_and_log, f"validating on {config.val_dataset}")  # also the barrier
 

@@ -134,6 +134,54 @@ def test_a_signal_on_the_last_step_of_an_epoch_stops_after_the_epoch_checkpoint(
     assert not (model_dir / "checkpoints" / "epoch_2.pt").exists()
 
 
+def test_a_signal_during_validation_ends_it_and_says_how_to_get_its_metrics(tiny_clip_path, tmp_path, monkeypatch,
+                                                                              capsys):
+    from toy.world import make_toy_world
+    import features
+
+    toy = make_toy_world(tmp_path / "toy", seed=0, num_train_images=4, num_queries=2, num_distractors=2)
+    model_dir = tmp_path / "run"
+    args = train_args(toy / "ImageNet", tiny_clip_path, model_dir, "--batch-size", 4, "--epochs", 2, "--no-progress",
+                      "--val-dataset", "cirr", "--val-data-path", toy / "CIRR", "--val-cache-dir", "",
+                      "--val-batch-size", 2, "--workers", 1)
+    asked, original = [], features.Encoding.check_stop
+
+    def check_stop(self):
+        asked.append(1)
+        if len(asked) == 2:  # the signal arrives after the validation's first batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(features.Encoding, "check_stop", check_stop)
+        with pytest.raises(SystemExit) as e:
+            train.main(args)
+    assert e.value.code == 128 + signal.SIGTERM and len(asked) == 2  # no batch encoded after the signal
+    out = capsys.readouterr().out
+    assert "SIGTERM received: ending the validation (latest.pt is already written)" in out
+    assert "validation cirr after epoch 1 ended by SIGTERM, no metrics logged" in out
+    assert f"--model-path {model_dir / 'checkpoints' / 'epoch_1.pt'}" in out and "cirr_recall_at1" not in out
+    assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["epoch"] == 1
+
+    train.main(args + ["--resume", "latest"])  # the next validation runs whole
+    assert "validation cirr after epoch 2: cirr_recall_at1" in capsys.readouterr().out
+
+
+def test_evaluation_workers_leave_stop_signals_to_the_main_process():
+    import features
+    from stop_signals import ignore_stop_signals
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"i": i}
+
+    loader = features.make_loader(Rows(), features.Encoding(batch_size=2, workers=2), torch.device("cpu"))
+    assert loader.num_workers == 2 and loader.worker_init_fn is ignore_stop_signals
+
+
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, time
