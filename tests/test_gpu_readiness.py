@@ -476,3 +476,19 @@ def test_every_speed_option_trains_in_bf16(data8, tiny_clip_path, tmp_path):
     assert losses["fast"][0] == pytest.approx(losses["plain"][0], rel=2e-3)
     with pytest.raises(SystemExit, match="--clip-half holds the frozen visual tower in the autocast type"):
         train.main(_train_args(data8, tiny_clip_path, tmp_path / "fp32", "--clip-half", "--precision", "fp32"))
+
+
+@pytest.mark.parametrize("first, then", [((), ("--fused-adamw",)), (("--fused-adamw",), ())])
+def test_fused_adamw_may_change_on_resume(first, then, data8, tiny_clip_path, tmp_path):
+    """The optimizer state a checkpoint carries says how AdamW ran; the flag of the resumed run decides
+    (the fp16/bf16/fp32 scaler hands a fused AdamW its scale, which the plain one refuses)."""
+    import train
+    from checkpoint import load_checkpoint
+
+    model_dir = tmp_path / "run"
+    args = _train_args(data8, tiny_clip_path, model_dir, "--epochs", 2, "--precision", "bf16")
+    train.main(args + ["--epochs", "1", *first])
+    train.main(args + ["--resume", "latest", *then])
+    saved = load_checkpoint(model_dir / "checkpoints" / "epoch_2.pt")
+    assert saved["optimizer"]["param_groups"][0]["fused"] is (True if then else None)
+    assert saved["global_step"] == len(read_log(model_dir)) == 8  # 4 steps an epoch, both epochs trained
