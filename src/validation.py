@@ -38,8 +38,10 @@ def validate(net, clip, config: TrainConfig, root, device: torch.device, *, epoc
         eval_config.encoding.stop = lambda: stop.requested is not None
         stop.validating = True
     try:
-        with clip.float32_weights():  # fp32 inference, as the authors' validation, whatever --clip-half holds
-            metrics = evaluate(net, clip, dataset, root, eval_config)
+        # the loaders draw their seeds from the CPU random stream, which the checkpoint before this captured:
+        # forked, so a run resumed from that checkpoint draws what an uninterrupted run draws (CPU dropout)
+        with clip.float32_weights(), torch.random.fork_rng(devices=[]):
+            metrics = evaluate(net, clip, dataset, root, eval_config)  # fp32 weights whatever --clip-half holds
     except EncodingStopped:
         keep = " (copy it first: resuming overwrites latest.pt)" if checkpoint.name == "latest.pt" else ""
         log.warning(f"validation {dataset} after epoch {epoch} ended by {stop.requested.name}, no metrics logged; "

@@ -167,6 +167,25 @@ def test_a_signal_during_validation_ends_it_and_says_how_to_get_its_metrics(tiny
     assert "validation cirr after epoch 2: cirr_recall_at1" in capsys.readouterr().out
 
 
+def test_a_run_resumed_after_a_validation_equals_an_uninterrupted_one(tiny_clip_path, tmp_path):
+    from toy.world import make_toy_world
+
+    toy = make_toy_world(tmp_path / "toy", seed=0, num_train_images=4, num_queries=2, num_distractors=2)
+
+    def args(model_dir, epochs):
+        return train_args(toy / "ImageNet", tiny_clip_path, model_dir, "--batch-size", 2, "--epochs", epochs,
+                          "--lr", 1e-3, "--no-progress", "--val-dataset", "cirr", "--val-data-path", toy / "CIRR",
+                          "--val-cache-dir", "", "--workers", 1)
+
+    train.main(args(tmp_path / "straight", 2))
+    train.main(args(tmp_path / "cut", 1))
+    train.main(args(tmp_path / "cut", 2) + ["--resume", "latest"])  # from the checkpoint written before validating
+    want = checkpoint_weights(tmp_path / "straight" / "checkpoints" / "epoch_2.pt")
+    got = checkpoint_weights(tmp_path / "cut" / "checkpoints" / "epoch_2.pt")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["loss"] for r in read_log(tmp_path / "straight")] == [r["loss"] for r in read_log(tmp_path / "cut")]
+
+
 def test_evaluation_workers_leave_stop_signals_to_the_main_process():
     import features
     from stop_signals import ignore_stop_signals
