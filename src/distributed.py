@@ -137,21 +137,40 @@ def cleanup_distributed(info: DistInfo, ok: bool) -> None:
         dist.destroy_process_group()
 
 
+def agree(info: DistInfo, error: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed `what` (collective: every rank calls it at the same
+    point, failed or not). A failed rank re-raises its own error, the others raise RankFailed naming the
+    first failed rank, so no rank is left waiting in a collective for a process that stopped."""
+    if info.enabled:
+        gathered = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", info)
+        failed = [(r, text) for r, text in enumerate(gathered) if text is not None]
+        if failed and error is None:
+            rank, text = failed[0]
+            raise RankFailed(f"rank {rank} failed while {what} ({text.splitlines()[0][:300]}); its output has the details")
+    if error is not None:
+        raise error
+
+
+def every_rank(info: DistInfo, fn, what: str):
+    """`fn()` on every rank, then `agree` on whether it failed anywhere; returns this rank's result."""
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+        agree(info, e, what)
+        raise
+    agree(info, None, what)
+    return result
+
+
 def main_only(info: DistInfo, fn, what: str):
-    """`fn()` on rank 0 alone; every rank learns whether it failed (collective). Rank 0 re-raises its own
-    error, the others raise RankFailed naming it, so no rank is left waiting for a process that stopped."""
+    """`fn()` on rank 0 alone; every rank learns whether it failed (collective, `agree`)."""
     result = error = None
     if info.is_main:
         try:
             result = fn()
         except BaseException as e:  # noqa: BLE001 - reported to every rank, then re-raised
             error = e
-    if info.enabled:
-        failed = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", info)[0]
-        if failed is not None and not info.is_main:
-            raise RankFailed(f"rank 0 failed while {what} ({failed.splitlines()[0][:300]}); its output has the details")
-    if error is not None:
-        raise error
+    agree(info, error, what)
     return result
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import precision as prec
 from checkpoint import CheckpointError, is_authors_checkpoint, load_checkpoint
 from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
-from distributed import DistInfo, main_only
+from distributed import DistInfo, all_gather_object, every_rank, main_only
 from errors import ConfigError
 from logs import get_logger
 from models import ABLATIONS
@@ -326,20 +326,27 @@ class Preflight:
 
 def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
     """Every check of a run before the slow CLIP load, on every process, the fastest first. Holds the
-    folder's lock when it returns (`Preflight.lock`), released here when a later check fails."""
-    check_values(config)
-    if config.batch_size * info.world_size < 2:  # one sample is its own only candidate: the loss is 0
-        raise ConfigError(f"--batch-size {config.batch_size} x {info.world_size} process(es) is a global batch of 1; "
-                          "the contrastive loss needs at least 2 samples (with one it is 0): raise --batch-size")
-    precision = prec.training_precision(config.precision, device)
-    if precision != config.precision and info.is_main:
-        log.warning(f"--precision {config.precision} needs a CUDA device; training in {precision} on {device}")
-    root = val_root(config)
-    resume_path = resolve_resume(config.resume, config.ckpt_dir)
-    if resume_path is not None:
-        refuse_authors_checkpoint(resume_path)
+    folder's lock when it returns (`Preflight.lock`), released here when a later check fails. Each part
+    ends with a collective that every process reaches, failed or not, so a check that fails on one node
+    alone (a folder it does not see) stops every process instead of leaving them waiting."""
+    def flags():
+        check_values(config)
+        if config.batch_size * info.world_size < 2:  # one sample is its own only candidate: the loss is 0
+            raise ConfigError(f"--batch-size {config.batch_size} x {info.world_size} process(es) is a global batch of 1; "
+                              "the contrastive loss needs at least 2 samples (with one it is 0): raise --batch-size")
+        precision = prec.training_precision(config.precision, device)
+        if precision != config.precision and info.is_main:
+            log.warning(f"--precision {config.precision} needs a CUDA device; training in {precision} on {device}")
+        root = val_root(config)
+        resume_path = resolve_resume(config.resume, config.ckpt_dir)
+        if resume_path is not None:
+            refuse_authors_checkpoint(resume_path)
+        return precision, root, resume_path
+
+    precision, root, resume_path = every_rank(info, flags, "checking the flags")
     lock = claim_folders(config, info)
-    try:
+
+    def inputs():
         state = read_resume_state(resume_path, config.ckpt_dir) if resume_path else None
         # every listed image is checked here
         dataset = ImageNetPairsDataset(config.imagenet_path, config.pairs_path, build_transform(config.preprocess_type, 224))
@@ -349,10 +356,26 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
         data = data_fingerprint(dataset)
         if state is not None:
             check_resume_data(resume_path, state, data, config.allow_changes, info.world_size, info.is_main)
+        return state, dataset, data
+
+    try:
+        state, dataset, data = every_rank(info, inputs, "reading the training pairs")
     except BaseException:
         lock.release()
         raise
     return Preflight(precision, root, resume_path, state, dataset, data, lock)
+
+
+def check_same_start(info: DistInfo, position: tuple[int, int, int], checkpoint) -> None:
+    """Every process starts from the same (epoch, samples in it, global step) (collective). A --model-dir
+    on node-local disks would let rank 0 resume while a node that sees no checkpoint starts fresh: their
+    step counts, and so their collectives, would no longer match, and DDP would not notice their optimizer
+    states differ."""
+    starts = all_gather_object((tuple(position), str(checkpoint or "no checkpoint")), info)
+    if any(s != tuple(position) for s, _ in starts):
+        where = "; ".join(f"rank {r}: {path} (epoch {s[0]}, global step {s[2]})" for r, (s, path) in enumerate(starts))
+        raise ConfigError(f"the processes start from different points ({where}): give every node the same --model-dir "
+                          "(a shared file system) or --resume the same checkpoint file")
 
 
 def resolved_hparams(config: TrainConfig, net, clip, info: DistInfo, device, precision: str) -> dict:

@@ -70,6 +70,8 @@ class TowerFeatures:
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(batch["image"])
 
+    failed = False  # whether storing features failed (`commit` raises why); never without a cache
+
     def commit(self) -> None:
         """Everything computed so far is durable (nothing to do without a cache)."""
 
@@ -110,6 +112,10 @@ class CachedTowerFeatures(TowerFeatures):
             rows = image_rows.to(device, non_blocking=True)
             g16[rows], P16[rows] = g, P
         return g16.float(), P16.float()
+
+    @property
+    def failed(self) -> bool:
+        return self.cache.failed
 
     def commit(self) -> None:
         self.cache.commit()  # every queued row stored and marked filled
@@ -171,7 +177,8 @@ class RowWriter:
     thread waits for the copy (a blocking event: it sleeps), stores each row with pwrite, and every
     FLUSH_EVERY batches (and at `commit`) flushes the data files and only then sets and flushes `filled`
     for the rows stored since. `commit` (at every checkpoint, at the end of each epoch and when training
-    stops) waits until everything queued is stored and marked, and raises what went wrong in the thread.
+    stops) waits until everything queued is stored and marked, and raises what went wrong in the thread;
+    `failed` says so sooner, without waiting.
     """
 
     POOL = 3  # staging buffers: one being copied into, two queued; more batches in flight wait for one
@@ -211,10 +218,18 @@ class RowWriter:
             s = _Staging(max(k, 0 if s is None else len(s.g)), g_shape, P_shape, pin)
         return s
 
+    @property
+    def failed(self) -> bool:
+        """Whether the writer thread failed; `commit` raises its error. Training reads it into the flags of
+        the step's all-reduce, so every process stops together, not the one whose disk filled alone."""
+        return self._error is not None
+
     def write(self, rows, g: torch.Tensor, P: torch.Tensor) -> None:
         """Queue the fp16 rows g [k, D], P [k, N+1, W] of store rows `rows`; returns without waiting for
-        the device or the disk. The caller may reuse g and P at once."""
-        self._raise_error()
+        the device or the disk. The caller may reuse g and P at once. Once the thread has failed, rows are
+        no longer queued (`failed`)."""
+        if self._error is not None:
+            return
         rows = np.asarray(rows, dtype=np.int64).copy()
         k, device = len(rows), g.device
         cuda = device.type == "cuda"

@@ -39,13 +39,13 @@ from checkpoint import capture_rng, checkpoint_summaries, link_or_copy, restore_
 from clip_loader import load_clip
 from datasets import ImageNetPairsDataset
 from distributed import (DistInfo, RankFailed, ResumableDistributedSampler, all_gather_object, all_reduce_mean,
-                         gather_with_grad, main_only)
+                         every_rank, gather_with_grad, main_only)
 from errors import ConfigError, UserError, naming_written_file, write_error
 from logs import TrainLog, get_logger
 from models import FTI4CIR
 from stop_signals import StopOnSignal, ignore_stop_signals
-from train_config import (Preflight, TrainConfig, check_resume_clip, forget_failed_start, hparam_differences, preflight,
-                          resolved_hparams, run_files_present)
+from train_config import (Preflight, TrainConfig, check_resume_clip, check_same_start, forget_failed_start,
+                          hparam_differences, preflight, resolved_hparams, run_files_present)
 from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything, show_progress
@@ -207,8 +207,10 @@ def setup(config: TrainConfig, info: DistInfo, device: torch.device, checked: Pr
     """Everything a run needs, after `preflight` has checked the flags and files: the slow CLIP load,
     the network, the feature source, the loader, the optimizer."""
     precision, dataset = checked.precision, checked.dataset
-    clip = load_clip(config.clip_model, config.clip_weights, device=device, clip_format=config.clip_format,
-                     pretrained=config.clip_pretrained)
+    # collective: a node that lacks the weights (offline, another cache) stops every rank, not itself alone
+    clip = every_rank(info, lambda: load_clip(config.clip_model, config.clip_weights, device=device,
+                                              clip_format=config.clip_format, pretrained=config.clip_pretrained),
+                      "loading CLIP")
     apply_speed_options(clip, precision, compile_visual=config.compile, half_visual=config.clip_half,
                         causal_text=config.causal_text_attention)
     dataset.preprocess = build_transform(config.preprocess_type, clip.image_size)
@@ -317,7 +319,8 @@ def start(run: Run, rng_state: dict | None, resumed: bool) -> None:
 def save_checkpoint(run: Run, path: Path, epoch: int, samples: int, step: int) -> Path:
     """Every process's streams and rank 0's network and optimizer state, written atomically (collective;
     a failed write stops every rank, not rank 0 alone)."""
-    run.features.commit()  # the rows a resumed run will skip are stored and marked before the checkpoint
+    # the rows a resumed run will skip are stored and marked before the checkpoint, on every process
+    every_rank(run.info, run.features.commit, "storing its feature cache")
     rng = all_gather_object(capture_rng(run.device), run.info)
     main_only(run.info, lambda: save_network(
         run.net, path, optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
@@ -332,18 +335,22 @@ def _set_flags(run: Run) -> torch.Tensor:
     """This process's [stop asked, failed] flags, written into a preallocated device tensor: no host-to-device
     copy in the step."""
     run.flags[0].fill_(float(run.stop is not None and run.stop.requested is not None))
-    run.flags[1].fill_(float(run.pending_error is not None))
+    run.flags[1].fill_(float(run.pending_error is not None or run.features.failed))
     return run.flags
 
 
 def _raise_pending(run: Run, failed: bool) -> None:
-    """After an all-reduce that said some process failed between two steps: every process stops now."""
+    """After an all-reduce that said some process failed between two steps (rank 0's step log, any
+    process's feature cache): every process stops now, the failed one with its own error."""
     if not failed:
         return
     if run.pending_error is not None:
         error, run.pending_error = run.pending_error, None
         raise error
-    raise RankFailed("rank 0 failed while writing the step log; its output has the details")
+    if run.features.failed:
+        run.features.commit()  # raises the writer's error
+    raise RankFailed("another process failed between two steps (writing the step log or its feature cache); "
+                     "its output has the details")
 
 
 def stop_agreed(run: Run) -> bool:
@@ -527,7 +534,10 @@ def train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict:
 def _train(config: TrainConfig, info: DistInfo, device: torch.device, checked: Preflight) -> dict:
     resume_path = checked.resume_path
     run = setup(config, info, device, checked)
-    rng_state = restore(run, resume_path, checked.resume_state) if resume_path is not None else None
+    rng_state = every_rank(info, lambda: restore(run, resume_path, checked.resume_state) if resume_path else None,
+                           f"resuming {resume_path}")
+    pos = run.position
+    check_same_start(info, (pos.epoch, pos.samples_in_epoch, pos.global_step), pos.last_checkpoint)
     present = run_files_present(run.model_dir)  # before this start writes any
     try:
         start(run, rng_state, resumed=resume_path is not None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -252,6 +253,64 @@ def test_ddp_every_rank_stops_at_the_same_step(data8, tiny_clip_path, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["code"] for r in ranks] == [128 + signal.SIGTERM] * 2 and [r["steps"] for r in ranks] == [3, 3]
     assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["global_step"] == 3
+
+
+def _ddp_fault_worker(rank: int, world: int, port: int, argv: list[str], out: str, fault: str) -> None:
+    """One rank of a gloo run in which rank 1 alone meets `fault`; writes its exit message to rank<r>.json."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1 and fault == "cache":  # its disk fills while it stores rows
+        import feature_store
+
+        def no_space(*a, **k):
+            raise OSError(28, "No space left on device")
+        feature_store.RowFiles.write_rows = no_space
+    elif rank == 1 and fault == "clip":  # its node lacks the weights
+        def missing(*a, **k):
+            raise cli.UserError("--clip-weights /node1/ViT-L-14.pt: no such file")
+        training.load_clip = missing
+    elif rank == 1 and fault == "start":  # its node sees no checkpoint: it would start fresh
+        import train_config
+        train_config.resolve_resume = lambda *a: None
+    message = "ok"
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        message = str(e.code)
+    except BaseException as e:  # noqa: BLE001
+        message = f"{type(e).__name__}: {e}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps(message))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("fault", ["cache", "clip", "start"])
+def test_a_failure_on_one_rank_stops_every_rank(fault, data8, tiny_clip_path, tmp_path):
+    """Rank 1 alone fails (a full disk under its feature cache, CLIP weights its node lacks, no checkpoint on
+    its node): both ranks exit with one line, rank 0 naming the other's failure, well within the process
+    group's timeout (30 s here), instead of waiting for it."""
+    import torch.multiprocessing as mp
+
+    model_dir = tmp_path / "ddp"
+    argv = train_args(data8, tiny_clip_path, model_dir, "--batch-size", 1, "--epochs", 2, "--no-progress",
+                      "--dist-timeout-minutes", 0.5, "--feature-cache-dir", tmp_path / "cache")
+    if fault == "cache":
+        argv.append("--cache-image-features")
+    if fault == "start":
+        train.main(argv + ["--epochs", "1", "--batch-size", "2"])
+        argv += ["--resume", "latest"]
+    mp.spawn(_ddp_fault_worker, args=(2, free_port(), argv, str(tmp_path), fault), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0.startswith("error: ") and rank1.startswith("error: ") and "\n" not in rank0 + rank1, (rank0, rank1)
+    assert "Timeout" not in rank0 + rank1 and "timed out" not in rank0 + rank1
+    if fault == "cache":
+        assert "No space left on device" in rank1 and re.search(r"(another process|rank 1) failed", rank0), rank0
+    elif fault == "clip":
+        assert "/node1/ViT-L-14.pt" in rank1 and "rank 1 failed while loading CLIP" in rank0
+    else:  # both refuse, naming each rank's starting point
+        for msg in (rank0, rank1):
+            assert "start from different points" in msg and "rank 1: no checkpoint (epoch 0, global step 0)" in msg
+            assert "checkpoints/latest.pt (epoch 1, global step 4)" in msg and "--model-dir" in msg
 
 
 # ---------------------------------------------------------------------------------------------
