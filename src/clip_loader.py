@@ -210,8 +210,9 @@ class FrozenCLIP(nn.Module):
 
     def compile_visual(self) -> None:
         """torch.compile the training step's visual pass (`train_visual`). Training batches keep one shape
-        (the last partial batch is dropped), so it compiles once; evaluation keeps the eager pass, whose
-        last batch differs in size."""
+        (the last partial batch is dropped), so it compiles once; with --cache-image-features a batch whose
+        rows are partly cached runs the tower on the others alone, and that new size costs one more compile,
+        with a dynamic batch dimension. Evaluation keeps the eager pass, whose last batch differs in size."""
         self.train_visual = torch.compile(self.encode_visual)
 
     def use_causal_text_attention(self, on: bool = True) -> None:
