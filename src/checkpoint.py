@@ -77,7 +77,8 @@ def build_network(config: dict, state_dict: dict, source) -> FTI4CIR:
     return net
 
 
-def _not_a_file(path: Path) -> str:
+def not_a_file(path: Path) -> str:
+    """Why `path`, which is no file, cannot be a checkpoint, in a few words."""
     return "is a folder, not a checkpoint file" if path.is_dir() else "no such file"
 
 
@@ -85,7 +86,7 @@ def load_checkpoint(path) -> dict:
     """The raw dict of a checkpoint in this repo's format (training state included), checked."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: {_not_a_file(path)}")
+        raise CheckpointError(f"--model-path {path}: {not_a_file(path)}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -105,7 +106,7 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: {_not_a_file(path)}. Pass a checkpoint written by src/train.py "
+        raise CheckpointError(f"--model-path {path}: {not_a_file(path)}. Pass a checkpoint written by src/train.py "
                               "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file.")
     if is_authors_checkpoint(path):
         config, state_dict = read_authors_checkpoint(path)

@@ -16,7 +16,7 @@ import torch
 
 from clip_loader import CLIP_FORMATS
 from datasets import BENCHMARKS, CIRCO_QUERY_TEMPLATES, DEFAULT_ROOTS, FASHIONIQ_CATEGORIES
-from errors import ConfigError, UserError, write_error
+from errors import WRITE_ERRNOS, ConfigError, UserError, write_error
 from evaluation import EvalConfig
 from feature_store import DEFAULT_CACHE_DIR
 from features import BASELINES, Encoding
@@ -80,6 +80,8 @@ def script_main(main):
             if found is None:
                 raise
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            if found.errno is not None and found.errno not in WRITE_ERRNOS:  # not there, not a file: no disk advice
+                raise SystemExit(f"error: {where}{found.strerror or found}; check the path and rerun") from None
             fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (a quota is full)",
                    errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
                    errno.EROFS: "pass a folder on a writable file system"}.get(found.errno, "free disk space or fix the permissions")
@@ -263,9 +265,10 @@ def model_device(args) -> torch.device:
     return device
 
 
-def check_model_outputs(args) -> None:
-    """--save-path and (unless --no-cache) --cache-dir created and writable, before CLIP is loaded."""
-    check_output_folder(args.save_path, "--save-path")
+def check_model_outputs(args, save_flag: str = "--save-path") -> None:
+    """The output folder (`save_flag`, stored as args.save_path) and (unless --no-cache) --cache-dir created
+    and writable, before CLIP is loaded."""
+    check_output_folder(args.save_path, save_flag)
     if not args.no_cache:
         check_output_folder(args.cache_dir, "--cache-dir", "pass a folder you can write to, or --no-cache")
 

@@ -50,11 +50,27 @@ def _broken_zip(path) -> bool:
         return False
 
 
+def _head(path) -> bytes | None:
+    """The first bytes of the file at `path`; None without a path or when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read(2)
+    except OSError:
+        return None
+
+
 def torch_load_problem(error: BaseException, path=None) -> str:
     """What a failed `torch.load(..., weights_only=True)` means, in a few words for the user: a truncated or
     corrupt file, or a pickle that asks to run code (which is refused; the advice torch prints with it, to
     load with weights_only=False, is the one step that would run it, so it is not repeated)."""
     text = str(error)
+    head = _head(path)
+    if head is not None and not head:
+        return "an empty file: copy it again"
+    if head is not None and not head.startswith((b"PK", b"\x80")):  # neither a zip archive nor a pickle (protocol 2+)
+        return "not a PyTorch checkpoint (neither a torch.save archive nor a pickle): pass the checkpoint file itself"
     if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         what = f"the Python object {found.group(1)}" if found else "Python objects"
@@ -66,8 +82,9 @@ def torch_load_problem(error: BaseException, path=None) -> str:
     return f"unreadable ({type(error).__name__}: {text.splitlines()[0][:160] if text else ''})"
 
 
-# the system's refusals of a write, whose text torch.save's writer puts in its own RuntimeError
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
+# the system's refusals of a write (the disk, a quota, permissions), whose text torch.save's writer puts in its
+# own RuntimeError
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
 # what torch.save's C++ writer says when a write or a seek fails, whatever the cause
 _TORCH_WRITER = ("inline_container", "PytorchStreamWriter", "file write failed")
 
@@ -86,7 +103,7 @@ def write_error(error: BaseException, path=None) -> OSError | None:
         if isinstance(cause, OSError):
             code, text = cause.errno, cause.strerror or str(cause)
         else:
-            code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in message), None)
+            code = next((c for c in WRITE_ERRNOS if os.strerror(c) in message), None)
             if code is None and not any(m in message for m in _TORCH_WRITER):
                 return None
             text = (os.strerror(code) if code is not None

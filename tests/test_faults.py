@@ -482,6 +482,30 @@ def test_a_refused_pickle_says_what_and_why_without_torchs_advice(tmp_path):
     assert "weights_only" not in str(e.value)
 
 
+@pytest.mark.parametrize("content, needle", [(b'{"a": 1}', "not a PyTorch checkpoint"),
+                                             (b"garbage", "not a PyTorch checkpoint"),
+                                             (b"", "an empty file")])
+def test_a_file_that_is_no_checkpoint_is_called_so(content, needle, tmp_path):
+    from checkpoint import CheckpointError
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_network(path)
+    assert needle in str(e.value) and "run code" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_read_error_at_the_boundary_gives_no_disk_advice(capsys):
+    @cli.script_main
+    def main(argv=None):
+        open("/nonexistent-folder/x.json")
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    msg = str(e.value)
+    assert msg == "error: /nonexistent-folder/x.json: No such file or directory; check the path and rerun"
+
+
 @pytest.mark.parametrize("extra, needle", [(["--device", "gpu"], "--device 'gpu'"),
                                            (["--lr", "nan"], "--lr nan must be a finite number"),
                                            (["--wd", "inf"], "--wd inf must be a finite number")])

@@ -192,6 +192,22 @@ def test_no_benchmark_data_is_one_error_line(run_args, tmp_path, capsys):
     assert capsys.readouterr().out.count("left out:") == 3
 
 
+def test_a_missing_checkpoint_or_unwritable_out_names_the_flag(world, run_args, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(reproduce, "load_clip", lambda *a, **k: loaded.append(1))
+    argv = run_args + ["--cirr-path", str(world / "CIRR")]
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(argv + ["--model-path", str(tmp_path / "nope.pt")])
+    msg = str(e.value)
+    assert msg.startswith(f"error: --model-path {tmp_path / 'nope.pt'}: no such file;") and "disk" not in msg
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(argv + ["--out", str(blocker / "out")])
+    assert str(e.value).startswith(f"error: --out {blocker / 'out'}") and "--save-path" not in str(e.value)
+    assert not loaded  # both found before CLIP loads
+
+
 def test_readme_quick_start_runs_as_written(world, tiny_clip_path, net_path, tmp_path):
     """The README's quick-start command, character for character, in a folder laid out as the README says:
     the setup's `.venv/bin/python`, the data under ./data/ (here the toy world), the released model's file
