@@ -801,6 +801,19 @@ def test_a_run_that_cannot_train_is_refused_before_anything_is_written(extra, ne
     assert needle in msg and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dataset", ["cirr", "circo", "fashioniq"])
+def test_a_validation_folder_without_the_layout_is_refused_before_training(dataset, data8, tiny_clip_path, tmp_path,
+                                                                            monkeypatch):
+    loaded = []
+    monkeypatch.setattr(training, "load_clip", lambda *a, **k: loaded.append(1))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", "--val-dataset", dataset,
+                                               "--val-data-path", empty))
+    assert f"--val-dataset {dataset} --val-data-path {empty}: " in msg and f"check_data.py --{dataset}-path" in msg
+    assert "\n" not in msg and not loaded and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("failure", [
     RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 832 vs 768: No space left on device"),
     RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: "
