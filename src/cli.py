@@ -38,9 +38,12 @@ class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class FlagParser(argparse.ArgumentParser):
     """argparse that also takes the underscore spelling of every kebab-case flag
-    (`--batch_size` for `--batch-size`), as the authors' scripts spelled them; abbreviations are off."""
+    (`--batch_size` for `--batch-size`), as the authors' scripts spelled them; abbreviations are off; a
+    flag it cannot parse ends the script with one `error:` line."""
 
     def __init__(self, *args, **kwargs):
+        # the script that builds the parser names itself in --help and errors, however it was started
+        kwargs.setdefault("prog", Path(sys._getframe(1).f_code.co_filename).name)
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", DefaultsOnceFormatter)
         super().__init__(*args, **kwargs)
@@ -58,6 +61,10 @@ class FlagParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(self._normalise(args), namespace)
+
+    def error(self, message):
+        """A flag argparse cannot parse: one `error:` line and exit status 1, as every other bad value."""
+        raise SystemExit(f"error: {message} (see {self.prog} --help)")
 
 
 def script_main(main):

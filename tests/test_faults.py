@@ -495,6 +495,19 @@ def test_a_file_that_is_no_checkpoint_is_called_so(content, needle, tmp_path):
     assert needle in str(e.value) and "run code" not in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("argv, needle", [(["--dataset", "cirr", "--precision", "fp8"], "argument --precision: invalid choice"),
+                                          (["--dataset", "cirr", "--batch-size", "two"], "argument --batch-size: invalid int"),
+                                          (["--dataset", "cirr", "--no-such-flag"], "unrecognized arguments: --no-such-flag")])
+def test_a_flag_argparse_cannot_parse_is_one_error_line(argv, needle, capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    msg = str(e.value)
+    assert msg.startswith(f"error: {needle}") and msg.endswith("(see evaluate.py --help)") and "\n" not in msg
+    assert "usage:" not in capsys.readouterr().err
+
+
 def test_a_read_error_at_the_boundary_gives_no_disk_advice(capsys):
     @cli.script_main
     def main(argv=None):
