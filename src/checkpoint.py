@@ -123,6 +123,19 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
     return net.to(device).eval(), info
 
 
+def model_file(model_path: str | None) -> Path:
+    """The local file of --model-path (an hf-hub: reference from the cache, else downloaded), checked to be
+    given and a file; cheap, so the scripts call it before anything loads."""
+    if not model_path:
+        raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
+                          "image-only|text-only is given")
+    path = Path(local_file(model_path, "--model-path"))
+    if not path.is_file():
+        raise CheckpointError(f"--model-path {path}: {not_a_file(path)}; pass a checkpoint written by src/train.py "
+                              "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file")
+    return path
+
+
 def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
                baseline: str | None = None) -> FTI4CIR | None:
     """The network of `model_path` (--model-path: a file or an hf-hub: reference) in eval mode on `device`,
@@ -135,10 +148,7 @@ def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",
         if model_path:
             log.info(f"--baseline {baseline}: --model-path {model_path} is not used")
         return None
-    if not model_path:
-        raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
-                          "image-only|text-only is given")
-    path = local_file(model_path, "--model-path")
+    path = model_file(model_path)
     net, info = load_network(path, device)
     try:
         net.check_clip(clip)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 
-from checkpoint import load_model
+from checkpoint import load_model, model_file
 from cli import (FlagParser, add_eval_args, check_model_outputs, clip_args, dataset_root, eval_config_from_args,
                  model_device, script_main)
 from clip_loader import load_clip
 from errors import naming_written_file
-from evaluation import evaluate, format_table, metrics_path
+from evaluation import check_layout, evaluate, format_table, metrics_path
 from logs import get_logger
 from utils import atomic_write_json
 
@@ -30,12 +30,17 @@ def build_parser() -> FlagParser:
     return parser
 
 
-def setup(args):
+def setup(args, split: str | None = None):
     """(device, CLIP, network or None for a baseline) from add_eval_args' flags; every flag, the dataset
-    root and the output folders are checked before CLIP is loaded."""
+    root (with `split`, also that split's layout), the checkpoint file and the output folders are checked
+    before CLIP is loaded."""
     device = model_device(args)
-    dataset_root(args, args.dataset)
+    root = dataset_root(args, args.dataset)
+    if not args.baseline:
+        model_file(args.model_path)
     check_model_outputs(args)
+    if split is not None:
+        check_layout(args.dataset, root, split, args.categories)
     clip = load_clip(**clip_args(args), device=device)
     return device, clip, load_model(args.model_path, clip, device, args.baseline)
 
@@ -61,7 +66,7 @@ def write_validation_metrics(args, clip, net, device) -> dict[str, float]:
 @script_main
 def main(argv=None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
-    device, clip, net = setup(args)
+    device, clip, net = setup(args, split="val")
     return write_validation_metrics(args, clip, net, device)
 
 

@@ -107,6 +107,14 @@ def open_benchmark(name: str, root, split: str, preprocess, category: str | None
                                  require_images=require_images)
 
 
+def check_layout(name: str, root, split: str, categories=None) -> None:
+    """Reads the split's annotation files and image folders as `retrieve` does, opening no image (FashionIQ:
+    each of `categories`, default all three), so a wrong root fails before any model loads."""
+    name = check_benchmark(name)
+    for category in (categories or FASHIONIQ_CATEGORIES) if name == "fashioniq" else (None,):
+        open_benchmark(name, root, split, lambda image: image, category)
+
+
 def retrieve(net, clip, name: str, root, config: EvalConfig, category: str | None = None,
              split: str | None = None) -> Retrieval:
     """Gallery and query features of one benchmark split (`split`, default config.split).

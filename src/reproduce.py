@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import metrics as M
-from checkpoint import load_model, not_a_file
+from checkpoint import load_model, model_file
 from cli import (ROOT_FLAGS, FlagParser, add_model_args, add_root_args, check_model_outputs, clip_args,
                  eval_config_from_args, model_device, script_main)
 from clip_loader import load_clip
@@ -30,7 +30,6 @@ from dataset_checks import metadata_only
 from errors import ConfigError
 from evaluation import (METRIC_KEYS, TEST_SPLITS, Retrieval, _clipped, circo_metrics, cirr_metrics,
                         fashioniq_metrics, open_benchmark, retrieve, submission_bytes, submission_files)
-from hub import local_file
 from logs import get_logger
 from utils import atomic_write_bytes, atomic_write_json
 
@@ -280,12 +279,9 @@ def main(argv=None) -> dict:
     if not plan:
         raise ConfigError("no benchmark data found: pass --fashioniq-path, --cirr-path and/or --circo-path "
                           "(the layouts are in the README)")
+    path = model_file(args.model_path)
     check_model_outputs(args, "--out")
     out = Path(args.save_path)
-    path = local_file(args.model_path, "--model-path")
-    if not Path(path).is_file():
-        raise ConfigError(f"--model-path {path}: {not_a_file(Path(path))}; pass a checkpoint written by src/train.py "
-                          "or the authors' released model file")
     digest = sha256_of(path)
     print(f"checkpoint {path}: sha256 {digest}", flush=True)
     clip = load_clip(**clip_args(args), device=device)

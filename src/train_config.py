@@ -18,11 +18,10 @@ from pathlib import Path
 
 import precision as prec
 from checkpoint import CheckpointError, is_authors_checkpoint, load_checkpoint
-from dataset_checks import metadata_only
-from datasets import DEFAULT_ROOTS, FASHIONIQ_CATEGORIES, ImageNetPairsDataset
+from datasets import DEFAULT_ROOTS, ImageNetPairsDataset
 from distributed import DistInfo, all_gather_object, every_rank, main_only
 from errors import ConfigError, UserError
-from evaluation import open_benchmark
+from evaluation import check_layout
 from logs import get_logger
 from models import ABLATIONS
 from run_folder import RunLock, check_start, remove_leftovers
@@ -139,8 +138,7 @@ def val_root(config: TrainConfig) -> Path | None:
     # its val split's layout now, as evaluate.py reads it, not after the first epoch
     name = config.val_dataset
     try:
-        for category in FASHIONIQ_CATEGORIES if name == "fashioniq" else (None,):
-            open_benchmark(name, root, "val", metadata_only, category=category)
+        check_layout(name, root, "val")
     except UserError as e:
         raise ConfigError(f"--val-dataset {name} --val-data-path {root}: {str(e).splitlines()[0]} "
                           f"(`python src/check_data.py --{name}-path {root}` shows the layout it expects)") from None

@@ -316,6 +316,21 @@ def test_a_failure_on_one_rank_stops_every_rank(fault, data8, tiny_clip_path, tm
 # ---------------------------------------------------------------------------------------------
 # start-up checks, leftovers
 
+def test_evaluate_finds_a_missing_model_or_a_wrong_root_before_clip_loads(tmp_path, monkeypatch):
+    import evaluate
+
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_clip", lambda *a, **k: loaded.append(1))
+    empty = tmp_path / "CIRR"
+    empty.mkdir()
+    base = ["--dataset", "cirr", "--cirr-path", str(empty), "--device", "cpu", "--save-path", str(tmp_path / "out")]
+    assert "--model-path is required" in _exit_message(evaluate.main, base)
+    msg = _exit_message(evaluate.main, base + ["--model-path", str(tmp_path / "nope.pt")])
+    assert f"--model-path {tmp_path / 'nope.pt'}: no such file" in msg
+    assert "CIRR val image folder not found" in _exit_message(evaluate.main, base + ["--baseline", "image-only"])
+    assert not loaded
+
+
 def test_unwritable_outputs_are_refused_before_clip_loads(data8, tiny_clip_path, tmp_path, monkeypatch):
     loaded = []
     import evaluate
