@@ -326,14 +326,20 @@ def _read_weights(path: Path):
             f"--clip-weights {path}: cannot be read as a CLIP checkpoint (TorchScript archive, state dict or "
             f"open_clip checkpoint): {torch_load_problem(e, path)}"
         ) from None
+    if isinstance(obj, dict) and obj.get("format") == "fti4cir":
+        raise ClipLoadError(f"--clip-weights {path}: an FTI4CIR checkpoint, not CLIP weights; pass it as --model-path "
+                            "and CLIP's own file as --clip-weights")
+    kind = "state_dict"
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-        if next(iter(sd), "").startswith("module."):
-            sd = {k[len("module."):]: v for k, v in sd.items()}
-        return sd, "training_checkpoint"
+        obj, kind = obj["state_dict"], "training_checkpoint"
+        if next(iter(obj), "").startswith("module."):
+            obj = {k[len("module."):]: v for k, v in obj.items()}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ClipLoadError(f"--clip-weights {path}: holds a {type(obj).__name__}, not a CLIP state dict")
-    return obj, "state_dict"
+    if not any(k.startswith("visual.") for k in obj):  # checked before a model is built for it
+        raise ClipLoadError(f"--clip-weights {path}: holds no CLIP weights (no visual tower's keys); pass OpenAI's CLIP "
+                            "file or an open_clip checkpoint")
+    return obj, kind
 
 
 def _is_openai_layout(sd: dict) -> bool:

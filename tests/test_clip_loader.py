@@ -72,6 +72,23 @@ def test_clear_errors(tmp_path, tiny_clip_path):
         canonical_model_name("ViT-Q/99")
 
 
+def test_a_file_without_clip_weights_is_refused_before_a_model_is_built(tmp_path, tiny_clip, monkeypatch):
+    import open_clip
+
+    from checkpoint import save_network
+    from models import FTI4CIR
+
+    built = []
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: built.append(1))
+    save_network(FTI4CIR.for_clip(tiny_clip), tmp_path / "net.pt")
+    with pytest.raises(ClipLoadError, match="net.pt: an FTI4CIR checkpoint, not CLIP weights; pass it as --model-path"):
+        load_clip("ViT-L/14", tmp_path / "net.pt")
+    torch.save({"epoch": 1, "state_dict": {"module.fc.weight": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(ClipLoadError, match="other.pt: holds no CLIP weights"):
+        load_clip("ViT-L/14", tmp_path / "other.pt")
+    assert not built
+
+
 def test_offline_without_weights_fails_fast_with_what_to_pass(monkeypatch, tmp_path, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip here, and nothing in the (empty) hub cache
