@@ -352,6 +352,9 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
         return precision, root, resume_path
 
     precision, root, resume_path = every_rank(info, flags, "checking the flags")
+    folders = [config.ckpt_dir, Path(config.model_dir)] + [Path(f) for f, used in (
+        (config.feature_cache_dir, config.cache_image_features), (config.val_cache_dir, config.val_dataset)) if f and used]
+    made = sorted({a for f in folders for a in (f, *f.parents) if not a.exists()}, key=lambda f: -len(f.parts))
     lock = claim_folders(config, info)
 
     def inputs():
@@ -370,6 +373,11 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
         state, dataset, data = every_rank(info, inputs, "reading the training pairs")
     except BaseException:
         lock.release()
+        for folder in made if info.is_main else ():  # the run never started: no empty folder left, deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone: left as it is
+                pass
         raise
     return Preflight(precision, root, resume_path, state, dataset, data, lock)
 

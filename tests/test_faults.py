@@ -823,9 +823,11 @@ def test_resuming_the_authors_file_says_it_holds_only_the_network(data8, tiny_cl
     assert f"--model-path {path}" in msg and "no flag" in msg and not loaded and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra, needle", [(("--batch-size", 1), "global batch of 1"), (("--epochs", 0), "--epochs 0")])
+@pytest.mark.parametrize("extra, needle", [(("--batch-size", 1), "global batch of 1"), (("--epochs", 0), "--epochs 0"),
+                                           (("--batch-size", 64), "no full batch of 64"),
+                                           (("--pairs-path", "nowhere.json"), "nowhere.json")])
 def test_a_run_that_cannot_train_is_refused_before_anything_is_written(extra, needle, data8, tiny_clip_path, tmp_path):
-    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run", *extra))
+    msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run" / "inner", *extra))
     assert needle in msg and not (tmp_path / "run").exists()
 
 
