@@ -107,7 +107,8 @@ def run(script: str, args: list[str], log: Path, live: bool = False):
         tail = "".join(tee.text).strip().splitlines()[-12:]
         print("\n".join("  " + line for line in tail))
     if failure is not None:
-        raise SystemExit(f"demo step failed ({failure}); full output in {log}")
+        raise SystemExit(f"error: demo step {script} failed ({str(failure).removeprefix('error: ')}); "
+                         f"full output in {log}")
     print(f"  ({time.time() - t:.1f} s)", flush=True)
     return result
 
@@ -456,7 +457,7 @@ def main(argv=None) -> dict:
     out = args.out.resolve()
     if out.exists():
         if not (out / MARKER).exists() and any(out.iterdir()):
-            raise SystemExit(f"{out} exists and was not made by the demo; pass another --out")
+            raise SystemExit(f"error: --out {out} exists and was not made by the demo; pass another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("made by scripts/demo.py; replaced on every run\n")

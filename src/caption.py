@@ -168,15 +168,33 @@ def collate_images(batch):
 
 # ----------------------------------------------------------------------------- BLIP
 
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # OWNER/NAME or NAME; anything else is a folder's path
+# OWNER/NAME or NAME as the hub spells them: letters, digits, - _ . (neither first nor last, never doubled)
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"(?!.*(?:--|\.\.)){_HUB_PART}(?:/{_HUB_PART})?")
+BLIP_FIX = "pass a folder saved with save_pretrained or a hub id such as Salesforce/blip-image-captioning-large"
+
+
+def check_blip_name(name: str) -> Path | None:
+    """The --blip-model folder when `name` is one that exists, None for a hub id; a ConfigError in one
+    line for anything else (a path that does not exist, a name the hub cannot hold), found before any
+    image is read or transformers imported."""
+    folder = Path(name).expanduser()
+    if folder.exists():
+        return folder
+    if name.startswith(("./", "../", "/", "~")) or os.sep in name.replace("/", "", 1):
+        raise ConfigError(f"--blip-model {name}: no such folder; {BLIP_FIX}")
+    if not HUB_ID.fullmatch(name):
+        raise ConfigError(f"--blip-model {name}: no such folder, nor a hub id (OWNER/NAME); {BLIP_FIX}")
+    return None
 
 
 def blip_source(name: str) -> str:
     """Where to load --blip-model from: a folder as it is; a hub id from its snapshot in the Hugging Face
     cache when that holds it (no network touched), else from the hub, which must answer: without it the
     run stops at once with what to do, instead of transformers retrying for half a minute."""
-    if Path(name).expanduser().exists() or not HUB_ID.fullmatch(name):
-        return name
+    folder = check_blip_name(name)
+    if folder is not None:
+        return str(folder)  # with ~ expanded: transformers would take "~/blip" for a hub id
     cached = cached_hub_file(name, ["config.json"])
     if cached is not None:
         return str(cached.parent)
@@ -321,6 +339,8 @@ def main(argv=None, tagger: Tagger | None = None) -> dict:
     out = args.out if args.out is not None else args.imagenet_path / "pairs.json"
     check_output_folder(out.parent, "--out" if args.out is not None else "--imagenet-path")
     need_split = not args.caption_only
+    if not args.split_only:
+        check_blip_name(args.blip_model)  # a mistyped folder is named now, before the shard's plan
     if need_split and tagger is None:
         try:
             tagger = SpacyTagger(args.spacy_model)  # fails now, not after hours of captioning

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 from cli import FlagParser, add_root_args, script_main
 from dataset_checks import CHECKABLE, check_benchmark_root, format_report
 from datasets import DEFAULT_ROOTS
-from errors import UserError
+from errors import ConfigError, UserError
 from logs import get_logger
-from utils import atomic_write_json
+from utils import atomic_write_json, check_output_folder
 
 log = get_logger("check_data")
 DEFAULT_REPORT = "./results/check_data.json"
@@ -46,11 +47,31 @@ def build_parser() -> FlagParser:
     return parser
 
 
+REPORT_FIX = "pass --report a file path in a folder you can write to"
+
+
+def check_report_path(report) -> None:
+    """--report is written after every image is read: a path it cannot be written to is named first."""
+    path = Path(report)
+    if path.is_dir():
+        raise ConfigError(f"--report {report}: is a folder; {REPORT_FIX}, such as {path / 'check_data.json'}")
+    check_output_folder(path.parent, f"--report {report}: its folder", REPORT_FIX)
+
+
+def write_report(out: dict, report) -> None:
+    try:
+        atomic_write_json(out, report)
+    except OSError as e:  # a temporary file's name would not tell which flag to change
+        raise ConfigError(f"--report {report}: cannot write it ({e.strerror or e}); free disk space there or "
+                          f"{REPORT_FIX}") from None
+
+
 @script_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise UserError("--workers must be >= 1")
+    check_report_path(args.report)
     given = {b: getattr(args, f"{b}_path") for b in CHECKABLE if getattr(args, f"{b}_path") is not None}
     roots = given or dict(DEFAULT_ROOTS)
     reports = {}
@@ -58,11 +79,11 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         report = check_benchmark_root(benchmark, root, args.decode, args.workers, not args.no_progress)
         reports[benchmark] = report
-        print(f"\n{format_report(report)}\n  ({time.perf_counter() - t:.1f} s)", flush=True)
+        print(f"\n{format_report(report, args.ignore_counts)}\n  ({time.perf_counter() - t:.1f} s)", flush=True)
     failed = {b: r.failed(args.ignore_counts) for b, r in reports.items()}
     out = {"ok": not any(failed.values()), "decode": args.decode, "ignore_counts": args.ignore_counts,
-           "benchmarks": {b: r.to_dict() for b, r in reports.items()}}
-    atomic_write_json(out, args.report)
+           "benchmarks": {b: r.to_dict(args.ignore_counts) for b, r in reports.items()}}
+    write_report(out, args.report)
     log.info(f"wrote {args.report}")
     bad = {b: len(p) for b, p in failed.items() if p}
     if bad:

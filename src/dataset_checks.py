@@ -251,9 +251,9 @@ class BenchmarkReport:
     def failed(self, ignore_counts: bool = False) -> list[dict]:
         return [p for p in self.problems if not (ignore_counts and p["kind"] == "count")]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, ignore_counts: bool = False) -> dict:
         d = asdict(self)
-        d["ok"] = not self.problems
+        d["ok"] = not self.failed(ignore_counts)
         return d
 
 
@@ -443,8 +443,9 @@ def check_benchmark_root(benchmark: str, root, decode: bool = False, workers: in
     return report
 
 
-def format_report(report: BenchmarkReport) -> str:
-    """The table (and problems, notes) of one benchmark, for the terminal."""
+def format_report(report: BenchmarkReport, ignore_counts: bool = False) -> str:
+    """The table (and problems, notes) of one benchmark, for the terminal. `ignore_counts`: a count that
+    differs from the official release is a note, left out of the tally, as `failed` leaves it out."""
     lines = [f"{report.benchmark} ({report.root}){', full decode' if report.decode else ''}"]
     if report.rows:
         width = max(len(r.what) for r in report.rows)
@@ -453,7 +454,9 @@ def format_report(report: BenchmarkReport) -> str:
             exp = "-" if r.expected is None else f"{r.expected:,}"
             flag = "" if r.count_ok else "  <- count differs"
             lines.append(f"  {r.what:<{width}}  {exp:>9}  {r.found:>9,}  {r.missing:>9,}  {r.unreadable:>10,}{flag}")
-    lines += [f"  problem ({p['kind']}): " + p["message"].replace("\n", "\n    ") for p in report.problems]
+    failed = report.failed(ignore_counts)
+    lines += [f"  {'problem' if p in failed else 'note'} ({p['kind']}): " + p["message"].replace("\n", "\n    ")
+              for p in report.problems]
     lines += [f"  note: {n}" for n in report.notes]
-    lines.append("  OK" if not report.problems else f"  {len(report.problems)} problem(s)")
+    lines.append("  OK" if not failed else f"  {len(failed)} problem(s)")
     return "\n".join(lines)

@@ -30,6 +30,9 @@ log = get_logger("folder_search")
 NAMED = 5
 
 
+QUERY_LINE = '{"reference": "<image file>", "text": "<modification>"}'  # one line of a --queries file
+
+
 def read_queries(path) -> list[tuple[str, str]]:
     """(reference, text) pairs of a JSON-lines file, one `{"reference": IMAGE, "text": "..."}` a line
     (blank lines skipped); the line number of anything else is named."""
@@ -45,8 +48,10 @@ def read_queries(path) -> list[tuple[str, str]]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not a JSON object ({e})") from e
         if not (isinstance(entry, dict) and isinstance(entry.get("reference"), str) and isinstance(entry.get("text"), str)):
-            raise ConfigError(f'{path}:{n}: expected {{"reference": "<image file>", "text": "<modification>"}}, got {line[:200]}')
+            raise ConfigError(f"{path}:{n}: expected {QUERY_LINE}, got {line[:200]}")
         out.append((entry["reference"], entry["text"]))
+    if not out:  # else collect_queries would say no --queries was given
+        raise ConfigError(f"--queries {path} holds no query (one JSON object per line: {QUERY_LINE})")
     return out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from checkpoint import load_model
 from cli import FlagParser, add_model_args, check_model_outputs, clip_args, encoding_from_args, model_device, script_main
 from clip_loader import load_clip
+from datasets import ImageLoadError
 from folder_search import check_gallery, collect_queries, save_grid
 from fti4cir_api import FTI4CIRModel
 from logs import get_logger
@@ -63,7 +64,13 @@ def main(argv=None) -> dict:
                          cache_dir=None if args.no_cache else args.cache_dir, cache_hash_images=args.cache_hash_images,
                          progress=encoding.progress)
     t = time.perf_counter()
-    index = model.index(args.gallery, skip_bad_images=args.skip_bad_images)
+    try:
+        index = model.index(args.gallery, skip_bad_images=args.skip_bad_images)
+    except ImageLoadError as e:
+        if args.skip_bad_images:
+            raise
+        raise ImageLoadError(f"{e}; or pass --skip-bad-images to rank the other images, the unreadable ones "
+                             "left out and named in a warning") from e
     results = model.rank(index, queries, args.top, args.baseline, args.exclude_reference)
     log.info(f"{len(results.retrieval.names)} gallery images, {len(queries)} queries ranked in "
              f"{1000 * (time.perf_counter() - t):.0f} ms")

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from cli import FlagParser, add_eval_args, dataset_root, eval_config_from_args, script_main
+from errors import ConfigError
 from evaluate import setup, write_validation_metrics
 from evaluation import SERVER_SPLITS, TEST_SPLITS, check_submission_files, retrieve, submission_bytes, submission_files
 from logs import get_logger
@@ -43,6 +44,9 @@ def build_parser() -> FlagParser:
                         help="test: the files the test servers score (CIRR test1, CIRCO test); val: the same files for "
                              "the validation split, named *_val.json, which the val annotations can score")
     return parser
+
+
+SERVER_FILES = {"cirr": ("cirr.json", "subset_cirr.json"), "circo": ("circo.json",)}  # for --validate's error
 
 
 def size_text(name: str, n_bytes: int) -> str:
@@ -101,6 +105,10 @@ def validate_files(args) -> list:
     """--validate: what the server would reject in each file, printed; SubmissionError when anything."""
     if args.dataset not in TEST_SPLITS:
         raise SubmissionError(f"--validate: {args.dataset} has no test server; pass --dataset cirr or circo")
+    missing = [f for f in args.validate if not Path(f).is_file()]
+    if missing:  # nothing to weigh or parse: no verdict line, one error
+        names = " and/or ".join(file_name(n, args.split) for n in SERVER_FILES[args.dataset])
+        raise ConfigError(f"--validate {' '.join(missing)}: no such file; pass the files test.py wrote ({names})")
     checks = check_submission_files(args.dataset, dataset_root(args, args.dataset), args.validate,
                                     split=SERVER_SPLITS[args.dataset][args.split])
     for c in checks:

@@ -365,8 +365,27 @@ def test_layout_errors_name_the_path(tmp_path, tiny_blip):
     with pytest.raises(SystemExit, match="--image-size 32"):
         caption.main(["--imagenet-path", str(tmp_path), "--blip-model", str(tiny_blip), "--workers", "0",
                       "--device", "cpu"], tagger=toy_tagger)
+    (tmp_path / "empty-folder").mkdir()
     with pytest.raises(SystemExit, match="cannot load BLIP"):
-        run(tmp_path, tmp_path / "no-blip-here")
+        run(tmp_path, tmp_path / "empty-folder")
+
+
+@pytest.mark.parametrize("name", ["./no-blip-here", "../no-blip-here", "/no-blip-here/x", "~/no-blip-here",
+                                  "a/b/no-blip-here"])
+def test_a_missing_blip_folder_is_one_line_before_the_plan(tmp_path, name, capsys, caplog, monkeypatch):
+    make_imagenet(tmp_path / "ImageNet", 2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(caption, "cached_hub_file", lambda *a: pytest.fail("a path was taken for a hub id"))
+    with pytest.raises(SystemExit) as e:
+        caption.main(["--imagenet-path", "ImageNet", "--blip-model", name, "--device", "cpu", "--caption-only"])
+    assert str(e.value) == (f"error: --blip-model {name}: no such folder; pass a folder saved with save_pretrained "
+                            "or a hub id such as Salesforce/blip-image-captioning-large")
+    printed = capsys.readouterr()
+    assert "shard 0/1" not in printed.out + printed.err + caplog.text and not list((tmp_path / "ImageNet").glob("*.partial*"))
+    for hub_id in (caption.DEFAULT_BLIP, "blip-base", "Some_One/blip.v2"):
+        assert caption.HUB_ID.fullmatch(hub_id)
+    for not_hub_id in ("./x", "../x", ".x", "x-", "a--b", "a..b", "a/b/c", "a b"):
+        assert not caption.HUB_ID.fullmatch(not_hub_id)
 
 
 def test_merged_pairs_load_in_the_training_dataset(tmp_path, tiny_blip):

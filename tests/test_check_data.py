@@ -3,13 +3,16 @@ are found and reported (table, JSON report, exit status); the official counts ar
 annotation files; the fast existence check equals a stat per file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import check_data
 import dataset_checks as D
 from check_data import main as check_main
 from helpers import dump_json, make_circo, make_cirr, read_json
@@ -102,6 +105,43 @@ def test_clean_data_and_ignored_counts_pass(tmp_path, capsys):
     assert error is not None and [p["kind"] for p in report["benchmarks"]["cirr"]["problems"]] == ["count"]
     report, out, error = _run(argv + ["--ignore-counts"], capsys)
     assert error is None and report["ok"] and "count differs" in out
+    # the differing counts are a note, out of the tally: the printed count is the one the exit status gives
+    assert "note (count): counts differ" in out and "problem" not in out and out.rstrip().splitlines()[-3] == "  OK"
+    assert report["benchmarks"]["cirr"]["ok"]
+    split = read_json(cirr / "cirr" / "image_splits" / "split.rc2.val.json")
+    png = cirr / split[sorted(split)[0]]
+    png.write_bytes(png.read_bytes()[:-40])
+    report, out, error = _run(argv + ["--ignore-counts"], capsys)
+    assert "  1 problem(s)" in out and "note (count)" in out and "problem (unreadable)" in out
+    assert error.startswith("error: 1 problem(s) in cirr") and not report["ok"]
+
+
+def test_the_report_path_is_checked_before_the_data(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(5)
+    cirr = make_cirr(tmp_path / "CIRR", rng)
+    checked = []
+    real_check = check_data.check_benchmark_root
+    monkeypatch.setattr(check_data, "check_benchmark_root", lambda *a: checked.append(1) or real_check(*a))
+    (tmp_path / "a-file").write_text("x")
+    for report, why in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "r.json", "cannot create or write")):
+        with pytest.raises(SystemExit) as e:
+            check_main(["--cirr-path", str(cirr), "--report", str(report), "--no-progress"])
+        message = str(e.value)
+        assert message.startswith(f"error: --report {report}: ") and why in message and "\n" not in message
+        assert "pass --report a file path in a folder you can write to" in message and ".tmp" not in message
+    assert not checked and capsys.readouterr().out == ""
+    # a write that fails at the end (a full disk) names the flag and the path, not a temporary file
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{path}.host.1.tmp")
+
+    monkeypatch.setattr(check_data, "atomic_write_json", full_disk)
+    report = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        check_main(["--cirr-path", str(cirr), "--report", str(report), "--no-progress", "--ignore-counts"])
+    assert str(e.value) == (f"error: --report {report}: cannot write it (No space left on device); free disk space "
+                            "there or pass --report a file path in a folder you can write to")
+    assert checked
 
 
 def test_imagenet_ids_and_pairs(tmp_path, capsys):

@@ -211,6 +211,21 @@ def test_short_demo_end_to_end(tmp_path):
     assert (other / "keep.txt").exists()
 
 
+def test_a_folder_the_demo_did_not_make_is_refused_in_one_error_line(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(other)])
+    assert str(e.value) == f"error: --out {other} exists and was not made by the demo; pass another --out"
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    # a step that fails: one error line naming the step, the step's own message without a second prefix
+    log = tmp_path / "demo.log"
+    with pytest.raises(SystemExit) as e:
+        demo.run("scripts/check_data.py", ["--workers", "0"], log)
+    assert str(e.value) == f"error: demo step scripts/check_data.py failed (--workers must be >= 1); full output in {log}"
+
+
 def test_short_demo_over_a_given_clip_file(tmp_path, tiny_clip_path):
     out = tmp_path / "demo"
     summary = demo.main(["--out", str(out), "--clip-weights", str(tiny_clip_path), "--ablations"] + SHORT)

@@ -228,6 +228,14 @@ def test_validator_rejects_each_kind_of_damage(tmp_path, capsys, monkeypatch):
     assert error is None and ": accepted" in out and "note: circo.json query id 1: unknown gallery names [12]" in out
 
 
+def test_validate_names_a_missing_file_in_one_line(tmp_path, capsys):
+    root = make_cirr(tmp_path / "CIRR", np.random.default_rng(10), n_images=60, n_queries=6)
+    error, out = _validate(root, "--cirr-path", [tmp_path / "nope.json"], capsys)
+    assert error == (f"error: --validate {tmp_path / 'nope.json'}: no such file; pass the files test.py wrote "
+                     "(cirr.json and/or subset_cirr.json)")
+    assert out == ""  # no size line, no verdict for a file that is not there
+
+
 def test_validator_on_the_real_test_annotations(real_annotations, tmp_path, capsys, monkeypatch):
     """The real CIRR test1 annotations: a file of the real size fits the upload limit; damage is found."""
     shutil.copytree(real_annotations / "CIRR" / "cirr", tmp_path / "CIRR" / "cirr")  # the annotations alone

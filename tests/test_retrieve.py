@@ -94,3 +94,13 @@ def test_list_images_and_errors(fast_clip, eval_args, net_path, tmp_path):
     assert "no such folder" in error("--gallery", str(tmp_path / "nowhere"), "--reference", "x", "--text", "y")
     (tmp_path / "q.jsonl").write_text('{"reference": "a.png"}\n')
     assert "q.jsonl:1" in error(*gallery, "--queries", str(tmp_path / "q.jsonl"))
+    for empty in ("", "\n  \n"):  # a file without a query is named, not taken for no --queries at all
+        (tmp_path / "q.jsonl").write_text(empty)
+        assert error(*gallery, "--queries", str(tmp_path / "q.jsonl")) == (
+            f'error: --queries {tmp_path / "q.jsonl"} holds no query (one JSON object per line: '
+            '{"reference": "<image file>", "text": "<modification>"})')
+    # an unreadable gallery image: the error names the file and the flag that leaves such images out
+    (tmp_path / "g" / "b.PNG").write_bytes(b"not a png")
+    message = error(*gallery, "--reference", str(tmp_path / "g" / "a" / "c.jpg"), "--text", "x")
+    assert message.startswith(f"error: {tmp_path / 'g' / 'b.PNG'}: cannot decode the image") and "\n" not in message
+    assert "re-download it" in message and "--skip-bad-images" in message
