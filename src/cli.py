@@ -87,8 +87,12 @@ def script_main(main):
             if found is None:
                 raise
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-            if found.errno is not None and found.errno not in WRITE_ERRNOS:  # not there, not a file: no disk advice
-                raise SystemExit(f"error: {where}{found.strerror or found}; check the path and rerun") from None
+            if found.errno is not None and found.errno not in WRITE_ERRNOS:  # not a write: no advice about disks
+                advice = {errno.ENOENT: "; check the path and rerun", errno.ENOTDIR: "; check the path and rerun",
+                          errno.EISDIR: "; check the path and rerun", errno.ENOMEM: "; lower --workers or --batch-size",
+                          errno.EMFILE: "; raise `ulimit -n` or lower --workers",
+                          errno.ENFILE: "; raise `ulimit -n` or lower --workers"}.get(found.errno, "")
+                raise SystemExit(f"error: {where}{found.strerror or found}{advice}") from None
             fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (a quota is full)",
                    errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
                    errno.EROFS: "pass a folder on a writable file system"}.get(found.errno, "free disk space or fix the permissions")

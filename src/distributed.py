@@ -155,7 +155,7 @@ def every_rank(info: DistInfo, fn, what: str):
     """`fn()` on every rank, then `agree` on whether it failed anywhere; returns this rank's result."""
     try:
         result = fn()
-    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+    except BaseException as e:  # noqa: BLE001 - reported to every rank, then re-raised
         agree(info, e, what)
         raise
     agree(info, None, what)

@@ -66,6 +66,8 @@ def torch_load_problem(error: BaseException, path=None) -> str:
     corrupt file, or a pickle that asks to run code (which is refused; the advice torch prints with it, to
     load with weights_only=False, is the one step that would run it, so it is not repeated)."""
     text = str(error)
+    if path is not None and str(path).endswith(".safetensors"):  # not torch.save's format: no first-bytes check
+        return f"a damaged safetensors file ({text.splitlines()[0][:160] if text else type(error).__name__}): copy it again"
     head = _head(path)
     if head is not None and not head:
         return "an empty file: copy it again"

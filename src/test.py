@@ -108,7 +108,8 @@ def validate_files(args) -> list:
     missing = [f for f in args.validate if not Path(f).is_file()]
     if missing:  # nothing to weigh or parse: no verdict line, one error
         names = " and/or ".join(file_name(n, args.split) for n in SERVER_FILES[args.dataset])
-        raise ConfigError(f"--validate {' '.join(missing)}: no such file; pass the files test.py wrote ({names})")
+        what = "is a folder, not a file" if all(Path(f).is_dir() for f in missing) else "no such file"
+        raise ConfigError(f"--validate {' '.join(missing)}: {what}; pass the files test.py wrote ({names})")
     checks = check_submission_files(args.dataset, dataset_root(args, args.dataset), args.validate,
                                     split=SERVER_SPLITS[args.dataset][args.split])
     for c in checks:

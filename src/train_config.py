@@ -330,6 +330,16 @@ class Preflight:
     dataset: ImageNetPairsDataset
     data: dict
     lock: RunLock
+    made: list[Path]  # the folders this start created (deepest first): removed if the run fails before it starts
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Removes each of `folders` (deepest first) that is empty: a run that never started leaves none behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: left as it is
+            pass
 
 
 def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
@@ -355,8 +365,6 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
     folders = [config.ckpt_dir, Path(config.model_dir)] + [Path(f) for f, used in (
         (config.feature_cache_dir, config.cache_image_features), (config.val_cache_dir, config.val_dataset)) if f and used]
     made = sorted({a for f in folders for a in (f, *f.parents) if not a.exists()}, key=lambda f: -len(f.parts))
-    lock = claim_folders(config, info)
-
     def inputs():
         state = read_resume_state(resume_path, config.ckpt_dir) if resume_path else None
         # every listed image is checked here
@@ -369,17 +377,17 @@ def preflight(config: TrainConfig, info: DistInfo, device) -> Preflight:
             check_resume_data(resume_path, state, data, config.allow_changes, info.world_size, info.is_main)
         return state, dataset, data
 
+    lock = None
     try:
+        lock = claim_folders(config, info)
         state, dataset, data = every_rank(info, inputs, "reading the training pairs")
     except BaseException:
-        lock.release()
-        for folder in made if info.is_main else ():  # the run never started: no empty folder left, deepest first
-            try:
-                folder.rmdir()
-            except OSError:  # not empty, or already gone: left as it is
-                pass
+        if lock is not None:
+            lock.release()
+        if info.is_main:
+            remove_empty_folders(made)
         raise
-    return Preflight(precision, root, resume_path, state, dataset, data, lock)
+    return Preflight(precision, root, resume_path, state, dataset, data, lock, made)
 
 
 def check_same_start(info: DistInfo, position: tuple[int, int, int], checkpoint) -> None:

@@ -45,7 +45,7 @@ from logs import TrainLog, get_logger
 from models import FTI4CIR
 from stop_signals import StopOnSignal, ignore_stop_signals
 from train_config import (Preflight, TrainConfig, check_resume_clip, check_same_start, forget_failed_start,
-                          hparam_differences, preflight, resolved_hparams, run_files_present)
+                          hparam_differences, preflight, remove_empty_folders, resolved_hparams, run_files_present)
 from train_features import CachedTowerFeatures, TowerFeatures, open_feature_cache
 from transforms import build_transform
 from utils import atomic_write_json, seed_everything, show_progress
@@ -271,11 +271,11 @@ def restore(run: Run, path: Path, state: dict) -> dict | None:
     except RuntimeError as e:
         raise ConfigError(f"--resume {path}: its network does not fit the current flags "
                           f"(saved config {state['config']}): {str(e)[:300]}") from e
-    run.optimizer.load_state_dict(state["optimizer"])
-    for group in run.optimizer.param_groups:  # load_state_dict brings the saved groups back; the flags apply
-        group["weight_decay"] = run.config.wd
-        for key in ("fused", "foreach", "capturable"):  # how AdamW runs (--fused-adamw), which the scaler follows
-            group[key] = run.optimizer.defaults[key]
+    # the saved groups come back with load_state_dict; the flags apply: weight decay, and how AdamW runs
+    # (--fused-adamw, which the scaler follows), set before loading, since it decides where the state goes
+    now = {"weight_decay": run.config.wd, **{k: run.optimizer.defaults[k] for k in ("fused", "foreach", "capturable")}}
+    run.optimizer.load_state_dict({**state["optimizer"],
+                                   "param_groups": [{**g, **now} for g in state["optimizer"]["param_groups"]]})
     if state.get("scaler") and state.get("hparams", {}).get("precision_used") == run.precision:
         run.scaler.load_state_dict(state["scaler"])  # another precision's scale means nothing here
         run.grad_scale = run.scaler.get_scale()
@@ -515,7 +515,11 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
             if metrics is not None:
                 run.train_log.scalars(f"val_{config.val_dataset}", metrics, pos.global_step)
 
-        main_only(run.info, validate_and_log, f"validating on {config.val_dataset}")  # also the barrier
+        run.stop.validating = True  # on every rank: a stop signal now ends the validation, not a step
+        try:
+            main_only(run.info, validate_and_log, f"validating on {config.val_dataset}")  # also the barrier
+        finally:
+            run.stop.validating = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +531,11 @@ def train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     checked = preflight(config, info, device)  # everything before the slow part; holds the folder's lock
     try:
         return _train(config, info, device, checked)
+    except BaseException:
+        checked.lock.release()
+        if info.is_main:  # what a run that failed before writing anything created (no CLIP, say)
+            remove_empty_folders(checked.made)
+        raise
     finally:
         checked.lock.release()
 

@@ -4,6 +4,7 @@ signal ends it at its next batch, since a cluster's grace period after SIGTERM i
 validation, and the warning then names the command that gives its metrics."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -36,7 +37,6 @@ def validate(net, clip, config: TrainConfig, root, device: torch.device, *, epoc
     eval_config = validation_config(config, device)
     if stop is not None:
         eval_config.encoding.stop = lambda: stop.requested is not None
-        stop.validating = True
     try:
         # the loaders draw their seeds from the CPU random stream, which the checkpoint before this captured:
         # forked, so a run resumed from that checkpoint draws what an uninterrupted run draws (CPU dropout)
@@ -44,14 +44,22 @@ def validate(net, clip, config: TrainConfig, root, device: torch.device, *, epoc
             metrics = evaluate(net, clip, dataset, root, eval_config)  # fp32 weights whatever --clip-half holds
     except EncodingStopped:
         keep = " (copy it first: resuming overwrites latest.pt)" if checkpoint.name == "latest.pt" else ""
-        log.warning(f"validation {dataset} after epoch {epoch} ended by {stop.requested.name}, no metrics logged; "
-                    f"they are `python src/evaluate.py --dataset {dataset} --model-path {checkpoint}`{keep}")
+        log.warning(f"validation {dataset} after epoch {epoch} ended by {stop.requested.name}, no metrics logged; for "
+                    f"them run `{evaluate_command(config, root, checkpoint)}`{keep}")
         return None
     except UserError as e:
         raise ConfigError(f"validation on {dataset}: {e}") from e
-    finally:
-        if stop is not None:
-            stop.validating = False
     log.info(f"validation {dataset} after epoch {epoch}: "
              + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
+
+
+def evaluate_command(config: TrainConfig, root, checkpoint: Path) -> str:
+    """The evaluate.py command line that gives the validation's metrics for `checkpoint`: the same data,
+    preprocessing and CLIP as the run."""
+    args = ["python", "src/evaluate.py", "--dataset", config.val_dataset, f"--{config.val_dataset}-path", str(root),
+            "--model-path", str(checkpoint), "--preprocess-type", config.preprocess_type,
+            "--clip-model", config.clip_model, "--clip-format", config.clip_format]
+    args += ["--clip-weights", str(config.clip_weights)] if config.clip_weights else []
+    args += ["--clip-pretrained", config.clip_pretrained] if config.clip_pretrained else []
+    return shlex.join(args)

@@ -86,6 +86,9 @@ def test_a_file_without_clip_weights_is_refused_before_a_model_is_built(tmp_path
     torch.save({"epoch": 1, "state_dict": {"module.fc.weight": torch.zeros(2)}}, tmp_path / "other.pt")
     with pytest.raises(ClipLoadError, match="other.pt: holds no CLIP weights"):
         load_clip("ViT-L/14", tmp_path / "other.pt")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ClipLoadError, match="cut.safetensors.*a damaged safetensors file"):
+        load_clip("ViT-L/14", tmp_path / "cut.safetensors")
     assert not built
 
 

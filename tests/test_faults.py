@@ -161,7 +161,9 @@ def test_a_signal_during_validation_ends_it_and_says_how_to_get_its_metrics(tiny
     out = capsys.readouterr().out
     assert "SIGTERM received: ending the validation (latest.pt is already written)" in out
     assert "validation cirr after epoch 1 ended by SIGTERM, no metrics logged" in out
-    assert f"--model-path {model_dir / 'checkpoints' / 'epoch_1.pt'}" in out and "cirr_recall_at1" not in out
+    assert (f"--dataset cirr --cirr-path {toy / 'CIRR'} --model-path {model_dir / 'checkpoints' / 'epoch_1.pt'} "
+            f"--preprocess-type targetpad --clip-model ViT-L/14 --clip-format auto --clip-weights {tiny_clip_path}`") in out
+    assert "cirr_recall_at1" not in out
     assert load_checkpoint(model_dir / "checkpoints" / "latest.pt")["epoch"] == 1
 
     train.main(args + ["--resume", "latest"])  # the next validation runs whole
@@ -825,7 +827,9 @@ def test_resuming_the_authors_file_says_it_holds_only_the_network(data8, tiny_cl
 
 @pytest.mark.parametrize("extra, needle", [(("--batch-size", 1), "global batch of 1"), (("--epochs", 0), "--epochs 0"),
                                            (("--batch-size", 64), "no full batch of 64"),
-                                           (("--pairs-path", "nowhere.json"), "nowhere.json")])
+                                           (("--pairs-path", "nowhere.json"), "nowhere.json"),
+                                           (("--clip-weights", "nowhere.pt", "--batch-size", 4),
+                                            "--clip-weights nowhere.pt: no such file")])
 def test_a_run_that_cannot_train_is_refused_before_anything_is_written(extra, needle, data8, tiny_clip_path, tmp_path):
     msg = _exit_message(train.main, train_args(data8, tiny_clip_path, tmp_path / "run" / "inner", *extra))
     assert needle in msg and not (tmp_path / "run").exists()
