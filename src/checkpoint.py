@@ -82,6 +82,14 @@ def not_a_file(path: Path) -> str:
     return "is a folder, not a checkpoint file" if path.is_dir() else "no such file"
 
 
+def require_model_file(path: Path) -> Path:
+    """`path` itself when it is a file; a CheckpointError saying what to pass otherwise."""
+    if not path.is_file():
+        raise CheckpointError(f"--model-path {path}: {not_a_file(path)}; pass a checkpoint written by src/train.py "
+                              "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file")
+    return path
+
+
 def load_checkpoint(path) -> dict:
     """The raw dict of a checkpoint in this repo's format (training state included), checked."""
     path = Path(path)
@@ -104,10 +112,7 @@ def load_network(path, device: str | torch.device = "cpu") -> tuple[FTI4CIR, dic
     info: `{"format": "fti4cir" | "authors", "config": {...}}` plus, when the file holds them, `epoch`,
     `global_step`, `clip_fingerprint` and `clip_source` (the CLIP it was trained over).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: {not_a_file(path)}. Pass a checkpoint written by src/train.py "
-                              "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file.")
+    path = require_model_file(Path(path))
     if is_authors_checkpoint(path):
         config, state_dict = read_authors_checkpoint(path)
         net = build_network(config, state_dict, path)
@@ -129,11 +134,7 @@ def model_file(model_path: str | None) -> Path:
     if not model_path:
         raise ConfigError("--model-path is required (an FTI4CIR checkpoint), unless --baseline "
                           "image-only|text-only is given")
-    path = Path(local_file(model_path, "--model-path"))
-    if not path.is_file():
-        raise CheckpointError(f"--model-path {path}: {not_a_file(path)}; pass a checkpoint written by src/train.py "
-                              "(model_dir/checkpoints/epoch_N.pt) or the authors' released model file")
-    return path
+    return require_model_file(Path(local_file(model_path, "--model-path")))
 
 
 def load_model(model_path: str | None, clip, device: str | torch.device = "cpu",

@@ -88,10 +88,10 @@ def script_main(main):
                 raise
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
             if found.errno is not None and found.errno not in WRITE_ERRNOS:  # not a write: no advice about disks
-                advice = {errno.ENOENT: "; check the path and rerun", errno.ENOTDIR: "; check the path and rerun",
-                          errno.EISDIR: "; check the path and rerun", errno.ENOMEM: "; lower --workers or --batch-size",
-                          errno.EMFILE: "; raise `ulimit -n` or lower --workers",
-                          errno.ENFILE: "; raise `ulimit -n` or lower --workers"}.get(found.errno, "")
+                advice = ("; check the path and rerun" if found.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+                          else "; lower --workers or --batch-size" if found.errno == errno.ENOMEM
+                          else "; raise `ulimit -n` or lower --workers" if found.errno in (errno.EMFILE, errno.ENFILE)
+                          else "")
                 raise SystemExit(f"error: {where}{found.strerror or found}{advice}") from None
             fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (a quota is full)",
                    errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",

@@ -228,6 +228,9 @@ def _refuse_incomplete(name: str, r: Retrieval) -> None:
                     "so the server's scores are not comparable with full-data results")
 
 
+SERVER_FILES = {"cirr": ("cirr.json", "subset_cirr.json"), "circo": ("circo.json",)}  # each test server's files
+
+
 def submission_files(name: str, r: Retrieval) -> dict[str, dict]:
     """{file name: content} of a benchmark's test-server submission, validated (METHOD §12):
     CIRR `cirr.json` and `subset_cirr.json`, CIRCO `circo.json`."""
@@ -238,12 +241,12 @@ def submission_files(name: str, r: Retrieval) -> dict[str, dict]:
         sub, subset = M.cirr_submission(r.query_features, r.gallery.features, r.names, [x["reference_name"] for x in q],
                                         [x["group_members"] for x in q], [x["pair_id"] for x in q], top=top)
         M.validate_cirr_submission(sub, subset, q, gallery_names=r.names, top=top)
-        return {"cirr.json": sub, "subset_cirr.json": subset}
+        return dict(zip(SERVER_FILES["cirr"], (sub, subset)))
     if name == "circo":
         top = _list_length(M.CIRCO_TOP, len(r.names), "CIRCO")
         sub = M.circo_submission(r.query_features, r.gallery.features, r.names, [x["query_id"] for x in q], top=top)
         M.validate_circo_submission(sub, q, gallery_ids=r.names, top=top)
-        return {"circo.json": sub}
+        return dict(zip(SERVER_FILES["circo"], (sub,)))
     raise ConfigError(f"{name} has no test server; choose one of {tuple(TEST_SPLITS)}")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from cli import FlagParser, add_eval_args, dataset_root, eval_config_from_args, script_main
 from errors import ConfigError
 from evaluate import setup, write_validation_metrics
-from evaluation import SERVER_SPLITS, TEST_SPLITS, check_submission_files, retrieve, submission_bytes, submission_files
+from evaluation import SERVER_FILES, SERVER_SPLITS, TEST_SPLITS, check_submission_files, retrieve, submission_bytes, submission_files
 from logs import get_logger
 from metrics import SERVER_MAX_BYTES, SubmissionError, query_count_note
 from utils import new_temporary
@@ -44,9 +44,6 @@ def build_parser() -> FlagParser:
                         help="test: the files the test servers score (CIRR test1, CIRCO test); val: the same files for "
                              "the validation split, named *_val.json, which the val annotations can score")
     return parser
-
-
-SERVER_FILES = {"cirr": ("cirr.json", "subset_cirr.json"), "circo": ("circo.json",)}  # for --validate's error
 
 
 def size_text(name: str, n_bytes: int) -> str:

@@ -228,7 +228,7 @@ class RowWriter:
         """Queue the fp16 rows g [k, D], P [k, N+1, W] of store rows `rows`; returns without waiting for
         the device or the disk. The caller may reuse g and P at once. Once the thread has failed, rows are
         no longer queued (`failed`)."""
-        if self._error is not None:
+        if self.failed:
             return
         rows = np.asarray(rows, dtype=np.int64).copy()
         k, device = len(rows), g.device

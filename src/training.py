@@ -529,15 +529,15 @@ def train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict:
     """A whole training run; returns {"global_step", "epochs_done", "last_checkpoint", "stopped_early",
     "stopped_by"} (`stopped_by`: the name of the signal that stopped the run, or None)."""
     checked = preflight(config, info, device)  # everything before the slow part; holds the folder's lock
+    finished = False
     try:
-        return _train(config, info, device, checked)
-    except BaseException:
-        checked.lock.release()
-        if info.is_main:  # what a run that failed before writing anything created (no CLIP, say)
-            remove_empty_folders(checked.made)
-        raise
+        result = _train(config, info, device, checked)
+        finished = True
+        return result
     finally:
-        checked.lock.release()
+        checked.lock.release()  # first: its file sits in --model-dir
+        if not finished and info.is_main:  # what a run that failed before writing anything created (no CLIP, say)
+            remove_empty_folders(checked.made)
 
 
 def _train(config: TrainConfig, info: DistInfo, device: torch.device, checked: Preflight) -> dict:
